@@ -1,0 +1,78 @@
+"""What a user asks of the engine: how to run (EngineConfig) and what to draw (GenerateRequest).
+
+The CLI and the Python API share these dataclasses; the CLI is a thin argparse layer over them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+DEFAULT_MODEL = "flux-tiny"
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+@dataclass(kw_only=True, frozen=True)
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    """A built-in preset name or a local diffusers directory (model_index.json, safetensors)."""
+    ulysses: int | None = None
+    """Ulysses degree; None: chosen so that all ranks are used (see parallel.config.resolve_degrees)."""
+    ring: int | None = None
+    """Ring degree; None: chosen so that all ranks are used."""
+    dtype: str = "auto"
+    """bf16 / fp16 / fp32; auto: bf16 on GPU, fp32 on CPU."""
+    device: str | None = None
+    """cuda / cpu; None: CUDA (one GPU per local rank) when available."""
+    attention_backend: str = "auto"
+    """A kernels/ name, or auto: the fastest available that the layout needs."""
+    weights_seed: int = 0
+    """Seed of a preset's random weights (identical on every rank)."""
+    timeout_s: float = 600.0
+    """Timeout of every process group: a dead peer ends the job after this long, not NCCL's 30 min."""
+
+    def __post_init__(self):
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout must be positive, got {self.timeout_s}")
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+
+@dataclass(kw_only=True, frozen=True)
+class GenerateRequest:
+    prompt: str
+    negative_prompt: str | None = None
+    height: int | None = None
+    """Pixels; None: the model's default size."""
+    width: int | None = None
+    steps: int = 28
+    guidance: float = 3.5
+    """Flux-dev's embedded guidance scale."""
+    true_cfg_scale: float = 1.0
+    """Flux true CFG (needs --negative-prompt): two transformer calls per step when > 1."""
+    seed: int = 0
+    """Seed of the initial noise: torch.Generator('cpu').manual_seed(seed), as in diffusers."""
+    max_sequence_length: int | None = None
+    """T5 text tokens; None: the pipeline's default (512 for Flux)."""
+
+    def __post_init__(self):
+        if not isinstance(self.prompt, str):
+            raise ValueError("prompt must be a string")
+        if self.steps < 1:
+            raise ValueError(f"--steps must be ≥ 1, got {self.steps}")
+        if self.guidance < 0 or self.true_cfg_scale < 0:
+            raise ValueError("guidance scales must be ≥ 0")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"--{name} must be positive, got {v}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

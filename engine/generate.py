@@ -1,0 +1,76 @@
+"""`python -m engine.generate` / `torchrun --nproc-per-node N -m engine.generate`: one image, N processes.
+
+Degrees: --ulysses × --ring must equal the number of processes. When neither is given, Ulysses takes
+the largest share of the ranks that divides the model's heads and Ring the rest (all ranks used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import DEFAULT_MODEL, EngineConfig, GenerateRequest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="engine.generate",
+        description="Generate one image, split over all launched processes (torchrun) or one process.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="preset name (see `python -m engine.presets list`) or local diffusers directory")
+    p.add_argument("--prompt", default="a red fox in snow")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's size)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's size)")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--guidance", type=float, default=3.5, help="embedded guidance scale (Flux-dev)")
+    p.add_argument("--true-cfg-scale", type=float, default=1.0, help="true CFG with --negative-prompt (two passes per step)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-sequence-length", type=int, default=None, help="text tokens (default: the pipeline's)")
+    p.add_argument("--ulysses", type=int, default=None, help="Ulysses degree (default: all ranks sensibly, see --help text)")
+    p.add_argument("--ring", type=int, default=None, help="Ring degree")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--attention-backend", default="auto", help="auto or a kernel name (sdpa-cudnn, sdpa-flash, sdpa-cpu-flash, math, flash-attn, ...)")
+    p.add_argument("--output", default="out/image.png", help="PNG path; missing folders are created")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds before a stuck collective ends the job")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Imports after parsing so that --help is instant.
+    args = build_parser().parse_args(argv)
+    from .driver import Engine
+    from .image_io import resolve_output_path, save_png
+
+    config = EngineConfig(
+        model=args.model, ulysses=args.ulysses, ring=args.ring, dtype=args.dtype, device=args.device,
+        attention_backend=args.attention_backend, timeout_s=args.timeout,
+    )
+    request = GenerateRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+        steps=args.steps, guidance=args.guidance, true_cfg_scale=args.true_cfg_scale, seed=args.seed,
+        max_sequence_length=args.max_sequence_length,
+    )
+    engine = Engine(config)
+    output = None
+    if engine.is_first:
+        # Checked before the denoising loop so a refused path costs nothing; an error here is this
+        # rank's alone, raised after the startup check — torchrun then stops the other ranks.
+        output = resolve_output_path(args.output, overwrite=args.overwrite)
+        print(f"shardiff: {config.model} on {engine.parallel.world_size} process(es), layout {engine.parallel.describe()}, "
+              f"{engine.dtype}, {engine.device.type}", file=sys.stderr, flush=True)
+    result = engine.generate(request)
+    if engine.is_first:
+        save_png(result.image, output, result.params)
+        print(f"shardiff: saved {output} ({result.params['width']}x{result.params['height']}, "
+              f"{result.seconds:.2f} s)", file=sys.stderr, flush=True)
+    engine.close()
+
+
+if __name__ == "__main__":
+    from .distributed import run_main
+
+    run_main(lambda: main())

@@ -1,0 +1,1 @@
+"""Single-node launcher: `python -m launch --gpus N -- <engine args>` wraps torchrun."""

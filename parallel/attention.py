@@ -1,0 +1,67 @@
+"""Sequence-parallel attention over a mesh: Ulysses inside, Ring across, or either alone.
+
+Legend: B batch, S_r this rank's tokens, S_g tokens of its Ulysses group, H heads, D head dim.
+
+Inputs are this rank's piece of the sequence. `seq_sizes[i]` is the length held by sequence-parallel
+rank i (i = ring_coord · U + ulysses_coord); the caller knows them because it made the split. Token
+order across ranks does not matter to attention (no mask, no causality): any permutation of the keys
+gives the same softmax, which is why Flux's [text, image] pieces can be interleaved across ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import choose_kernel
+
+from .mesh import Mesh
+from .ring import ring_attention
+from .ulysses import head_to_seq, seq_to_head
+
+
+class ParallelAttention:
+    def __init__(self, mesh: Mesh, kernel: str = "auto"):
+        self.mesh = mesh
+        self.kernel_name = kernel
+        self._kernels: dict[tuple, object] = {}
+
+    def kernel_for(self, device: torch.device, dtype: torch.dtype):
+        need_lse = self.mesh.size("ring") > 1
+        key = (device.type, dtype, need_lse)
+        if key not in self._kernels:
+            self._kernels[key] = choose_kernel(self.kernel_name, device, dtype, need_lse=need_lse)
+        return self._kernels[key]
+
+    def __call__(
+        self,
+        q_BSHD: torch.Tensor,
+        k_BSHD: torch.Tensor,
+        v_BSHD: torch.Tensor,
+        seq_sizes: list[int] | None = None,
+        *,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        mesh = self.mesh
+        U, R = mesh.size("ulysses"), mesh.size("ring")
+        kernel = self.kernel_for(q_BSHD.device, q_BSHD.dtype)
+        if seq_sizes is None:
+            seq_sizes = [q_BSHD.shape[1]] * (U * R)
+        assert len(seq_sizes) == U * R and seq_sizes[mesh.coord("sp")] == q_BSHD.shape[1]
+        ring_r = mesh.coord("ring")
+        group_sizes = seq_sizes[ring_r * U : (ring_r + 1) * U]
+        if U > 1:
+            # One exchange for Q, K and V together.
+            qkv = seq_to_head(torch.stack([q_BSHD, k_BSHD, v_BSHD]), mesh.group("ulysses"), group_sizes)
+            q_BSHD, k_BSHD, v_BSHD = qkv.unbind(0)
+        q_BHSD, k_BHSD, v_BHSD = (t.transpose(1, 2) for t in (q_BSHD, k_BSHD, v_BSHD))
+        if R > 1:
+            blocks = [sum(seq_sizes[j * U : (j + 1) * U]) for j in range(R)]
+            out_BHSD = ring_attention(
+                q_BHSD, k_BHSD, v_BHSD, group=mesh.group("ring"), block_sizes=blocks, kernel=kernel, scale=scale
+            )
+        else:
+            out_BHSD, _ = kernel(q_BHSD, k_BHSD, v_BHSD, scale=scale, return_lse=False)
+        out_BSHD = out_BHSD.transpose(1, 2)
+        if U > 1:
+            out_BSHD = head_to_seq(out_BSHD, mesh.group("ulysses"), group_sizes)
+        return out_BSHD

@@ -1,0 +1,126 @@
+"""Parallel degrees of one job, validated once, before any collective.
+
+Axes, outer to inner: dp × cfg × ring × ulysses × tp. Inner axes get consecutive ranks so that the
+most talkative ones (tp, then ulysses' all-to-alls) stay on the fastest links (one node, NVLink);
+ring only passes K/V blocks to a neighbour and tolerates slower links, so it sits outside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+AXES = ("dp", "cfg", "ring", "ulysses", "tp")
+
+
+@dataclass(kw_only=True, frozen=True)
+class ParallelConfig:
+    dp: int = 1
+    """Data parallel: independent images on different ranks."""
+    cfg: int = 1
+    """CFG parallel: conditional / unconditional branch on different ranks (1 or 2)."""
+    ring: int = 1
+    """Ring attention degree: K/V blocks travel around a ring of ranks."""
+    ulysses: int = 1
+    """Ulysses degree: all-to-all from sequence shards to head shards."""
+    tp: int = 1
+    """Tensor parallel degree: attention heads and MLP columns sharded."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"--{f.name} must be a positive integer, got {v!r}")
+        if self.cfg > 2:
+            raise ValueError(f"--cfg is 1 or 2 (two guidance branches), got {self.cfg}")
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(getattr(self, a) for a in AXES)
+
+    @property
+    def sp(self) -> int:
+        """Sequence-parallel degree: ring × ulysses ranks share one sequence."""
+        return self.ring * self.ulysses
+
+    def degrees(self) -> dict[str, int]:
+        return {a: getattr(self, a) for a in AXES}
+
+    def describe(self) -> str:
+        parts = [f"{a}{getattr(self, a)}" for a in AXES if getattr(self, a) > 1]
+        return "×".join(parts) if parts else "single"
+
+    def check_world_size(self, world_size: int) -> None:
+        if self.world_size != world_size:
+            raise ValueError(
+                f"parallel degrees {self.degrees()} multiply to {self.world_size}, but {world_size} "
+                f"process(es) were launched; for {world_size} processes choose degrees whose product is "
+                f"{world_size}, e.g. {', '.join(_examples(world_size))}"
+            )
+
+    def check_heads(self, num_heads: int) -> None:
+        """Ulysses × TP split attention heads: they must divide the head count."""
+        split = self.ulysses * self.tp
+        if num_heads % split:
+            sp_options = [
+                f"--ulysses {u} --ring {self.sp // u}" for u in _divisors(self.sp) if num_heads % (u * self.tp) == 0
+            ]
+            raise ValueError(
+                f"the model has {num_heads} attention heads, which --ulysses {self.ulysses}"
+                + (f" × --tp {self.tp}" if self.tp > 1 else "")
+                + f" = {split} does not divide; layouts over the same {self.sp} sequence-parallel ranks that work: "
+                + (", ".join(sp_options) if sp_options else "none")
+            )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def _examples(world_size: int) -> list[str]:
+    out = [f"--ulysses {world_size}", f"--ring {world_size}"]
+    for u in _divisors(world_size):
+        if 1 < u < world_size:
+            out.append(f"--ulysses {u} --ring {world_size // u}")
+            break
+    return out
+
+
+def resolve_degrees(
+    world_size: int,
+    num_heads: int,
+    *,
+    ulysses: int | None = None,
+    ring: int | None = None,
+    tp: int = 1,
+    cfg: int = 1,
+    dp: int = 1,
+) -> ParallelConfig:
+    """Fill in unspecified sequence degrees so that every rank is used.
+
+    The rule (documented in the README): the ranks left after dp × cfg × tp form the sequence-parallel
+    group. If neither --ulysses nor --ring is given, Ulysses takes the largest share that divides the
+    heads (its all-to-all is cheaper than passing K/V around a ring on one node) and Ring takes the
+    rest. If only one is given, the other takes what is left.
+    """
+    fixed = dp * cfg * tp
+    if world_size % fixed:
+        raise ValueError(
+            f"--dp {dp} × --cfg {cfg} × --tp {tp} = {fixed} does not divide the {world_size} launched processes"
+        )
+    sp = world_size // fixed
+    if ulysses is None and ring is None:
+        ulysses = math.gcd(sp, num_heads // math.gcd(num_heads, tp) if num_heads % tp == 0 else 1)
+        ring = sp // ulysses
+    elif ulysses is None:
+        if sp % ring:
+            raise ValueError(f"--ring {ring} does not divide the {sp} sequence-parallel processes")
+        ulysses = sp // ring
+    elif ring is None:
+        if sp % ulysses:
+            raise ValueError(f"--ulysses {ulysses} does not divide the {sp} sequence-parallel processes")
+        ring = sp // ulysses
+    cfg_ = ParallelConfig(dp=dp, cfg=cfg, ring=ring, ulysses=ulysses, tp=tp)
+    cfg_.check_world_size(world_size)
+    cfg_.check_heads(num_heads)
+    return cfg_

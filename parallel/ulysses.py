@@ -1,0 +1,58 @@
+"""Ulysses: trade a sequence shard for a head shard with one all-to-all, and back.
+
+Legend: S_r local sequence length of this rank, S_g = Σ S_i over the Ulysses group, H heads, U group
+size, D head dim; `*L` any leading dims (batch, or (3, batch) for Q, K, V packed into one exchange
+so that one all-to-all moves all three instead of three).
+
+all_to_all_single exchanges along dim 0 only, so the dim being scattered is moved to the front first.
+Uneven sequence pieces use split sizes: no padding, nothing to mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def seq_to_head(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[int]) -> torch.Tensor:
+    """(*L, S_r, H, D) sequence shard → (*L, S_g, H/U, D) head shard; piece i came from group rank i."""
+    U = len(seq_sizes)
+    *L, S_r, H, D = x_LSHD.shape
+    assert H % U == 0, f"{H} heads do not split over {U} Ulysses ranks"
+    assert S_r == seq_sizes[dist.get_rank(group)]
+    nL = len(L)
+    # (*L, S_r, U, H/U, D) → (U, S_r, *L, H/U, D): destination rank first.
+    x = x_LSHD.reshape(*L, S_r, U, H // U, D)
+    x = x.permute(nL + 1, nL, *range(nL), nL + 2, nL + 3).contiguous()
+    x = x.reshape(U * S_r, *L, H // U, D)
+    out = x.new_empty((sum(seq_sizes), *L, H // U, D))
+    even = all(s == S_r for s in seq_sizes)
+    dist.all_to_all_single(
+        out, x,
+        output_split_sizes=None if even else seq_sizes,
+        input_split_sizes=None if even else [S_r] * U,
+        group=group,
+    )
+    # (S_g, *L, H/U, D) → (*L, S_g, H/U, D)
+    return out.permute(*range(1, nL + 1), 0, nL + 1, nL + 2)
+
+
+def head_to_seq(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[int]) -> torch.Tensor:
+    """(*L, S_g, H/U, D) head shard → (*L, S_r, H, D) sequence shard: the inverse of seq_to_head."""
+    U = len(seq_sizes)
+    *L, S_g, Hu, D = x_LSHD.shape
+    assert S_g == sum(seq_sizes)
+    nL = len(L)
+    S_r = seq_sizes[dist.get_rank(group)]
+    x = x_LSHD.permute(nL, *range(nL), nL + 1, nL + 2).contiguous()  # (S_g, *L, H/U, D)
+    out = x.new_empty((U * S_r, *L, Hu, D))
+    even = all(s == S_r for s in seq_sizes)
+    dist.all_to_all_single(
+        out, x,
+        output_split_sizes=None if even else [S_r] * U,
+        input_split_sizes=None if even else seq_sizes,
+        group=group,
+    )
+    # (U, S_r, *L, H/U, D) → (*L, S_r, U, H/U, D) → (*L, S_r, H, D)
+    out = out.reshape(U, S_r, *L, Hu, D).permute(*range(2, nL + 2), 1, 0, nL + 2, nL + 3)
+    return out.reshape(*L, S_r, U * Hu, D)
