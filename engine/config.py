@@ -22,6 +22,12 @@ class EngineConfig:
     """Ulysses degree; None: chosen so that all ranks are used (see parallel.config.resolve_degrees)."""
     ring: int | None = None
     """Ring degree; None: chosen so that all ranks are used."""
+    tp: int = 1
+    """Tensor-parallel degree."""
+    cfg: int = 1
+    """CFG-parallel degree (1 or 2)."""
+    dp: int = 1
+    """Data-parallel degree (independent images)."""
     dtype: str = "auto"
     """bf16 / fp16 / fp32; auto: bf16 on GPU, fp32 on CPU."""
     device: str | None = None

@@ -34,6 +34,8 @@ class DistEnv:
 
 def launched_world_size() -> int:
     """World size from the launcher's environment (torchrun sets WORLD_SIZE), without any collective."""
+    if dist.is_initialized():
+        return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 

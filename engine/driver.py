@@ -24,13 +24,13 @@ from .config import EngineConfig, GenerateRequest
 from .distributed import agree, init_distributed, launched_world_size, pick_device
 from .loading import load_pipeline
 from .model_info import ModelInfo, inspect_model
-from .models import plan_for
+from .models import family
 
 
 @dataclass
 class GenerateResult:
     image: object | None
-    """PIL image (output_type='pil'), or None."""
+    """The image as the pipeline returns it for output_type ('pil': PIL image, 'np': HWC array), or None."""
     latents: torch.Tensor | None
     """The pipeline's latents (output_type='latent'), identical on every rank."""
     params: dict = field(default_factory=dict)
@@ -56,13 +56,16 @@ class Engine:
             device = pick_device(config.device)
             self.dtype = config.torch_dtype(device)
             self.info: ModelInfo = inspect_model(config.model)
+            self.family = family(self.info.family)
             world = launched_world_size()
             if parallel is None:
-                parallel = resolve_degrees(world, self.info.num_heads, ulysses=config.ulysses, ring=config.ring)
+                parallel = resolve_degrees(
+                    world, self.info.num_heads, ulysses=config.ulysses, ring=config.ring,
+                    tp=config.tp, cfg=config.cfg, dp=config.dp,
+                )
             parallel.check_world_size(world)
             parallel.check_heads(self.info.num_heads)
-            if parallel.tp > 1 or parallel.cfg > 1 or parallel.dp > 1:
-                raise ValueError(f"layout {parallel.describe()}: only --ulysses and --ring are implemented so far")
+            self.family.check_axes(parallel.degrees())
             choose_kernel(config.attention_backend, device, self.dtype, need_lse=parallel.ring > 1)
         except ValueError as e:
             error = str(e)
@@ -78,7 +81,8 @@ class Engine:
         self.pipe = load_pipeline(config.model, dtype=self.dtype, device=device, seed=config.weights_seed)
         self.pipe.set_progress_bar_config(disable=not self.mesh.is_first, leave=False)
         self.attention = ParallelAttention(self.mesh, config.attention_backend)
-        self.plan = apply_plan(self.pipe.transformer, plan_for(self.pipe.transformer), self.mesh, self.attention)
+        self.denoiser = getattr(self.pipe, self.family.denoiser)
+        self.plan = apply_plan(self.denoiser, self.family.plan, self.mesh, self.attention)
 
     @property
     def is_first(self) -> bool:
@@ -106,20 +110,15 @@ class Engine:
             error, height, width = str(e), 0, 0
         agree("request", request.to_dict(), error)
         kwargs = dict(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            true_cfg_scale=request.true_cfg_scale,
+            **self.family.call_kwargs(request),
             height=height,
             width=width,
             num_inference_steps=request.steps,
-            guidance_scale=request.guidance,
             # As diffusers documents for reproducible results: the noise comes from a CPU generator, so
             # it is the same on every rank and on every device.
             generator=torch.Generator("cpu").manual_seed(request.seed),
             output_type=output_type,
         )
-        if request.max_sequence_length is not None:
-            kwargs["max_sequence_length"] = request.max_sequence_length
         _sync(self.device)
         start = time.perf_counter()
         out = self.pipe(**kwargs)

@@ -10,10 +10,31 @@ import argparse
 import sys
 
 from .config import DEFAULT_MODEL, EngineConfig, GenerateRequest
+from .distributed import UserError, agree
+
+
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes become a UserError: run_main prints it once (rank 0), not once per rank.
+
+    torchrun gives every rank the same arguments, so every rank finds the same mistake.
+    """
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see --help)")
+
+
+def _degree(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="engine.generate",
         description="Generate one image, split over all launched processes (torchrun) or one process.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -28,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--true-cfg-scale", type=float, default=1.0, help="true CFG with --negative-prompt (two passes per step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-sequence-length", type=int, default=None, help="text tokens (default: the pipeline's)")
-    p.add_argument("--ulysses", type=int, default=None, help="Ulysses degree (default: all ranks sensibly, see --help text)")
-    p.add_argument("--ring", type=int, default=None, help="Ring degree")
+    p.add_argument("--ulysses", type=_degree, default=None, help="Ulysses degree (default: all ranks sensibly, see --help text)")
+    p.add_argument("--ring", type=_degree, default=None, help="Ring degree")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--attention-backend", default="auto", help="auto or a kernel name (sdpa-cudnn, sdpa-flash, sdpa-cpu-flash, math, flash-attn, ...)")
@@ -45,21 +66,31 @@ def main(argv: list[str] | None = None) -> None:
     from .driver import Engine
     from .image_io import resolve_output_path, save_png
 
-    config = EngineConfig(
-        model=args.model, ulysses=args.ulysses, ring=args.ring, dtype=args.dtype, device=args.device,
-        attention_backend=args.attention_backend, timeout_s=args.timeout,
-    )
-    request = GenerateRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-        steps=args.steps, guidance=args.guidance, true_cfg_scale=args.true_cfg_scale, seed=args.seed,
-        max_sequence_length=args.max_sequence_length,
-    )
+    try:
+        config = EngineConfig(
+            model=args.model, ulysses=args.ulysses, ring=args.ring, dtype=args.dtype, device=args.device,
+            attention_backend=args.attention_backend, timeout_s=args.timeout,
+        )
+        request = GenerateRequest(
+            prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+            steps=args.steps, guidance=args.guidance, true_cfg_scale=args.true_cfg_scale, seed=args.seed,
+            max_sequence_length=args.max_sequence_length,
+        )
+    except ValueError as e:
+        # Found from the arguments alone, before any collective: the same on every rank (see _Parser).
+        raise UserError(str(e)) from None
     engine = Engine(config)
-    output = None
+    output = error = None
     if engine.is_first:
-        # Checked before the denoising loop so a refused path costs nothing; an error here is this
-        # rank's alone, raised after the startup check — torchrun then stops the other ranks.
-        output = resolve_output_path(args.output, overwrite=args.overwrite)
+        # Checked before the denoising loop so a refused path costs nothing. Only rank 0 writes, so only
+        # it checks; `agree` shares its verdict, so that every rank stops with one message (the others
+        # would otherwise wait in the next collective and die with "connection reset" tracebacks).
+        try:
+            output = resolve_output_path(args.output, overwrite=args.overwrite)
+        except ValueError as e:
+            error = str(e)
+    agree("output", None, error)
+    if engine.is_first:
         print(f"shardiff: {config.model} on {engine.parallel.world_size} process(es), layout {engine.parallel.describe()}, "
               f"{engine.dtype}, {engine.device.type}", file=sys.stderr, flush=True)
     result = engine.generate(request)

@@ -31,12 +31,19 @@ class SeqDim:
 
 @dataclass(kw_only=True, frozen=True)
 class ModelPlan:
-    split_inputs: Mapping[str, SeqDim]
-    """forward kwarg → where its tokens are. Inputs of one token group are split identically."""
-    gather_output: SeqDim
+    split_inputs: Mapping[str, SeqDim] = field(default_factory=dict)
+    """forward kwarg → where its tokens are; split over the sequence-parallel ranks. Inputs of one
+    token group are split identically."""
+    gather_output: SeqDim | None = None
     """Where the tokens of the first output are (gathered back to the whole sequence)."""
-    attention: Mapping[str, Callable[["SeqContext", ParallelAttention], object]]
+    attention: Mapping[str, Callable[["SeqContext", ParallelAttention], object]] = field(default_factory=dict)
     """Module-name glob → factory of the attention processor installed on matching modules."""
+    batch_inputs: Mapping[str, int] = field(default_factory=dict)
+    """forward kwarg → batch dim, split over the cfg axis: pipelines that run [uncond, cond] as one
+    batch of 2B give each cfg rank one branch. A dict-valued kwarg (SDXL's added_cond_kwargs) has
+    every tensor in it split along that dim."""
+    output_batch_dim: int = 0
+    """Batch dim of the first output (gathered back over the cfg axis)."""
 
 
 @dataclass
@@ -84,51 +91,84 @@ def apply_plan(model: torch.nn.Module, plan: ModelPlan, mesh: Mesh, attention: P
                 module.set_processor(factory(ctx, attention))
                 matched += 1
                 break
-    assert matched, f"plan matched no attention module in {type(model).__name__}"
-    if mesh.size("sp") > 1:
+    assert matched or not plan.attention, f"plan matched no attention module in {type(model).__name__}"
+    split_seq = mesh.size("sp") > 1
+    split_batch = mesh.size("cfg") > 1
+    assert not split_seq or plan.gather_output is not None, "a sequence-parallel plan must say what to gather"
+    if split_seq or split_batch:
         sig = inspect.signature(model.forward)
-        applied._handles.append(
-            model.register_forward_pre_hook(_split_hook(plan, ctx, sig), with_kwargs=True)
-        )
-        applied._handles.append(model.register_forward_hook(_gather_hook(plan, ctx)))
+        pre = _split_hook(plan, ctx, sig, split_seq=split_seq, split_batch=split_batch)
+        post = _gather_hook(plan, ctx, split_seq=split_seq, split_batch=split_batch)
+        applied._handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
+        applied._handles.append(model.register_forward_hook(post))
     return applied
 
 
-def _split_hook(plan: ModelPlan, ctx: SeqContext, sig: inspect.Signature):
+def _batch_piece(x, dim: int, parts: int, index: int, name: str):
+    if isinstance(x, dict):
+        return {k: _batch_piece(v, dim, parts, index, f"{name}.{k}") for k, v in x.items()}
+    if not isinstance(x, torch.Tensor) or x.ndim == 0:
+        return x  # a scalar timestep or flag: the same for both branches
+    if x.shape[dim] % parts:
+        raise ValueError(
+            f"{name} has batch {x.shape[dim]}, which the cfg degree {parts} does not divide: CFG parallelism "
+            "needs guidance on (the pipeline must batch the unconditional and conditional branches)"
+        )
+    return x.chunk(parts, dim)[index]
+
+
+def _split_hook(plan: ModelPlan, ctx: SeqContext, sig: inspect.Signature, *, split_seq: bool, split_batch: bool):
     mesh = ctx.mesh
     P, me = mesh.size("sp"), mesh.coord("sp")
 
     def hook(module, args, kwargs):
         bound = sig.bind_partial(*args, **kwargs)
-        ctx.sizes = {}
-        for name, where in plan.split_inputs.items():
-            x = bound.arguments.get(name)
-            if x is None:
-                continue
-            dim = where.dim % x.ndim
-            sizes = split_sizes(x.shape[dim], P)
-            if ctx.sizes.setdefault(where.tokens, sizes) != sizes:
-                raise ValueError(
-                    f"inputs of token group {where.tokens!r} disagree in length ({x.shape[dim]} tokens in {name!r})"
-                )
-            bound.arguments[name] = take_piece(x, dim, sizes, me)
+        if split_batch:
+            # Each cfg rank runs one branch: contiguous chunks of the batch, in the pipeline's order.
+            for name, dim in plan.batch_inputs.items():
+                if bound.arguments.get(name) is not None:
+                    bound.arguments[name] = _batch_piece(
+                        bound.arguments[name], dim, mesh.size("cfg"), mesh.coord("cfg"), name
+                    )
+        if split_seq:
+            ctx.sizes = {}
+            for name, where in plan.split_inputs.items():
+                x = bound.arguments.get(name)
+                if x is None:
+                    continue
+                dim = where.dim % x.ndim
+                sizes = split_sizes(x.shape[dim], P)
+                if ctx.sizes.setdefault(where.tokens, sizes) != sizes:
+                    raise ValueError(
+                        f"inputs of token group {where.tokens!r} disagree in length ({x.shape[dim]} tokens in {name!r})"
+                    )
+                bound.arguments[name] = take_piece(x, dim, sizes, me)
         return bound.args, bound.kwargs
 
     return hook
 
 
-def _gather_hook(plan: ModelPlan, ctx: SeqContext):
-    where = plan.gather_output
+def _gather_hook(plan: ModelPlan, ctx: SeqContext, *, split_seq: bool, split_batch: bool):
+    mesh = ctx.mesh
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        if split_seq:
+            where = plan.gather_output
+            x = gather_pieces(x, where.dim % x.ndim, ctx.sizes[where.tokens], mesh.group("sp"))
+        if split_batch:
+            dim = plan.output_batch_dim % x.ndim
+            parts = mesh.size("cfg")
+            x = gather_pieces(x, dim, [x.shape[dim]] * parts, mesh.group("cfg"))
+        return x
 
     def hook(module, args, output):
-        sizes = ctx.sizes[where.tokens]
-        group = ctx.mesh.group("sp")
         if isinstance(output, tuple):
-            first = gather_pieces(output[0], where.dim % output[0].ndim, sizes, group)
-            return (first, *output[1:])
+            return (gather(output[0]), *output[1:])
+        if isinstance(output, torch.Tensor):
+            return gather(output)
         # diffusers' BaseOutput is an ordered dict whose first entry is the sample.
         key = next(iter(output.keys()))
-        output[key] = gather_pieces(output[key], where.dim % output[key].ndim, sizes, group)
+        output[key] = gather(output[key])
         return output
 
     return hook

@@ -11,6 +11,10 @@ import torch
 import torch.distributed as dist
 
 
+# torch ≥ 2.13 renamed all_gather_into_tensor (dim-0 output) to all_gather_single.
+_all_gather_dim0 = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def split_sizes(n: int, parts: int) -> list[int]:
     """Lengths of the `parts` pieces of a length-`n` sequence (first ones one longer when uneven)."""
     assert parts >= 1 and n >= 0
@@ -38,7 +42,7 @@ def gather_pieces(x_local: torch.Tensor, dim: int, sizes: list[int], group: dist
         x0 = torch.cat([x0, pad])
     x0 = x0.contiguous()
     out = x0.new_empty((len(sizes) * longest, *x0.shape[1:]))
-    dist.all_gather_into_tensor(out, x0, group=group)
+    _all_gather_dim0(out, x0, group=group)
     if any(s != longest for s in sizes):
         out = torch.cat([out[i * longest : i * longest + s] for i, s in enumerate(sizes)])
     return out.movedim(0, dim)

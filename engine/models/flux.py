@@ -69,4 +69,20 @@ FLUX_PLAN = ModelPlan(
         "transformer_blocks.*.attn": FluxParallelAttnProcessor,
         "single_transformer_blocks.*.attn": FluxParallelAttnProcessor,
     },
+    batch_inputs={
+        "hidden_states": 0, "encoder_hidden_states": 0, "pooled_projections": 0, "timestep": 0, "guidance": 0,
+    },
 )
+
+
+def flux_call_kwargs(request) -> dict:
+    """FluxPipeline arguments that depend on the request beyond size, steps, seed and output type."""
+    kwargs = dict(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        true_cfg_scale=request.true_cfg_scale,
+        guidance_scale=request.guidance,
+    )
+    if request.max_sequence_length is not None:
+        kwargs["max_sequence_length"] = request.max_sequence_length
+    return kwargs
