@@ -2,17 +2,20 @@
 
 Protocol (the anchors' in ../shared/ANCHORS.md): the model's real architecture with random weights,
 random prompt embeddings of the real length (no text encoders), latent output (no VAE), N steps;
-per-step latency = pipeline time / steps, median over repeats after warm-up. Several layouts run in
-ONE launch, side by side on the same weights, latents and embeddings: a layout of n ranks uses ranks
-0..n-1 while the others wait, and rank 0 compares each layout's latents with the first layout's
-(normally the 1-GPU run) by relative L2.
+per-step latency = pipeline time / steps, median over repeats after warm-up. Several layouts and
+systems run in ONE launch, side by side on the same weights, latents and embeddings: a layout of n
+ranks uses ranks 0..n-1 while the others wait, and each layout's latents are compared with the first
+layout's (normally the 1-GPU run) by relative L2.
 
     torchrun --nproc-per-node 4 -m engine.bench --model flux-dev --sizes 1024,2048 --steps 8 \
-        --layouts 1,u2,u4,r4,u2r2
-    torchrun --nproc-per-node 4 -m engine.bench --model flux-dev --ulysses 2 --ring 2
+        --layouts diffusers,1,u2,u4,r4,u2r2,u4:compile,diffusers-cp-u4,xfuser-u4
 
-Layout names: `1` (our engine, one rank), `uU`, `rR`, `uUrR`, and `diffusers` (plain diffusers on one
-rank, its default attention) as a baseline.
+Layout names:
+- ours: `1` (one rank), or axis letters with degrees: `u4`, `r2`, `u2r2`, `c2u2`, `t2u2`
+  (c=cfg, u=ulysses, r=ring, t=tp, d=dp);
+- baselines: `diffusers` (plain, one GPU), `diffusers-cp-<degrees>` (diffusers' context
+  parallelism, cuDNN attention), `xfuser-<degrees>` (xDiT USP);
+- a `:compile` suffix compiles the repeated blocks (regional torch.compile) for that layout.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import re
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -34,17 +38,39 @@ from parallel.plan import apply_plan
 from .distributed import init_distributed, pick_device, run_main
 from .models import family
 
+AXIS_LETTERS = {"c": "cfg", "u": "ulysses", "r": "ring", "t": "tp", "d": "dp"}
+BASELINES = ("diffusers-cp", "xfuser")
 
-def parse_layout(name: str) -> ParallelConfig | None:
-    """'u2r2' → ulysses 2 × ring 2; '1' → one rank; 'diffusers' → None (baseline)."""
-    if name == "diffusers":
-        return None
-    if name == "1":
-        return ParallelConfig()
-    m = re.fullmatch(r"(?:u(\d+))?(?:r(\d+))?", name)
-    if not m or not any(m.groups()):
-        raise ValueError(f"unknown layout {name!r}: use 1, diffusers, uU, rR or uUrR (e.g. u2r2)")
-    return ParallelConfig(ulysses=int(m.group(1) or 1), ring=int(m.group(2) or 1))
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    system: str
+    """shardiff, diffusers, diffusers-cp or xfuser."""
+    config: ParallelConfig
+    compile: bool
+
+
+def _degrees(text: str, name: str) -> ParallelConfig:
+    parts = re.findall(r"([curtd])(\d+)", text)
+    if not parts or "".join(a + n for a, n in parts) != text:
+        raise ValueError(f"unknown layout {name!r}: see `python -m engine.bench --help` for layout names")
+    return ParallelConfig(**{AXIS_LETTERS[a]: int(n) for a, n in parts})
+
+
+def parse_layout(name: str) -> Layout:
+    base, _, modifier = name.partition(":")
+    if modifier not in ("", "compile"):
+        raise ValueError(f"layout {name!r}: the only modifier is ':compile'")
+    compile_ = modifier == "compile"
+    if base == "diffusers":
+        return Layout(name, "diffusers", ParallelConfig(), compile_)
+    if base == "1":
+        return Layout(name, "shardiff", ParallelConfig(), compile_)
+    for system in BASELINES:
+        if base.startswith(system + "-"):
+            return Layout(name, system, _degrees(base[len(system) + 1 :], name), compile_)
+    return Layout(name, "shardiff", _degrees(base, name), compile_)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,14 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default="1024", help="comma-separated square sizes, or HxW entries")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--layouts", default=None, help="comma-separated layouts to run side by side (see above)")
-    p.add_argument("--ulysses", type=int, default=None)
-    p.add_argument("--ring", type=int, default=None)
+    p.add_argument("--ulysses", type=int, default=None, help="one layout: Ulysses degree")
+    p.add_argument("--ring", type=int, default=None, help="one layout: Ring degree")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--text-tokens", type=int, default=512)
-    p.add_argument("--json", default=None, help="also write all results to this file (rank 0)")
+    p.add_argument("--json", default=None, help="write all results to this file (rank 0), updated after each one")
+    p.add_argument("--profile", default=None, help="append a torch.profiler kernel table of one extra run to this file (rank 0)")
+    p.add_argument("--profile-layouts", default="", help="comma-separated layouts to profile (default: none)")
     return p
 
 
@@ -74,105 +102,179 @@ def _sizes(spec: str) -> list[tuple[int, int]]:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    from .baselines import missing
     from .config import EngineConfig
     from .model_info import inspect_model
     from .presets import build_pipeline
 
-    if args.layouts:
-        layouts = args.layouts.split(",")
-    else:
-        layouts = [f"u{args.ulysses or 1}r{args.ring or 1}"]
-    configs = {name: parse_layout(name) for name in layouts}
+    names = args.layouts.split(",") if args.layouts else [f"u{args.ulysses or 1}r{args.ring or 1}"]
+    layouts = [parse_layout(n) for n in names]
     device = pick_device(None)
     env = init_distributed(device, timedelta(minutes=10))
     info = inspect_model(args.model)
     fam = family(info.family)
-    for name, cfg in configs.items():
-        if cfg is not None:
-            if cfg.world_size > env.world_size:
-                raise ValueError(f"layout {name} needs {cfg.world_size} ranks, {env.world_size} launched")
-            cfg.check_heads(info.num_heads)
+    runnable = []
+    for lay in layouts:
+        if lay.config.world_size > env.world_size:
+            raise ValueError(f"layout {lay.name} needs {lay.config.world_size} ranks, {env.world_size} launched")
+        lay.config.check_heads(info.num_heads)
+        if lay.system in BASELINES and lay.config.world_size != env.world_size:
+            raise ValueError(f"baseline {lay.name} must use all {env.world_size} launched ranks")
+        why = missing(lay.system)
+        if why:
+            if env.rank == 0:
+                print(f"skipping {lay.name}: {why}", flush=True)
+            continue
+        runnable.append(lay)
     dtype = EngineConfig(dtype=args.dtype).torch_dtype(device)
-    pipe = build_pipeline(args.model, dtype=dtype, device=device, with_text_encoders=False)
-    pipe.set_progress_bar_config(disable=True)
-    gen = torch.Generator("cpu").manual_seed(1234)
-    prompt_embeds = torch.randn(1, args.text_tokens, info.joint_attention_dim, generator=gen).to(device, dtype)
-    pooled = torch.randn(1, info.pooled_projection_dim, generator=gen).to(device, dtype)
 
+    def make_pipe():
+        pipe = build_pipeline(args.model, dtype=dtype, device=device, with_text_encoders=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    shared = make_pipe()
+    inputs = fam.bench_kwargs(info, text_tokens=args.text_tokens, device=device, dtype=dtype)
     # Every rank builds every mesh (new_group is collective over the world), in the same order.
     meshes = {
-        name: Mesh.build(cfg, device, ranks=list(range(cfg.world_size))) if cfg is not None else None
-        for name, cfg in configs.items()
+        lay.name: Mesh.build(lay.config, device, ranks=list(range(lay.config.world_size)))
+        for lay in runnable if lay.system == "shardiff"
     }
     reference: dict = {}
     results = []
-    for height, width in _sizes(args.sizes):
-        for name, cfg in configs.items():
-            world = 1 if cfg is None else cfg.world_size
-            member = env.rank < world
+    for lay in runnable:
+        member = env.rank < lay.config.world_size
+        runner = _prepare(lay, shared, make_pipe, meshes.get(lay.name), fam, args, dtype, device) if member else None
+        for height, width in _sizes(args.sizes):
             record = None
             if member:
-                record = _run_layout(
-                    pipe, name, cfg, meshes[name], args, height, width, prompt_embeds, pooled, device, fam.plan
-                )
-            peaks = [None] * env.world_size
+                try:
+                    record = runner.run(height, width, inputs)
+                except Exception as e:  # one failed system must not cost the rest of a side-by-side run
+                    record = {"layout": lay.name, "height": height, "width": width, "error": f"{type(e).__name__}: {e}"[:500],
+                              "peak_gib": None, "latents": None}
+            everyone = [None] * env.world_size
+            mine = None if record is None else (record["peak_gib"], record.pop("latents"))
             if dist.is_initialized():
-                dist.all_gather_object(peaks, record["peak_gib"] if record else None)
+                dist.all_gather_object(everyone, mine)
             else:
-                peaks = [record["peak_gib"]]
+                everyone = [mine]
+            if env.rank == 0 and "error" in record:
+                print(json.dumps(record), flush=True)
+                continue
             if env.rank == 0:
-                latents = record.pop("latents")
+                got = [e for e in everyone if e is not None]
+                latents = next((lat for _, lat in got if lat is not None), None)
                 ref = reference.setdefault((height, width), latents)
-                rel = ((latents.float() - ref.float()).norm() / ref.float().norm()).item()
-                record.update(peak_gib_per_rank=[p for p in peaks if p is not None], rel_l2_vs_first=rel)
+                rel = float("nan") if latents is None or ref is None else (
+                    (latents.float() - ref.float()).norm() / ref.float().norm()
+                ).item()
+                record.update(peak_gib_per_rank=[p for p, _ in got if p is not None], rel_l2_vs_first=rel)
                 del record["peak_gib"]
                 results.append(record)
                 print(json.dumps(record), flush=True)
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump(results, f, indent=1)
+        if runner is not None:
+            runner.close()
     if env.rank == 0:
-        _print_table(results, device)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
+        _print_table(results)
 
 
-def _run_layout(pipe, name, cfg, mesh, args, height, width, prompt_embeds, pooled, device, plan) -> dict:
-    applied = None
-    kernel = "diffusers-default"
-    if cfg is not None:
+class _Runner:
+    """One layout, ready to run at any size; `close` undoes what it did to the shared pipeline."""
+
+    def __init__(self, lay, pipe, args, device, kernel, group, undo):
+        self.lay, self.pipe, self.args, self.device, self.kernel, self.group, self.undo = (
+            lay, pipe, args, device, kernel, group, undo
+        )
+
+    def run(self, height: int, width: int, inputs: dict) -> dict:
+        args, device = self.args, self.device
+
+        def once():
+            return self.pipe(
+                **inputs, height=height, width=width, num_inference_steps=args.steps,
+                generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
+            )
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        first_s = None
+        for i in range(args.warmup + args.repeats):
+            _barrier(self.group, device)
+            start = time.perf_counter()
+            out = once()
+            _barrier(self.group, device)
+            elapsed = time.perf_counter() - start
+            if i == 0:
+                first_s = elapsed
+            if i >= args.warmup:
+                times.append(elapsed)
+        if args.profile and self.lay.name in args.profile_layouts.split(","):
+            self._profile(once, height, width)
+        latents = None
+        if out is not None:  # xfuser returns the result on its last rank only
+            latents = out.images if hasattr(out, "images") else out[0]
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        per_step = statistics.median(times) / args.steps
+        return {
+            "model": args.model, "height": height, "width": width, "layout": self.lay.name,
+            "system": self.lay.system, "compile": self.lay.compile, "ranks": self.lay.config.world_size,
+            "steps": args.steps, "per_step_ms": round(per_step * 1e3, 2),
+            "runs_ms": [round(t / args.steps * 1e3, 2) for t in times], "first_call_s": round(first_s, 2),
+            "kernel": self.kernel, "dtype": str(next(self.pipe_params()).dtype).removeprefix("torch."),
+            "peak_gib": round(peak, 2),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "latents": None if latents is None else latents.detach().cpu(),
+        }
+
+    def _profile(self, once, height: int, width: int) -> None:
+        """Where one call's time goes, by kernel: the evidence for what stands between us and the floor."""
+        from torch.profiler import ProfilerActivity, profile
+
+        _barrier(self.group, self.device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            once()
+            _barrier(self.group, self.device)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
+            with open(self.args.profile, "a") as f:
+                f.write(f"\n=== {self.lay.name} {height}x{width}, {self.args.steps} steps, rank 0 ===\n{table}\n")
+
+    def pipe_params(self):
+        pipe = getattr(self.pipe, "module", self.pipe)  # xfuser wraps the diffusers pipeline
+        return pipe.transformer.parameters()
+
+    def close(self) -> None:
+        for fn in self.undo:
+            fn()
+
+
+def _prepare(lay: Layout, shared, make_pipe, mesh, fam, args, dtype, device) -> _Runner:
+    from .compile import compile_denoiser, uncompile
+
+    undo = []
+    if lay.system in BASELINES:
+        from .baselines import build_baseline
+
+        pipe = build_baseline(lay.system, make_pipe, lay.config, compile=lay.compile, dtype=dtype)
+        undo.append(lambda: torch.cuda.empty_cache() if device.type == "cuda" else None)
+        return _Runner(lay, pipe, args, device, lay.system, None, undo)
+    denoiser = getattr(shared, fam.denoiser)
+    kernel, group = "diffusers-default", None
+    if lay.system == "shardiff":
         attention = ParallelAttention(mesh, args.attention_backend)
-        applied = apply_plan(pipe.transformer, plan, mesh, attention)
-        kernel = attention.kernel_for(device, prompt_embeds.dtype).name
-    group = None if mesh is None else mesh.group("sp")
-
-    def once():
-        return pipe(
-            prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, height=height, width=width,
-            num_inference_steps=args.steps, guidance_scale=3.5, max_sequence_length=args.text_tokens,
-            generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
-        ).images
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(args.warmup + args.repeats):
-        _barrier(group, device)
-        start = time.perf_counter()
-        latents = once()
-        _barrier(group, device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    if applied is not None:
-        applied.remove()
-    per_step = statistics.median(times) / args.steps
-    return {
-        "model": args.model, "height": height, "width": width, "layout": name,
-        "ranks": 1 if cfg is None else cfg.world_size, "steps": args.steps,
-        "per_step_ms": round(per_step * 1e3, 2), "runs_ms": [round(t / args.steps * 1e3, 2) for t in times],
-        "kernel": kernel, "dtype": str(prompt_embeds.dtype).removeprefix("torch."), "peak_gib": round(peak, 2),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "latents": latents.detach().cpu(),
-    }
+        applied = apply_plan(denoiser, fam.plan, mesh, attention)
+        undo.append(applied.remove)
+        kernel = attention.kernel_for(device, dtype).name
+        group = mesh.group("sp") if mesh.size("sp") > 1 else mesh.group("cfg")
+    if lay.compile:
+        blocks = compile_denoiser(denoiser)
+        undo.insert(0, lambda: uncompile(blocks))
+    return _Runner(lay, shared, args, device, kernel, group, undo)
 
 
 def _barrier(group, device) -> None:
@@ -182,11 +284,12 @@ def _barrier(group, device) -> None:
         dist.barrier(group=group)
 
 
-def _print_table(results: list[dict], device) -> None:
-    print(f"\n{'size':>10} {'layout':>10} {'ranks':>5} {'ms/step':>9} {'rel L2':>9} {'peak GiB (max rank)':>20}  kernel")
+def _print_table(results: list[dict]) -> None:
+    print(f"\n{'size':>10} {'layout':>18} {'ranks':>5} {'ms/step':>9} {'first s':>8} {'rel L2':>9} {'peak GiB':>9}  kernel")
     for r in results:
-        print(f"{r['height']}x{r['width']:<5} {r['layout']:>10} {r['ranks']:>5} {r['per_step_ms']:>9.2f} "
-              f"{r['rel_l2_vs_first']:>9.2e} {max(r['peak_gib_per_rank']):>20.2f}  {r['kernel']}")
+        peak = max(r["peak_gib_per_rank"]) if r["peak_gib_per_rank"] else float("nan")
+        print(f"{r['height']}x{r['width']:<5} {r['layout']:>18} {r['ranks']:>5} {r['per_step_ms']:>9.2f} "
+              f"{r['first_call_s']:>8.2f} {r['rel_l2_vs_first']:>9.2e} {peak:>9.2f}  {r['kernel']}")
     sys.stdout.flush()
 
 

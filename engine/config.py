@@ -28,18 +28,26 @@ class EngineConfig:
     """CFG-parallel degree (1 or 2)."""
     dp: int = 1
     """Data-parallel degree (independent images)."""
+    parallel: str = "auto"
+    """UNet models (SD1.5, SDXL): auto picks, per batch, CFG split for one guided image and data
+    parallel for several (engine/models/unet.py); cfg / dp force one of them. Explicit --cfg/--dp win.
+    Transformer families take their degrees from the fields above (auto: unset ones filled)."""
     dtype: str = "auto"
     """bf16 / fp16 / fp32; auto: bf16 on GPU, fp32 on CPU."""
     device: str | None = None
     """cuda / cpu; None: CUDA (one GPU per local rank) when available."""
     attention_backend: str = "auto"
     """A kernels/ name, or auto: the fastest available that the layout needs."""
+    compile: bool = False
+    """Regional torch.compile of the denoiser's repeated blocks (first call per resolution compiles)."""
     weights_seed: int = 0
     """Seed of a preset's random weights (identical on every rank)."""
     timeout_s: float = 600.0
     """Timeout of every process group: a dead peer ends the job after this long, not NCCL's 30 min."""
 
     def __post_init__(self):
+        if self.parallel not in ("auto", "cfg", "dp"):
+            raise ValueError(f"--parallel must be auto, cfg or dp, got {self.parallel!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.timeout_s <= 0:
@@ -53,7 +61,8 @@ class EngineConfig:
 
 @dataclass(kw_only=True, frozen=True)
 class GenerateRequest:
-    prompt: str
+    prompt: str | list[str]
+    """One prompt, or a batch of prompts (one image each, × num_images_per_prompt)."""
     negative_prompt: str | None = None
     height: int | None = None
     """Pixels; None: the model's default size."""
@@ -67,10 +76,16 @@ class GenerateRequest:
     """Seed of the initial noise: torch.Generator('cpu').manual_seed(seed), as in diffusers."""
     max_sequence_length: int | None = None
     """T5 text tokens; None: the pipeline's default (512 for Flux)."""
+    num_images_per_prompt: int = 1
+    """Images per prompt, generated as one batch (the same images as one process on any layout)."""
 
     def __post_init__(self):
-        if not isinstance(self.prompt, str):
-            raise ValueError("prompt must be a string")
+        if not (isinstance(self.prompt, str) or (
+            isinstance(self.prompt, list) and self.prompt and all(isinstance(p, str) for p in self.prompt)
+        )):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        if self.num_images_per_prompt < 1:
+            raise ValueError(f"--num-images-per-prompt must be ≥ 1, got {self.num_images_per_prompt}")
         if self.steps < 1:
             raise ValueError(f"--steps must be ≥ 1, got {self.steps}")
         if self.guidance < 0 or self.true_cfg_scale < 0:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -138,12 +139,20 @@ def run_main(main) -> None:
     except UserError as e:
         if rank == 0:
             print(f"shardiff: error: {e}", file=sys.stderr, flush=True)
+        else:
+            # Leave rank 0 time to print: a rank that exits first makes torchrun stop the others,
+            # rank 0 possibly before its message is out. Rank 0's own exit ends this wait early.
+            time.sleep(10)
         os._exit(2)
     except ValueError as e:
         print(f"shardiff: error{f' on rank {rank}' if launched_world_size() > 1 else ''}: {e}", file=sys.stderr, flush=True)
         os._exit(2)
     except KeyboardInterrupt:
         os._exit(130)
+    except SystemExit as e:
+        # A deliberate exit (argparse's --help), not a crash: no traceback, keep its status.
+        sys.stdout.flush()
+        os._exit(e.code if isinstance(e.code, int) else int(e.code is not None))
     except BaseException:
         prefix = f"[rank {rank}] " if launched_world_size() > 1 else ""
         print(prefix + traceback.format_exc().replace("\n", "\n" + prefix), file=sys.stderr, flush=True)

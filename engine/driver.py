@@ -25,6 +25,8 @@ from .distributed import agree, init_distributed, launched_world_size, pick_devi
 from .loading import load_pipeline
 from .model_info import ModelInfo, inspect_model
 from .models import family
+from .data_parallel import choose_layout, generate_batch, use_layout
+from .sharded_loading import load_sharded_denoiser
 
 
 @dataclass
@@ -36,6 +38,8 @@ class GenerateResult:
     params: dict = field(default_factory=dict)
     """Everything needed to reproduce the image (saved into the PNG)."""
     seconds: float = 0.0
+    images: list = field(default_factory=list)
+    """Every image of the request (a batch of prompts × num_images_per_prompt); `image` is the first."""
 
 
 def nearest_multiples(value: int, multiple: int) -> str:
@@ -57,7 +61,12 @@ class Engine:
             self.dtype = config.torch_dtype(device)
             self.info: ModelInfo = inspect_model(config.model)
             self.family = family(self.info.family)
+            self.family.check_tp(self.info, parallel.tp if parallel is not None else config.tp)
             world = launched_world_size()
+            if parallel is None and self.family.layout is not None:
+                # UNets pick CFG split / data parallel themselves (engine/models/unet.py): planned here
+                # for one guided image, chosen again for each batch by generate / generate_batch.
+                parallel, _ = self.family.layout(world, config, None)
             if parallel is None:
                 parallel = resolve_degrees(
                     world, self.info.num_heads, ulysses=config.ulysses, ring=config.ring,
@@ -76,13 +85,27 @@ class Engine:
         self.parallel = parallel
         self.device = device
         self.mesh = Mesh.build(parallel, device, timeout=timeout)
+        self.meshes = {parallel: self.mesh}
+        """Layout → its mesh, built once (engine/data_parallel.py switches between them)."""
         if not self.mesh.is_first:
             _quiet_libraries()
-        self.pipe = load_pipeline(config.model, dtype=self.dtype, device=device, seed=config.weights_seed)
+        components = {}
+        if parallel.tp > 1:
+            # Each rank reads / initialises only its TP shard of the denoiser (never the full weights).
+            components[self.family.denoiser] = load_sharded_denoiser(
+                config.model, self.family, self.mesh, dtype=self.dtype, device=device, seed=config.weights_seed
+            )
+        self.pipe = load_pipeline(
+            config.model, dtype=self.dtype, device=device, seed=config.weights_seed, components=components
+        )
         self.pipe.set_progress_bar_config(disable=not self.mesh.is_first, leave=False)
         self.attention = ParallelAttention(self.mesh, config.attention_backend)
         self.denoiser = getattr(self.pipe, self.family.denoiser)
-        self.plan = apply_plan(self.denoiser, self.family.plan, self.mesh, self.attention)
+        self.plan = apply_plan(self.denoiser, self.family.pipeline_plan, self.mesh, self.attention)
+        if config.compile:
+            from .compile import compile_denoiser
+
+            compile_denoiser(self.denoiser)
 
     @property
     def is_first(self) -> bool:
@@ -100,17 +123,41 @@ class Engine:
                 )
         return height, width
 
-    def generate(self, request: GenerateRequest, *, output_type: str = "pil") -> GenerateResult:
-        error = None
+    def check_request(self, request: GenerateRequest, parallel: ParallelConfig) -> tuple[dict, int, int]:
+        """(family pipeline kwargs, height, width) of `request` on `parallel`; ValueError, no collective."""
+        height, width = self.resolve_size(request)
+        if request.negative_prompt is None and request.true_cfg_scale > 1:
+            raise ValueError("--true-cfg-scale > 1 needs a --negative-prompt")
+        family_kwargs = self.family.call_kwargs(request)
+        self.family.check_cfg(parallel.degrees(), family_kwargs)
+        return family_kwargs, height, width
+
+    def choose_layout(self, requests: list[GenerateRequest]) -> tuple[ParallelConfig, str]:
+        """The layout generate_batch will use for `requests` and why (no collective)."""
+        return choose_layout(self, requests)
+
+    def generate_batch(self, requests: list[GenerateRequest], *, output_type: str = "pil") -> list | None:
+        """Several images: spread over the dp ranks; results in request order on the first rank, None
+        on the others (engine/data_parallel.py). Every rank calls it with the same requests."""
+        return generate_batch(self, requests, output_type=output_type)
+
+    def generate(self, request: GenerateRequest, *, output_type: str = "pil", agreed: bool = False) -> GenerateResult:
+        """One request on every rank. `agreed`: generate_batch already checked it on every rank (the dp
+        ranks then run different requests, so no collective here)."""
+        error, layout = None, self.parallel
         try:
-            height, width = self.resolve_size(request)
-            if request.negative_prompt is None and request.true_cfg_scale > 1:
-                raise ValueError("--true-cfg-scale > 1 needs a --negative-prompt")
+            if not agreed and self.family.layout is not None:
+                layout, _ = choose_layout(self, [request])
+            family_kwargs, height, width = self.check_request(request, layout)
         except ValueError as e:
             error, height, width = str(e), 0, 0
-        agree("request", request.to_dict(), error)
+        if agreed:
+            assert error is None, error
+        else:
+            agree("request", request.to_dict(), error)
+            use_layout(self, layout)
         kwargs = dict(
-            **self.family.call_kwargs(request),
+            **family_kwargs,
             height=height,
             width=width,
             num_inference_steps=request.steps,
@@ -139,7 +186,7 @@ class Engine:
         images = out.images
         if output_type == "latent":
             return GenerateResult(None, images, params, seconds)
-        return GenerateResult(images[0], None, params, seconds)
+        return GenerateResult(images[0], None, params, seconds, images=list(images))
 
     def close(self) -> None:
         self.plan.remove()

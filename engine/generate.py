@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import DEFAULT_MODEL, EngineConfig, GenerateRequest
+from . import batch_cli
+from .batch_cli import DEFAULT_PROMPT
+from .config import DEFAULT_MODEL, EngineConfig
 from .distributed import UserError, agree
 
 
@@ -40,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="preset name (see `python -m engine.presets list`) or local diffusers directory")
-    p.add_argument("--prompt", default="a red fox in snow")
+    p.add_argument("--prompt", action="append", default=None,
+                   help=f"prompt; give it several times for several images (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's size)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: the model's size)")
@@ -51,12 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequence-length", type=int, default=None, help="text tokens (default: the pipeline's)")
     p.add_argument("--ulysses", type=_degree, default=None, help="Ulysses degree (default: all ranks sensibly, see --help text)")
     p.add_argument("--ring", type=_degree, default=None, help="Ring degree")
+    p.add_argument("--tp", type=_degree, default=1, help="tensor-parallel degree")
+    p.add_argument("--cfg", type=_degree, default=1, help="CFG-parallel degree (2: cond/uncond branches on different ranks)")
+    p.add_argument("--dp", type=_degree, default=1, help="data-parallel degree (independent images)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--attention-backend", default="auto", help="auto or a kernel name (sdpa-cudnn, sdpa-flash, sdpa-cpu-flash, math, flash-attn, ...)")
     p.add_argument("--output", default="out/image.png", help="PNG path; missing folders are created")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (slower first call, faster steps)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a stuck collective ends the job")
+    batch_cli.add_arguments(p)
     return p
 
 
@@ -68,36 +76,37 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         config = EngineConfig(
-            model=args.model, ulysses=args.ulysses, ring=args.ring, dtype=args.dtype, device=args.device,
-            attention_backend=args.attention_backend, timeout_s=args.timeout,
+            model=args.model, ulysses=args.ulysses, ring=args.ring, tp=args.tp, cfg=args.cfg, dp=args.dp,
+            dtype=args.dtype, device=args.device, compile=args.compile,
+            attention_backend=args.attention_backend, timeout_s=args.timeout, parallel=args.parallel,
         )
-        request = GenerateRequest(
-            prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-            steps=args.steps, guidance=args.guidance, true_cfg_scale=args.true_cfg_scale, seed=args.seed,
-            max_sequence_length=args.max_sequence_length,
-        )
+        # One request per image, image i seeded with --seed + i (engine/batch_cli.py).
+        requests = batch_cli.requests_from_args(args)
     except ValueError as e:
         # Found from the arguments alone, before any collective: the same on every rank (see _Parser).
         raise UserError(str(e)) from None
     engine = Engine(config)
-    output = error = None
+    outputs = error = None
     if engine.is_first:
         # Checked before the denoising loop so a refused path costs nothing. Only rank 0 writes, so only
         # it checks; `agree` shares its verdict, so that every rank stops with one message (the others
         # would otherwise wait in the next collective and die with "connection reset" tracebacks).
         try:
-            output = resolve_output_path(args.output, overwrite=args.overwrite)
+            outputs = [resolve_output_path(o, overwrite=args.overwrite)
+                       for o in batch_cli.output_names(args.output, len(requests))]
+            layout, why = engine.choose_layout(requests)
         except ValueError as e:
             error = str(e)
     agree("output", None, error)
     if engine.is_first:
-        print(f"shardiff: {config.model} on {engine.parallel.world_size} process(es), layout {engine.parallel.describe()}, "
-              f"{engine.dtype}, {engine.device.type}", file=sys.stderr, flush=True)
-    result = engine.generate(request)
+        print(f"shardiff: {config.model} on {layout.world_size} process(es), layout {layout.describe()} ({why}), "
+              f"{len(requests)} image(s), {engine.dtype}, {engine.device.type}", file=sys.stderr, flush=True)
+    results = engine.generate_batch(requests)
     if engine.is_first:
-        save_png(result.image, output, result.params)
-        print(f"shardiff: saved {output} ({result.params['width']}x{result.params['height']}, "
-              f"{result.seconds:.2f} s)", file=sys.stderr, flush=True)
+        for output, result in zip(outputs, results, strict=True):
+            save_png(result.image, output, result.params)
+            print(f"shardiff: saved {output} ({result.params['width']}x{result.params['height']}, "
+                  f"{result.seconds:.2f} s)", file=sys.stderr, flush=True)
     engine.close()
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from engine.model_info import is_preset, model_dir, read_model_index
+from engine.model_info import NOT_LOADED, is_preset, model_dir, read_model_index
 from engine.presets import build_pipeline
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -22,7 +22,7 @@ def check_weight_files(path: Path, index: dict) -> None:
     """ValueError naming the first component whose weights exist only as pickles."""
     for name, entry in index.items():
         folder = path / name
-        if name.startswith("_") or entry == [None, None] or not folder.is_dir():
+        if name.startswith("_") or entry == [None, None] or name in NOT_LOADED or not folder.is_dir():
             continue
         files = [f for f in folder.rglob("*") if f.is_file()]
         has_safetensors = any(f.name.endswith(".safetensors") for f in files)
@@ -34,19 +34,33 @@ def check_weight_files(path: Path, index: dict) -> None:
             )
 
 
-def load_pipeline(model: str, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0):
+def load_pipeline(model: str, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+                  components: dict | None = None):
     """The pipeline for `model` (preset name or diffusers directory) on `device` in `dtype`.
 
-    `seed` only matters for presets (their random weights).
+    `seed` only matters for presets (their random weights). `components`: prebuilt components used
+    instead of loading them (a tensor-parallel shard of the denoiser, engine/sharded_loading.py).
     """
+    components = components or {}
     if is_preset(model):
-        return build_pipeline(model, dtype=dtype, device=device, seed=seed)
+        return build_pipeline(model, dtype=dtype, device=device, seed=seed, components=components)
     path = model_dir(model)
     index = read_model_index(path)
     check_weight_files(path, index)
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, local_files_only=True
+        path, dtype=dtype, use_safetensors=True, local_files_only=True, **_left_out(index), **components
     )
     return pipe.to(device)
+
+
+def _left_out(index: dict) -> dict:
+    """Pipeline arguments that switch off what we never load: Stable Diffusion's safety checker and
+    feature extractor (None, and no warning about it), SDXL's invisible watermark (changes pixels)."""
+    kwargs: dict = {name: None for name in NOT_LOADED if name in index}
+    if "requires_safety_checker" in index:
+        kwargs["requires_safety_checker"] = False
+    if index["_class_name"].startswith("StableDiffusionXL"):
+        kwargs["add_watermarker"] = False
+    return kwargs

@@ -20,6 +20,9 @@ from engine.presets import PRESETS, PresetSpec
 ALLOWED_LIBRARIES = ("diffusers", "transformers")
 # Pipeline class -> family the engine knows how to parallelise.
 FAMILIES = {"FluxPipeline": "flux"}
+# Components the engine never loads (loading passes None): Stable Diffusion's safety checker (a
+# `stable_diffusion` class, not diffusers/transformers, and a download) and its image processor.
+NOT_LOADED = ("safety_checker", "feature_extractor")
 # Keys of model_index.json that would make diffusers fetch or run non-library code.
 CUSTOM_CODE_KEYS = ("custom_pipeline", "_custom_pipeline", "auto_map")
 # Where FluxPipeline's own default image size comes from when the VAE config has none.
@@ -97,10 +100,14 @@ def read_model_index(path: Path) -> dict[str, Any]:
     for name, entry in index.items():
         if name.startswith("_"):
             continue
+        if isinstance(entry, (bool, int, float)):  # a pipeline setting (requires_safety_checker, ...)
+            continue
         if not (isinstance(entry, list) and len(entry) == 2):
             raise ValueError(f"{path}/model_index.json: component {name!r} must be [library, class], got {entry!r}")
         library, component_cls = entry
         if library is None and component_cls is None:  # an absent optional component
+            continue
+        if name in NOT_LOADED:
             continue
         if library not in ALLOWED_LIBRARIES:
             raise ValueError(
@@ -135,6 +142,15 @@ def _flux_info(*, source: str, pipeline_class: str, transformer: dict[str, Any],
 
 
 def _preset_info(spec: PresetSpec) -> ModelInfo:
+    if spec.family in ("sd", "sdxl"):
+        from engine.models.unet import unet_preset_info
+
+        return unet_preset_info(spec)
+    if spec.family in ("sd3", "pixart", "sana"):
+        from engine.dit_info import dit_info
+
+        return dit_info(family=spec.family, source="preset", pipeline_class=spec.pipeline_class,
+                        transformer=spec.transformer, vae=spec.vae, default_size=spec.default_size)
     assert spec.family == "flux", f"preset {spec.name} has unhandled family {spec.family}"
     return _flux_info(source="preset", pipeline_class=spec.pipeline_class, transformer=spec.transformer,
                       vae=spec.vae, default_size=spec.default_size)
@@ -147,6 +163,18 @@ def inspect_model(model: str | Path) -> ModelInfo:
     path = model_dir(model)
     index = read_model_index(path)
     cls_name = index["_class_name"]
+    from engine.dit_info import DIT_FAMILIES, dit_info
+
+    if cls_name in DIT_FAMILIES:
+        return dit_info(
+            family=DIT_FAMILIES[cls_name], source="directory", pipeline_class=cls_name, default_size=None,
+            transformer=_read_json(path / "transformer" / "config.json", f"model directory {path}"),
+            vae=_read_json(path / "vae" / "config.json", f"model directory {path}"),
+        )
+    from engine.models.unet import UNET_PIPELINES, unet_dir_info
+
+    if cls_name in UNET_PIPELINES:
+        return unet_dir_info(path, UNET_PIPELINES[cls_name], cls_name, _read_json)
     if cls_name not in FAMILIES:
         raise ValueError(f"{path}: pipeline class {cls_name!r} is not supported; supported: {', '.join(FAMILIES)}")
     transformer = _read_json(path / "transformer" / "config.json", f"model directory {path}")

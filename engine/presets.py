@@ -144,6 +144,15 @@ PRESETS: dict[str, PresetSpec] = {
     ),
 }
 
+# UNet families (SD1.5, SDXL) have other components; their specs build and save themselves.
+from engine.unet_presets import UNET_PRESETS  # noqa: E402
+
+PRESETS.update(UNET_PRESETS)
+# SD3/SD3.5, PixArt-Σ and Sana: specs that build and save themselves too.
+from engine.dit_presets import DIT_PRESETS  # noqa: E402
+
+PRESETS.update(DIT_PRESETS)
+
 MODEL_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
@@ -267,6 +276,8 @@ def _pipeline_class(spec: PresetSpec):
 def build_component(preset: str, name: str, *, dtype: torch.dtype, device: torch.device | str,
                     seed: int = 0) -> torch.nn.Module:
     """One model component of a preset with its deterministic random weights."""
+    if hasattr(get_preset(preset), "build_component"):  # a spec that builds itself (engine/unet_presets.py)
+        return get_preset(preset).build_component(name, dtype=dtype, device=device, seed=seed)
     if name not in MODEL_COMPONENTS:
         raise ValueError(f"unknown component {name!r}; model components: {', '.join(MODEL_COMPONENTS)}")
     spec = get_preset(preset)
@@ -274,15 +285,19 @@ def build_component(preset: str, name: str, *, dtype: torch.dtype, device: torch
 
 
 def build_pipeline(preset: str, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
-                   with_text_encoders: bool = True):
+                   with_text_encoders: bool = True, components: dict[str, Any] | None = None):
     """The preset's diffusers pipeline with random weights, built on `device` in `dtype`.
 
     `with_text_encoders=False` leaves both text encoders and tokenizers None (callers
-    then pass prompt embeddings), which skips most of flux-dev's memory.
+    then pass prompt embeddings), which skips most of flux-dev's memory. `components`: prebuilt
+    model components used as given (a tensor-parallel shard of the denoiser).
     """
     spec = get_preset(preset)
-    names = [n for n in MODEL_COMPONENTS if with_text_encoders or n not in TEXT_COMPONENTS]
-    parts = {n: build_component(preset, n, dtype=dtype, device=device, seed=seed) for n in names}
+    components = components or {}
+    if hasattr(spec, "build_pipeline"):  # a spec that builds itself (engine/unet_presets.py)
+        return spec.build_pipeline(dtype=dtype, device=device, seed=seed, with_text_encoders=with_text_encoders)
+    names = [n for n in MODEL_COMPONENTS if (with_text_encoders or n not in TEXT_COMPONENTS) and n not in components]
+    parts = {n: build_component(preset, n, dtype=dtype, device=device, seed=seed) for n in names} | components
     parts |= _other_components(spec, with_text_encoders=with_text_encoders)
     for n in TEXT_COMPONENTS:
         parts.setdefault(n, None)
@@ -296,6 +311,8 @@ def save_preset(preset: str, path: str | Path, *, dtype: torch.dtype = torch.flo
     component, not the whole pipeline.
     """
     spec = get_preset(preset)
+    if hasattr(spec, "save"):  # a spec that saves itself (engine/unet_presets.py)
+        return spec.save(path, dtype=dtype, seed=seed)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     others = _other_components(spec, with_text_encoders=True)

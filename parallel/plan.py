@@ -19,6 +19,7 @@ import torch
 from .attention import ParallelAttention
 from .mesh import Mesh
 from .sharding import gather_pieces, split_sizes, take_piece
+from .tensor import Style, shard_model
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,18 @@ class ModelPlan:
     every tensor in it split along that dim."""
     output_batch_dim: int = 0
     """Batch dim of the first output (gathered back over the cfg axis)."""
+    split_modules: Mapping[str, SeqDim] = field(default_factory=dict)
+    """Submodule name → where the tokens of its output are; split over sp. For models that make their
+    token sequence inside forward (SD3, PixArt patchify the latent image in `pos_embed`)."""
+    gather_modules: Mapping[str, SeqDim] = field(default_factory=dict)
+    """Submodule name → where the tokens of its output are; gathered back over sp (the last per-token
+    layer before the model's own unpatchify)."""
+    cfg_pairs: bool = False
+    """The pipeline runs the two guidance branches as two sequential calls (Flux true CFG: cond, then
+    negative) instead of one batch: cfg rank i computes call i of each pair, and the results are
+    exchanged when the second call returns (see parallel/cfg_pairs.py)."""
+    tensor: Mapping[str, Style] = field(default_factory=dict)
+    """Module-name glob → tensor-parallel style of that Linear (parallel/tensor.py); others replicated."""
 
 
 @dataclass
@@ -56,6 +69,8 @@ class SeqContext:
 
     mesh: Mesh
     sizes: dict[str, list[int]] = field(default_factory=dict)
+    skip: bool = False
+    """This call is computed by the other cfg rank (cfg_pairs): no split, no gather."""
 
     def joint_sizes(self, *groups: str) -> list[int] | None:
         """Per-rank lengths of a sequence made by concatenating the local pieces of `groups`."""
@@ -92,16 +107,58 @@ def apply_plan(model: torch.nn.Module, plan: ModelPlan, mesh: Mesh, attention: P
                 matched += 1
                 break
     assert matched or not plan.attention, f"plan matched no attention module in {type(model).__name__}"
+    if mesh.size("tp") > 1:
+        assert plan.tensor, f"no tensor-parallel plan for {type(model).__name__}"
+        applied._handles.append(shard_model(model, plan.tensor, mesh))
     split_seq = mesh.size("sp") > 1
     split_batch = mesh.size("cfg") > 1
-    assert not split_seq or plan.gather_output is not None, "a sequence-parallel plan must say what to gather"
+    assert not split_seq or plan.gather_output is not None or plan.gather_modules, (
+        "a sequence-parallel plan must say what to gather"
+    )
+    pairs = None
+    if split_batch and plan.cfg_pairs:
+        from .cfg_pairs import CfgPairs
+
+        # Registered first: its pre-hook decides whether this rank computes the call at all.
+        pairs = CfgPairs(model, ctx)
+        applied._handles.append(pairs)
     if split_seq or split_batch:
         sig = inspect.signature(model.forward)
         pre = _split_hook(plan, ctx, sig, split_seq=split_seq, split_batch=split_batch)
         post = _gather_hook(plan, ctx, split_seq=split_seq, split_batch=split_batch)
         applied._handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
         applied._handles.append(model.register_forward_hook(post))
+    if pairs is not None:
+        applied._handles.append(model.register_forward_hook(pairs.post_hook))
+    if split_seq:
+        for name, where in plan.split_modules.items():
+            hook = _module_split_hook(ctx, where, name)
+            applied._handles.append(model.get_submodule(name).register_forward_hook(hook))
+        for name, where in plan.gather_modules.items():
+            hook = _module_gather_hook(ctx, where)
+            applied._handles.append(model.get_submodule(name).register_forward_hook(hook))
     return applied
+
+
+def _module_split_hook(ctx: SeqContext, where: SeqDim, name: str):
+    P, me = ctx.mesh.size("sp"), ctx.mesh.coord("sp")
+
+    def hook(module, args, output):
+        assert isinstance(output, torch.Tensor), f"{name} must return a tensor to be split"
+        dim = where.dim % output.ndim
+        sizes = split_sizes(output.shape[dim], P)
+        if ctx.sizes.setdefault(where.tokens, sizes) != sizes:
+            raise ValueError(f"inputs of token group {where.tokens!r} disagree in length ({output.shape[dim]} tokens from {name!r})")
+        return take_piece(output, dim, sizes, me)
+
+    return hook
+
+
+def _module_gather_hook(ctx: SeqContext, where: SeqDim):
+    def hook(module, args, output):
+        return gather_pieces(output, where.dim % output.ndim, ctx.sizes[where.tokens], ctx.mesh.group("sp"))
+
+    return hook
 
 
 def _batch_piece(x, dim: int, parts: int, index: int, name: str):
@@ -122,8 +179,10 @@ def _split_hook(plan: ModelPlan, ctx: SeqContext, sig: inspect.Signature, *, spl
     P, me = mesh.size("sp"), mesh.coord("sp")
 
     def hook(module, args, kwargs):
+        if ctx.skip:
+            return None
         bound = sig.bind_partial(*args, **kwargs)
-        if split_batch:
+        if split_batch and not plan.cfg_pairs:
             # Each cfg rank runs one branch: contiguous chunks of the batch, in the pipeline's order.
             for name, dim in plan.batch_inputs.items():
                 if bound.arguments.get(name) is not None:
@@ -152,16 +211,18 @@ def _gather_hook(plan: ModelPlan, ctx: SeqContext, *, split_seq: bool, split_bat
     mesh = ctx.mesh
 
     def gather(x: torch.Tensor) -> torch.Tensor:
-        if split_seq:
+        if split_seq and plan.gather_output is not None:
             where = plan.gather_output
             x = gather_pieces(x, where.dim % x.ndim, ctx.sizes[where.tokens], mesh.group("sp"))
-        if split_batch:
+        if split_batch and not plan.cfg_pairs:
             dim = plan.output_batch_dim % x.ndim
             parts = mesh.size("cfg")
             x = gather_pieces(x, dim, [x.shape[dim]] * parts, mesh.group("cfg"))
         return x
 
     def hook(module, args, output):
+        if ctx.skip:
+            return output
         if isinstance(output, tuple):
             return (gather(output[0]), *output[1:])
         if isinstance(output, torch.Tensor):

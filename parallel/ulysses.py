@@ -5,13 +5,16 @@ size, D head dim; `*L` any leading dims (batch, or (3, batch) for Q, K, V packed
 so that one all-to-all moves all three instead of three).
 
 all_to_all_single exchanges along dim 0 only, so the dim being scattered is moved to the front first.
-Uneven sequence pieces use split sizes: no padding, nothing to mask.
+Uneven sequence pieces use split sizes: no padding, nothing to mask. The functional collective is
+used (not dist.all_to_all_single) so torch.compile traces it without a graph break; in eager mode it
+is the same NCCL/gloo call.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 
 def seq_to_head(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[int]) -> torch.Tensor:
@@ -25,14 +28,11 @@ def seq_to_head(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[
     x = x_LSHD.reshape(*L, S_r, U, H // U, D)
     x = x.permute(nL + 1, nL, *range(nL), nL + 2, nL + 3).contiguous()
     x = x.reshape(U * S_r, *L, H // U, D)
-    out = x.new_empty((sum(seq_sizes), *L, H // U, D))
     even = all(s == S_r for s in seq_sizes)
-    dist.all_to_all_single(
-        out, x,
-        output_split_sizes=None if even else seq_sizes,
-        input_split_sizes=None if even else [S_r] * U,
-        group=group,
+    out = funcol.all_to_all_single(
+        x, None if even else list(seq_sizes), None if even else [S_r] * U, group
     )
+    out = funcol.wait_tensor(out)
     # (S_g, *L, H/U, D) → (*L, S_g, H/U, D)
     return out.permute(*range(1, nL + 1), 0, nL + 1, nL + 2)
 
@@ -45,14 +45,11 @@ def head_to_seq(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[
     nL = len(L)
     S_r = seq_sizes[dist.get_rank(group)]
     x = x_LSHD.permute(nL, *range(nL), nL + 1, nL + 2).contiguous()  # (S_g, *L, H/U, D)
-    out = x.new_empty((U * S_r, *L, Hu, D))
     even = all(s == S_r for s in seq_sizes)
-    dist.all_to_all_single(
-        out, x,
-        output_split_sizes=None if even else [S_r] * U,
-        input_split_sizes=None if even else seq_sizes,
-        group=group,
+    out = funcol.all_to_all_single(
+        x, None if even else [S_r] * U, None if even else list(seq_sizes), group
     )
+    out = funcol.wait_tensor(out)
     # (U, S_r, *L, H/U, D) → (*L, S_r, U, H/U, D) → (*L, S_r, H, D)
     out = out.reshape(U, S_r, *L, Hu, D).permute(*range(2, nL + 2), 1, 0, nL + 2, nL + 3)
     return out.reshape(*L, S_r, U * Hu, D)

@@ -123,6 +123,12 @@ def test_unknown_preset_lists_the_known_ones(tmp_path):
     _assert_user_error(r, "'flux-tinyy'", "flux-dev", "flux-schnell", "flux-tiny")
 
 
+def test_help_exits_zero_without_traceback():
+    r = _run(["--help"])
+    assert r.returncode == 0, r.stdout
+    assert "--ulysses" in r.stdout and _tracebacks(r.stdout) == 0, r.stdout
+
+
 # ------------------------------------------------------------------ happy path, then --overwrite
 
 

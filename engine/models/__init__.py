@@ -7,12 +7,23 @@ change.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 from parallel.plan import ModelPlan
 
-from .flux import FLUX_PLAN, flux_call_kwargs
+from .flux import FLUX_PLAN, flux_bench_kwargs, flux_call_kwargs
+from .flux_cfg import flux_uses_cfg
+from .pixart import PIXART_PLAN, pixart_bench_kwargs, pixart_call_kwargs
+from .sana import SANA_PLAN, SANA_SP_REFUSAL, sana_bench_kwargs, sana_call_kwargs
+from .sd3 import SD3_PLAN, sd3_bench_kwargs, sd3_call_kwargs
+from .unet import REFUSALS as UNET_REFUSALS, UNET_PLAN, unet_bench_kwargs, unet_call_kwargs, unet_layout
+
+
+def _guidance_on(kwargs: dict) -> bool:
+    """Pipelines that batch [negative, prompt] do so when guidance_scale > 1 (diffusers' rule)."""
+    return kwargs.get("guidance_scale", 1.0) > 1
+from .flux_tp import check_flux_tp
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -24,10 +35,45 @@ class Family:
     steps, generator and output type."""
     axes: frozenset[str]
     """Mesh axes (with degree > 1) this family can use."""
+    bench_kwargs: Callable[..., dict]
+    """(ModelInfo, text_tokens=, device=, dtype=) → pipeline kwargs with random embeddings of the
+    real shapes, for engine.bench (no text encoders)."""
     denoiser: str = "transformer"
     """Pipeline attribute holding the model the plan applies to."""
+    check_tp: Callable[..., None] = lambda info, tp: None
+    """(ModelInfo, tp) → ValueError if the TP degree does not split the model evenly (before any collective)."""
+
+    uses_cfg: Callable[[dict], bool] = _guidance_on
+    """Pipeline kwargs → whether that call runs two guidance branches (what --cfg 2 splits)."""
+    cfg_pairs: bool = False
+    """The pipeline runs the guidance branches as two sequential denoiser calls (Flux true CFG), not as
+    one batch: the engine applies the plan with `cfg_pairs` (see parallel/cfg_pairs.py)."""
+    refusals: Mapping[str, str] = field(default_factory=dict)
+    """Axis → why this family cannot use it (said to the user instead of a generic message)."""
+    layout: Callable[..., tuple] | None = None
+    """(world, EngineConfig, guided: list[bool] | None) → (ParallelConfig, why) for families whose
+    layout follows the batch of requests (UNets: CFG split or data parallel, engine/models/unet.py);
+    None: degrees from the config (resolve_degrees)."""
+
+    @property
+    def pipeline_plan(self) -> ModelPlan:
+        """The plan as the engine applies it under this family's pipeline."""
+        return replace(self.plan, cfg_pairs=True) if self.cfg_pairs else self.plan
+
+    def check_cfg(self, degrees: dict[str, int], kwargs: dict) -> None:
+        if degrees.get("cfg", 1) > 1 and not self.uses_cfg(kwargs):
+            hint = ("true CFG: --negative-prompt and --true-cfg-scale > 1" if self.cfg_pairs
+                    else "--guidance > 1")
+            raise ValueError(
+                f"--cfg 2 puts the two classifier-free-guidance branches on different ranks, but this "
+                f"{self.name} request has guidance off (needs {hint}); drop --cfg or give those ranks "
+                f"to --ulysses/--ring"
+            )
 
     def check_axes(self, degrees: dict[str, int]) -> None:
+        for a, d in degrees.items():
+            if d > 1 and a in self.refusals:
+                raise ValueError(f"{self.name} models cannot use --{a}: {self.refusals[a]}")
         bad = [a for a, d in degrees.items() if d > 1 and a not in self.axes]
         if bad:
             raise ValueError(
@@ -37,7 +83,30 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "flux": Family(name="flux", plan=FLUX_PLAN, call_kwargs=flux_call_kwargs, axes=frozenset({"ulysses", "ring"})),
+    "flux": Family(
+        name="flux", plan=FLUX_PLAN, call_kwargs=flux_call_kwargs, bench_kwargs=flux_bench_kwargs,
+        axes=frozenset({"ulysses", "ring", "tp", "cfg"}), check_tp=check_flux_tp,
+        uses_cfg=flux_uses_cfg, cfg_pairs=True,
+    ),
+    "sd3": Family(
+        name="sd3", plan=SD3_PLAN, call_kwargs=sd3_call_kwargs, bench_kwargs=sd3_bench_kwargs,
+        axes=frozenset({"ulysses", "ring", "cfg"}),
+    ),
+    "pixart": Family(
+        name="pixart", plan=PIXART_PLAN, call_kwargs=pixart_call_kwargs, bench_kwargs=pixart_bench_kwargs,
+        axes=frozenset({"ulysses", "ring", "cfg"}),
+    ),
+    "sana": Family(
+        name="sana", plan=SANA_PLAN, call_kwargs=sana_call_kwargs, bench_kwargs=sana_bench_kwargs,
+        axes=frozenset({"cfg"}), refusals={"ulysses": SANA_SP_REFUSAL, "ring": SANA_SP_REFUSAL},
+    ),
+    **{
+        name: Family(
+            name=name, plan=UNET_PLAN, call_kwargs=unet_call_kwargs, bench_kwargs=unet_bench_kwargs,
+            axes=frozenset({"cfg", "dp"}), denoiser="unet", refusals=UNET_REFUSALS, layout=unet_layout,
+        )
+        for name in ("sd", "sdxl")
+    },
 }
 
 

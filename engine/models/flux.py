@@ -18,6 +18,8 @@ from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 from parallel.attention import ParallelAttention
 from parallel.plan import ModelPlan, SeqContext, SeqDim
 
+from .flux_tp import FLUX_TP_PLAN
+
 
 class FluxParallelAttnProcessor:
     """diffusers' FluxAttnProcessor with the attention call replaced by the mesh's parallel attention."""
@@ -72,6 +74,7 @@ FLUX_PLAN = ModelPlan(
     batch_inputs={
         "hidden_states": 0, "encoder_hidden_states": 0, "pooled_projections": 0, "timestep": 0, "guidance": 0,
     },
+    tensor=FLUX_TP_PLAN,
 )
 
 
@@ -82,7 +85,21 @@ def flux_call_kwargs(request) -> dict:
         negative_prompt=request.negative_prompt,
         true_cfg_scale=request.true_cfg_scale,
         guidance_scale=request.guidance,
+        num_images_per_prompt=request.num_images_per_prompt,
     )
     if request.max_sequence_length is not None:
         kwargs["max_sequence_length"] = request.max_sequence_length
     return kwargs
+
+
+def flux_bench_kwargs(info, *, text_tokens: int, device, dtype) -> dict:
+    """Random prompt embeddings of the real shapes (no text encoders), as the anchors were measured."""
+    import torch
+
+    gen = torch.Generator("cpu").manual_seed(1234)
+    return dict(
+        prompt_embeds=torch.randn(1, text_tokens, info.joint_attention_dim, generator=gen).to(device, dtype),
+        pooled_prompt_embeds=torch.randn(1, info.pooled_projection_dim, generator=gen).to(device, dtype),
+        max_sequence_length=text_tokens,
+        guidance_scale=3.5,
+    )

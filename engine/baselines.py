@@ -1,0 +1,63 @@
+"""The systems a user would otherwise pick, built for engine.bench on the same weights and inputs.
+
+- `diffusers`: plain diffusers on one GPU (its default attention); with `:compile`, the same
+  regional compile we use (diffusers' documented `compile_repeated_blocks`).
+- `diffusers-cp`: diffusers' native context parallelism (`enable_parallelism(ContextParallelConfig)`)
+  with its cuDNN attention backend, as the anchors were measured.
+- `xfuser`: xDiT 0.7's USP (`xFuserFluxPipeline`), eager or `use_torch_compile`.
+
+Baselines that rewire the model (diffusers-cp, xfuser) get a fresh pipeline built from the same
+deterministic random weights, so they never touch the model our layouts run on. xfuser and
+diffusers-cp need their degrees to use every launched rank. They are an optional extra
+(`pip install .[bench]`); a missing one is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from parallel import ParallelConfig
+
+
+def missing(system: str) -> str | None:
+    """Why a baseline cannot run here, or None."""
+    if system not in ("diffusers-cp", "xfuser"):
+        return None
+    if not torch.cuda.is_available():
+        return "needs CUDA (diffusers' parallel modes and xfuser do not run on CPU)"
+    if system == "xfuser" and importlib.util.find_spec("xfuser") is None:
+        return "xfuser is not installed (pip install .[bench])"
+    if system == "diffusers-cp":
+        try:
+            from diffusers import ContextParallelConfig  # noqa: F401
+        except ImportError:
+            return "this diffusers has no ContextParallelConfig"
+    return None
+
+
+def build_baseline(system: str, make_pipe, config: ParallelConfig, *, compile: bool, dtype: torch.dtype):
+    """A callable pipeline for `system` with the degrees of `config`."""
+    pipe = make_pipe()
+    if system == "diffusers-cp":
+        from diffusers import ContextParallelConfig
+
+        pipe.transformer.set_attention_backend("_native_cudnn")
+        pipe.transformer.enable_parallelism(
+            config=ContextParallelConfig(ulysses_degree=config.ulysses, ring_degree=config.ring)
+        )
+        if compile:
+            pipe.transformer.compile_repeated_blocks(dynamic=False)
+        return pipe
+    if system == "xfuser":
+        from xfuser import xFuserArgs, xFuserFluxPipeline
+
+        args = xFuserArgs(
+            model="(in memory)", ulysses_degree=config.ulysses, ring_degree=config.ring,
+            use_cfg_parallel=config.cfg > 1, use_torch_compile=compile,
+        )
+        engine_config, _ = args.create_config()
+        engine_config.runtime_config.dtype = dtype
+        return xFuserFluxPipeline(pipe, engine_config)
+    raise ValueError(f"unknown baseline {system!r}")

@@ -1,0 +1,70 @@
+"""Command-line pieces for several images per launch: prompts, --num-images, --parallel, output names.
+
+Images are numbered prompt by prompt (all images of the first prompt, then the second's, ...); image
+i gets the seed `--seed + i` and the file `<output stem>-<i:03d>.png`, whatever the number of
+processes. One image keeps the plain --output name.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .config import GenerateRequest
+
+DEFAULT_PROMPT = "a red fox in snow"
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts-file", default=None,
+                   help="text file with one prompt per line (blank lines skipped), after any --prompt")
+    p.add_argument("--num-images", type=_count, default=1,
+                   help="images per prompt; image i (over all prompts) uses seed --seed + i")
+    p.add_argument("--parallel", default="auto", choices=("auto", "cfg", "dp"),
+                   help="UNet models (SD1.5, SDXL): auto = CFG split for one image with guidance, data "
+                        "parallel for several; cfg / dp force one")
+
+
+def prompts_from_args(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        try:
+            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--prompts-file {args.prompts_file!r} cannot be read: {e}") from None
+        prompts += [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts-file {args.prompts_file!r} holds no prompt")
+    return prompts or [DEFAULT_PROMPT]
+
+
+def requests_from_args(args) -> list[GenerateRequest]:
+    """One request per image, in image order, each with its own seed."""
+    prompts = prompts_from_args(args)
+    every = [p for p in prompts for _ in range(args.num_images)]
+    return [
+        GenerateRequest(
+            prompt=prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+            steps=args.steps, guidance=args.guidance, true_cfg_scale=args.true_cfg_scale, seed=args.seed + i,
+            max_sequence_length=args.max_sequence_length,
+        )
+        for i, prompt in enumerate(every)
+    ]
+
+
+def output_names(output: str, n: int) -> list[str]:
+    """`out/cat.png` → [`out/cat.png`] for one image, [`out/cat-000.png`, ...] for several."""
+    if n == 1:
+        return [output]
+    p = Path(output)
+    return [str(p.with_name(f"{p.stem}-{i:03d}{p.suffix}")) for i in range(n)]

@@ -1,0 +1,58 @@
+"""Flux's tensor-parallel plan (data) and the TP degree check made before any collective.
+
+Megatron-style pairs: a column-split linear feeds a row-split one, with only elementwise work between
+them, so each pair costs one all-reduce. Attention heads follow the column split of Q/K/V (each rank
+computes H/T whole heads; the processor infers the head count from head_dim, and Ulysses/Ring then
+split those local heads / the sequence further). The AdaLN modulation linears (a quarter of Flux's
+weights) and the embedders' output layers produce small vectors that replicated code consumes, so they
+are column-split and all-gathered. x_embedder and the final proj_out (a few hundred thousand weights)
+stay replicated.
+"""
+
+from __future__ import annotations
+
+from parallel.tensor import Colwise, Rowwise
+
+# Flux hard-codes its MLP width as 4 × hidden (FluxTransformerBlock's FeedForward, single blocks' mlp_ratio).
+FLUX_MLP_RATIO = 4
+
+_COL, _GATHER, _ROW = Colwise(), Colwise(gather=True), Rowwise()
+
+FLUX_TP_PLAN = {
+    # Embedders: timestep / guidance / pooled-text MLPs (col → row), T5 context projection (gathered).
+    "time_text_embed.*.linear_1": _COL,
+    "time_text_embed.*.linear_2": _ROW,
+    "context_embedder": _GATHER,
+    # Double-stream blocks: AdaLN, image and text attention, image and text MLPs.
+    "transformer_blocks.*.norm1.linear": _GATHER,
+    "transformer_blocks.*.norm1_context.linear": _GATHER,
+    "transformer_blocks.*.attn.to_[qkv]": _COL,
+    "transformer_blocks.*.attn.add_[qkv]_proj": _COL,
+    "transformer_blocks.*.attn.to_out.0": _ROW,
+    "transformer_blocks.*.attn.to_add_out": _ROW,
+    "transformer_blocks.*.ff.net.0.proj": _COL,
+    "transformer_blocks.*.ff.net.2": _ROW,
+    "transformer_blocks.*.ff_context.net.0.proj": _COL,
+    "transformer_blocks.*.ff_context.net.2": _ROW,
+    # Single-stream blocks: proj_out reads cat([attention out, MLP hidden]), both column-split.
+    "single_transformer_blocks.*.norm.linear": _GATHER,
+    "single_transformer_blocks.*.attn.to_[qkv]": _COL,
+    "single_transformer_blocks.*.proj_mlp": _COL,
+    "single_transformer_blocks.*.proj_out": Rowwise(blocks=(1, FLUX_MLP_RATIO)),
+    # Output AdaLN (final proj_out is replicated).
+    "norm_out.linear": _GATHER,
+}
+
+
+def check_flux_tp(info, tp: int) -> None:
+    """ValueError unless --tp splits Flux's heads and MLP width evenly (from configs, no weights)."""
+    if tp == 1:
+        return
+    hidden = info.num_heads * info.head_dim
+    for what, n in (("attention heads", info.num_heads), ("MLP width", hidden * FLUX_MLP_RATIO)):
+        if n % tp:
+            ok = [d for d in range(2, 9) if info.num_heads % d == 0 and hidden * FLUX_MLP_RATIO % d == 0]
+            raise ValueError(
+                f"--tp {tp} does not divide the model's {n} {what}; TP degrees that work for this model: "
+                + (", ".join(map(str, ok)) if ok else "none (use --ulysses / --ring)")
+            )

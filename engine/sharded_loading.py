@@ -1,0 +1,80 @@
+"""Build a denoiser holding only this rank's tensor-parallel shard, never the full weights.
+
+The model is created on the meta device from its config (no memory), the family's TP plan says which
+slice of each parameter this rank keeps (`parallel.tensor.local_shards`), and each parameter is then
+materialised alone, directly on the target device:
+
+- from a diffusers directory: only the slice's bytes are read from the memory-mapped safetensors;
+- from a preset: the parameter's deterministic value (engine.presets.init_parameter, a function of the
+  seed and its name) is drawn and sliced, so TP and non-TP runs hold the same logical weights. One
+  full parameter exists at a time (the largest Flux-dev one is 57 M values), so resident memory is
+  the shard plus one parameter, not the model.
+
+`apply_plan` later recognises the parameters as already local and only adds the collectives.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+
+from parallel import Mesh
+from parallel.tensor import DROP, local_shards
+
+from .model_info import is_preset, model_dir
+from .presets import _empty_model, _is_norm, get_preset, init_parameter
+from .safetensors_slices import SafetensorsSlices
+
+
+def _empty_from_directory(folder: Path) -> torch.nn.Module:
+    import diffusers
+
+    config = json.loads((folder / "config.json").read_text())
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise ValueError(f"{folder}/config.json: {config.get('_class_name')!r} is not a diffusers model class")
+    with init_empty_weights(include_buffers=False):
+        return cls.from_config(config)
+
+
+def load_sharded_denoiser(
+    model: str, family, mesh: Mesh, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+    reader: SafetensorsSlices | None = None,
+) -> torch.nn.Module:
+    """`family.denoiser` of `model` (preset or directory) with this rank's TP shard of every weight.
+
+    `reader` may be passed in to inspect what was read (tests count the bytes).
+    """
+    name = family.denoiser
+    if is_preset(model):
+        empty = _empty_model(get_preset(model), name)
+    else:
+        folder = model_dir(model) / name
+        empty = _empty_from_directory(folder)
+        reader = reader or SafetensorsSlices(folder)
+    shards = local_shards(empty, family.plan.tensor, mesh.size("tp"), mesh.coord("tp"))
+    modules = dict(empty.named_modules())
+    for pname_full, param in list(empty.named_parameters()):
+        owner_name, _, pname = pname_full.rpartition(".")
+        owner = modules[owner_name]
+        sl = shards.get(pname_full)
+        if pname_full in shards and sl is DROP:
+            setattr(owner, pname, None)
+            continue
+        if reader is None:
+            full = init_parameter(f"{name}.{pname_full}", param.shape, is_norm=_is_norm(owner), seed=seed,
+                                  device=device, dtype=dtype)
+            value = full if sl is None else sl.take(full).contiguous()
+            del full
+        else:
+            if reader.shape(pname_full) != tuple(param.shape):
+                raise ValueError(f"{reader.folder}: {pname_full} has shape {reader.shape(pname_full)}, "
+                                 f"the config implies {tuple(param.shape)}")
+            value = reader.read(pname_full, sl).to(device=device, dtype=dtype)
+        setattr(owner, pname, torch.nn.Parameter(value, requires_grad=False))
+    empty.to(device)
+    assert not any(p.is_meta for p in empty.parameters()), "a parameter was left on the meta device"
+    return empty.eval()
