@@ -52,7 +52,10 @@ def build_baseline(system: str, make_pipe, config: ParallelConfig, *, compile: b
         return pipe
     if system == "xfuser":
         from xfuser import xFuserArgs, xFuserFluxPipeline
+        from xfuser.core.distributed import init_distributed_environment
 
+        # xfuser keeps its own world-group state; it adopts our already initialised process group.
+        init_distributed_environment()
         args = xFuserArgs(
             model="(in memory)", ulysses_degree=config.ulysses, ring_degree=config.ring,
             use_cfg_parallel=config.cfg > 1, use_torch_compile=compile,

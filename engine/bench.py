@@ -15,7 +15,8 @@ Layout names:
   (c=cfg, u=ulysses, r=ring, t=tp, d=dp);
 - baselines: `diffusers` (plain, one GPU), `diffusers-cp-<degrees>` (diffusers' context
   parallelism, cuDNN attention), `xfuser-<degrees>` (xDiT USP);
-- a `:compile` suffix compiles the repeated blocks (regional torch.compile) for that layout.
+- a `:compile` suffix compiles the repeated blocks (regional torch.compile) for that layout;
+  `:graphs` also replays each denoiser call as one CUDA graph.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from parallel import Mesh, ParallelAttention, ParallelConfig
 from parallel.plan import apply_plan
 
 from .distributed import init_distributed, pick_device, run_main
+from .bench_sharded import cap_memory, install_sharded_denoiser
 from .models import family
 
 AXIS_LETTERS = {"c": "cfg", "u": "ulysses", "r": "ring", "t": "tp", "d": "dp"}
@@ -49,6 +51,8 @@ class Layout:
     """shardiff, diffusers, diffusers-cp or xfuser."""
     config: ParallelConfig
     compile: bool
+    graphs: bool = False
+    """Replay each forward as a CUDA graph (with compile)."""
 
 
 def _degrees(text: str, name: str) -> ParallelConfig:
@@ -60,17 +64,19 @@ def _degrees(text: str, name: str) -> ParallelConfig:
 
 def parse_layout(name: str) -> Layout:
     base, _, modifier = name.partition(":")
-    if modifier not in ("", "compile"):
-        raise ValueError(f"layout {name!r}: the only modifier is ':compile'")
-    compile_ = modifier == "compile"
+    if modifier not in ("", "compile", "graphs"):
+        raise ValueError(f"layout {name!r}: modifiers are ':compile' and ':graphs' (compile + CUDA graphs)")
+    compile_, graphs = modifier in ("compile", "graphs"), modifier == "graphs"
     if base == "diffusers":
-        return Layout(name, "diffusers", ParallelConfig(), compile_)
+        return Layout(name, "diffusers", ParallelConfig(), compile_, graphs)
     if base == "1":
-        return Layout(name, "shardiff", ParallelConfig(), compile_)
+        return Layout(name, "shardiff", ParallelConfig(), compile_, graphs)
     for system in BASELINES:
         if base.startswith(system + "-"):
+            if graphs:
+                raise ValueError(f"layout {name!r}: ':graphs' is for our layouts and plain diffusers")
             return Layout(name, system, _degrees(base[len(system) + 1 :], name), compile_)
-    return Layout(name, "shardiff", _degrees(base, name), compile_)
+    return Layout(name, "shardiff", _degrees(base, name), compile_, graphs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument("--sharded", action="store_true",
+                   help="each layout builds only its TP shard of the denoiser (true per-rank memory; see engine/bench_sharded.py)")
+    p.add_argument("--memory-cap-gib", type=float, default=None, help="cap each GPU's usable memory (memory-fit demos)")
     p.add_argument("--json", default=None, help="write all results to this file (rank 0), updated after each one")
     p.add_argument("--profile", default=None, help="append a torch.profiler kernel table of one extra run to this file (rank 0)")
     p.add_argument("--profile-layouts", default="", help="comma-separated layouts to profile (default: none)")
@@ -127,13 +136,18 @@ def main(argv=None) -> None:
             continue
         runnable.append(lay)
     dtype = EngineConfig(dtype=args.dtype).torch_dtype(device)
+    cap_memory(args.memory_cap_gib, device)
 
     def make_pipe():
         pipe = build_pipeline(args.model, dtype=dtype, device=device, with_text_encoders=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    shared = make_pipe()
+    # --sharded: the shared pipeline gets no denoiser; each layout installs its own TP shard.
+    shared = make_pipe() if not args.sharded else build_pipeline(
+        args.model, dtype=dtype, device=device, with_text_encoders=False, components={fam.denoiser: None}
+    )
+    shared.set_progress_bar_config(disable=True)
     inputs = fam.bench_kwargs(info, text_tokens=args.text_tokens, device=device, dtype=dtype)
     # Every rank builds every mesh (new_group is collective over the world), in the same order.
     meshes = {
@@ -144,11 +158,18 @@ def main(argv=None) -> None:
     results = []
     for lay in runnable:
         member = env.rank < lay.config.world_size
-        runner = _prepare(lay, shared, make_pipe, meshes.get(lay.name), fam, args, dtype, device) if member else None
+        runner, prep_error = None, None
+        if member:
+            try:
+                runner = _prepare(lay, shared, make_pipe, meshes.get(lay.name), fam, args, dtype, device)
+            except Exception as e:  # a baseline that cannot be built is reported, the run goes on
+                prep_error = f"{type(e).__name__}: {e}"[:500]
         for height, width in _sizes(args.sizes):
             record = None
             if member:
                 try:
+                    if prep_error:
+                        raise RuntimeError(prep_error)
                     record = runner.run(height, width, inputs)
                 except Exception as e:  # one failed system must not cost the rest of a side-by-side run
                     record = {"layout": lay.name, "height": height, "width": width, "error": f"{type(e).__name__}: {e}"[:500],
@@ -222,7 +243,7 @@ class _Runner:
         per_step = statistics.median(times) / args.steps
         return {
             "model": args.model, "height": height, "width": width, "layout": self.lay.name,
-            "system": self.lay.system, "compile": self.lay.compile, "ranks": self.lay.config.world_size,
+            "system": self.lay.system, "compile": self.lay.compile, "cuda_graphs": self.lay.graphs, "ranks": self.lay.config.world_size,
             "steps": args.steps, "per_step_ms": round(per_step * 1e3, 2),
             "runs_ms": [round(t / args.steps * 1e3, 2) for t in times], "first_call_s": round(first_s, 2),
             "kernel": self.kernel, "dtype": str(next(self.pipe_params()).dtype).removeprefix("torch."),
@@ -263,6 +284,11 @@ def _prepare(lay: Layout, shared, make_pipe, mesh, fam, args, dtype, device) -> 
         pipe = build_baseline(lay.system, make_pipe, lay.config, compile=lay.compile, dtype=dtype)
         undo.append(lambda: torch.cuda.empty_cache() if device.type == "cuda" else None)
         return _Runner(lay, pipe, args, device, lay.system, None, undo)
+    if args.sharded:
+        undo.append(install_sharded_denoiser(
+            shared, fam, args.model, lay.name, lay.config.tp, mesh.coord("tp") if mesh else 0, dtype=dtype,
+            device=device, cap_gib=args.memory_cap_gib,
+        ))
     denoiser = getattr(shared, fam.denoiser)
     kernel, group = "diffusers-default", None
     if lay.system == "shardiff":
@@ -270,10 +296,14 @@ def _prepare(lay: Layout, shared, make_pipe, mesh, fam, args, dtype, device) -> 
         applied = apply_plan(denoiser, fam.plan, mesh, attention)
         undo.append(applied.remove)
         kernel = attention.kernel_for(device, dtype).name
-        group = mesh.group("sp") if mesh.size("sp") > 1 else mesh.group("cfg")
+        group = next((mesh.group(a) for a in ("sp", "cfg", "tp") if mesh.size(a) > 1), None)
     if lay.compile:
         blocks = compile_denoiser(denoiser)
         undo.insert(0, lambda: uncompile(blocks))
+    if lay.graphs:
+        from .cuda_graphs import GraphedForward
+
+        undo.insert(0, GraphedForward(denoiser).install().remove)
     return _Runner(lay, shared, args, device, kernel, group, undo)
 
 

@@ -93,7 +93,8 @@ class Engine:
         if parallel.tp > 1:
             # Each rank reads / initialises only its TP shard of the denoiser (never the full weights).
             components[self.family.denoiser] = load_sharded_denoiser(
-                config.model, self.family, self.mesh, dtype=self.dtype, device=device, seed=config.weights_seed
+                config.model, self.family, tp=parallel.tp, tp_rank=self.mesh.coord("tp"), dtype=self.dtype,
+                device=device, seed=config.weights_seed,
             )
         self.pipe = load_pipeline(
             config.model, dtype=self.dtype, device=device, seed=config.weights_seed, components=components

@@ -295,7 +295,9 @@ def build_pipeline(preset: str, *, dtype: torch.dtype, device: torch.device | st
     spec = get_preset(preset)
     components = components or {}
     if hasattr(spec, "build_pipeline"):  # a spec that builds itself (engine/unet_presets.py)
-        return spec.build_pipeline(dtype=dtype, device=device, seed=seed, with_text_encoders=with_text_encoders)
+        extra = {"components": components} if components else {}  # only DiT specs take prebuilt components
+        return spec.build_pipeline(dtype=dtype, device=device, seed=seed, with_text_encoders=with_text_encoders,
+                                   **extra)
     names = [n for n in MODEL_COMPONENTS if (with_text_encoders or n not in TEXT_COMPONENTS) and n not in components]
     parts = {n: build_component(preset, n, dtype=dtype, device=device, seed=seed) for n in names} | components
     parts |= _other_components(spec, with_text_encoders=with_text_encoders)

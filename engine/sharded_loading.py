@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 
-from parallel import Mesh
 from parallel.tensor import DROP, local_shards
 
 from .model_info import is_preset, model_dir
@@ -40,22 +39,29 @@ def _empty_from_directory(folder: Path) -> torch.nn.Module:
         return cls.from_config(config)
 
 
+def empty_preset_model(model: str, name: str) -> torch.nn.Module:
+    """Component `name` of a preset on the meta device (presets.py's own, or a self-describing DiT spec)."""
+    spec = get_preset(model)
+    return spec.empty_model(name) if hasattr(spec, "empty_model") else _empty_model(spec, name)
+
+
 def load_sharded_denoiser(
-    model: str, family, mesh: Mesh, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+    model: str, family, *, tp: int, tp_rank: int, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
     reader: SafetensorsSlices | None = None,
 ) -> torch.nn.Module:
-    """`family.denoiser` of `model` (preset or directory) with this rank's TP shard of every weight.
+    """`family.denoiser` of `model` (preset or directory) with TP rank `tp_rank`'s shard (of `tp`) of
+    every weight.
 
     `reader` may be passed in to inspect what was read (tests count the bytes).
     """
     name = family.denoiser
     if is_preset(model):
-        empty = _empty_model(get_preset(model), name)
+        empty = empty_preset_model(model, name)
     else:
         folder = model_dir(model) / name
         empty = _empty_from_directory(folder)
         reader = reader or SafetensorsSlices(folder)
-    shards = local_shards(empty, family.plan.tensor, mesh.size("tp"), mesh.coord("tp"))
+    shards = local_shards(empty, family.plan.tensor, tp, tp_rank)
     modules = dict(empty.named_modules())
     for pname_full, param in list(empty.named_parameters()):
         owner_name, _, pname = pname_full.rpartition(".")

@@ -104,3 +104,32 @@ def test_cfg_layouts_equal_single_process(dirs, single, world):
             err, err_img = _rel(lat, ref_lat), _rel(imgs, ref_imgs)
             assert err <= 1e-4, f"rank {rank} {model} {degrees}: latents rel L2 {err:.2e}"
             assert err_img <= 1e-4, f"rank {rank} {model} {degrees}: batch images rel L2 {err_img:.2e}"
+
+
+def test_invalid_layouts_are_refused_with_what_works():
+    from engine import GenerateRequest
+    from engine.model_info import inspect_model
+    from engine.models import family
+    from parallel import resolve_degrees
+
+    heads = inspect_model("sd3.5-large").num_heads
+    assert heads == 38
+    with pytest.raises(ValueError, match=r"38 attention heads.*--ulysses 2 --ring 2.*--cfg 2 --ulysses 2 --ring 1.*--cfg 2 --ulysses 1 --ring 2"):
+        resolve_degrees(4, heads, ulysses=4)
+    assert resolve_degrees(4, heads, cfg=2).degrees() == dict(dp=1, cfg=2, ring=1, ulysses=2, tp=1)
+    assert resolve_degrees(4, heads, cfg=2, ring=2).degrees() == dict(dp=1, cfg=2, ring=2, ulysses=1, tp=1)
+
+    with pytest.raises(ValueError, match="Mix-FFN.*--cfg 2"):
+        family("sana").check_axes(dict(cfg=2, ulysses=2))
+    family("sana").check_axes(dict(cfg=2))
+
+    no_guidance = GenerateRequest(prompt=PROMPT, guidance=1.0)
+    for name in ("sd3", "pixart", "sana"):
+        fam = family(name)
+        with pytest.raises(ValueError, match="guidance off"):
+            fam.check_cfg(dict(cfg=2), fam.call_kwargs(no_guidance))
+        fam.check_cfg(dict(cfg=2), fam.call_kwargs(GenerateRequest(prompt=PROMPT, guidance=4.5)))
+    flux = family("flux")
+    with pytest.raises(ValueError, match="true CFG"):
+        flux.check_cfg(dict(cfg=2), flux.call_kwargs(GenerateRequest(prompt=PROMPT)))
+    flux.check_cfg(dict(cfg=2), flux.call_kwargs(GenerateRequest(prompt=PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=4)))

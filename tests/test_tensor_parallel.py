@@ -86,15 +86,6 @@ def test_tp_layouts_equal_single_process(tiny_flux_dir, single, world):
             assert err <= 1e-5, f"{world} ranks, rank {rank}, {layout}: rel L2 {err:.2e}"
 
 
-def _fake_tp_mesh(tp: int, t: int):
-    """A mesh object carrying only TP coordinates: enough for loading (which runs no collective)."""
-    from parallel import Mesh, ParallelConfig
-    from parallel.config import AXES
-
-    coords = {a: 0 for a in AXES} | {"tp": t}
-    return Mesh(ParallelConfig(tp=tp), tuple(range(tp)), t, torch.device("cpu"), coords, {})
-
-
 def test_sharded_loading_reads_exactly_each_ranks_bytes(tiny_flux_dir):
     from pathlib import Path
 
@@ -107,14 +98,14 @@ def test_sharded_loading_reads_exactly_each_ranks_bytes(tiny_flux_dir):
     folder = Path(tiny_flux_dir) / "transformer"
     full = SafetensorsSlices(folder)
     tensor_bytes = {n: e.dtype.itemsize * torch.Size(e.shape).numel() for n, e in full.entries.items()}
-    full_model = load_sharded_denoiser(tiny_flux_dir, fam, _fake_tp_mesh(1, 0), dtype=torch.float32, device="cpu")
+    full_model = load_sharded_denoiser(tiny_flux_dir, fam, tp=1, tp_rank=0, dtype=torch.float32, device="cpu")
     # Off TP rank 0 the map also lists the row-split biases (DROP), so its keys are all non-replicated names.
     shards = local_shards(full_model, fam.plan.tensor, 2, 1)
     (data_file,) = {e.file for e in full.entries.values()}
     covered = torch.zeros(data_file.stat().st_size, dtype=torch.int32)
     for t in range(2):
         reader = SafetensorsSlices(folder, record_ranges=True)
-        model = load_sharded_denoiser(tiny_flux_dir, fam, _fake_tp_mesh(2, t), dtype=torch.float32, device="cpu",
+        model = load_sharded_denoiser(tiny_flux_dir, fam, tp=2, tp_rank=t, dtype=torch.float32, device="cpu",
                                       reader=reader)
         sl = local_shards(full_model, fam.plan.tensor, 2, t)
         expected = sum(b if n not in sl else 0 if sl[n] is DROP else b // 2 for n, b in tensor_bytes.items())

@@ -23,7 +23,7 @@ from .unet import REFUSALS as UNET_REFUSALS, UNET_PLAN, unet_bench_kwargs, unet_
 def _guidance_on(kwargs: dict) -> bool:
     """Pipelines that batch [negative, prompt] do so when guidance_scale > 1 (diffusers' rule)."""
     return kwargs.get("guidance_scale", 1.0) > 1
-from .flux_tp import check_flux_tp
+from .flux_tp import check_flux_tp, check_tp_widths
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -90,11 +90,11 @@ FAMILIES: dict[str, Family] = {
     ),
     "sd3": Family(
         name="sd3", plan=SD3_PLAN, call_kwargs=sd3_call_kwargs, bench_kwargs=sd3_bench_kwargs,
-        axes=frozenset({"ulysses", "ring", "cfg"}),
+        axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_tp_widths,
     ),
     "pixart": Family(
         name="pixart", plan=PIXART_PLAN, call_kwargs=pixart_call_kwargs, bench_kwargs=pixart_bench_kwargs,
-        axes=frozenset({"ulysses", "ring", "cfg"}),
+        axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_tp_widths,
     ),
     "sana": Family(
         name="sana", plan=SANA_PLAN, call_kwargs=sana_call_kwargs, bench_kwargs=sana_bench_kwargs,

@@ -44,8 +44,9 @@ FLUX_TP_PLAN = {
 }
 
 
-def check_flux_tp(info, tp: int) -> None:
-    """ValueError unless --tp splits Flux's heads and MLP width evenly (from configs, no weights)."""
+def check_tp_widths(info, tp: int) -> None:
+    """ValueError unless --tp splits the heads and the (4 × hidden) MLP width evenly — Flux, SD3 and
+    PixArt alike (from configs, no weights)."""
     if tp == 1:
         return
     hidden = info.num_heads * info.head_dim
@@ -56,3 +57,6 @@ def check_flux_tp(info, tp: int) -> None:
                 f"--tp {tp} does not divide the model's {n} {what}; TP degrees that work for this model: "
                 + (", ".join(map(str, ok)) if ok else "none (use --ulysses / --ring)")
             )
+
+
+check_flux_tp = check_tp_widths

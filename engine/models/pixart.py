@@ -19,6 +19,8 @@ import torch
 from parallel.attention import ParallelAttention
 from parallel.plan import ModelPlan, SeqContext, SeqDim
 
+from .dit_tp import PIXART_TP_PLAN
+
 
 class PixArtParallelSelfAttnProcessor:
     """diffusers' AttnProcessor2_0 for unmasked self-attention, with the parallel attention call."""
@@ -53,6 +55,7 @@ PIXART_PLAN = ModelPlan(
         "hidden_states": 0, "encoder_hidden_states": 0, "encoder_attention_mask": 0, "timestep": 0,
         "added_cond_kwargs": 0,
     },
+    tensor=PIXART_TP_PLAN,
 )
 
 

@@ -19,6 +19,8 @@ import torch
 from parallel.attention import ParallelAttention
 from parallel.plan import ModelPlan, SeqContext, SeqDim
 
+from .dit_tp import SD3_TP_PLAN
+
 
 class SD3ParallelAttnProcessor:
     """diffusers' JointAttnProcessor2_0 with the attention call replaced by the mesh's parallel attention."""
@@ -78,6 +80,7 @@ SD3_PLAN = ModelPlan(
         "transformer_blocks.*.attn2": SD3ParallelAttnProcessor,
     },
     batch_inputs={"hidden_states": 0, "encoder_hidden_states": 0, "pooled_projections": 0, "timestep": 0},
+    tensor=SD3_TP_PLAN,
 )
 
 

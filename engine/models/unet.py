@@ -97,6 +97,10 @@ def unet_layout(world: int, config, guided: list[bool] | None) -> tuple[Parallel
             raise ValueError(f"{config.model} is a UNet model and cannot use --{axis}: {REFUSALS[axis]}")
     if config.cfg > 1 or config.dp > 1:
         return _fixed(world, config.cfg, config.dp)
+    if config.parallel == "cfg":
+        return _fixed(world, 2, 1)
+    if config.parallel == "dp":
+        return _fixed(world, 1, world)
     if world == 1:
         return ParallelConfig(), "one process"
     n = 1 if guided is None else len(guided)
@@ -110,7 +114,7 @@ def unet_layout(world: int, config, guided: list[bool] | None) -> tuple[Parallel
             + (f" × data parallel over {half} pairs" if half > 1 else "") + idle
         )
     per = math.ceil(n / world)
-    why = "guidance is off" if not all_guided else (
+    why = ("guidance is off" if n == 1 else "guidance is off for some images") if not all_guided else (
         "an odd number of processes cannot pair the CFG branches" if world % 2 else f"{n} images")
     idle = f"; {world - n} process(es) idle" if n < world else ""
     return ParallelConfig(dp=world), f"{why}: data parallel over {world} processes (≤ {per} image(s) each){idle}"
