@@ -267,7 +267,8 @@ class _Runner:
 
     def pipe_params(self):
         pipe = getattr(self.pipe, "module", self.pipe)  # xfuser wraps the diffusers pipeline
-        return pipe.transformer.parameters()
+        # The denoiser: a transformer, or the UNet of SD1.5/SDXL.
+        return (pipe.transformer if hasattr(pipe, "transformer") else pipe.unet).parameters()
 
     def close(self) -> None:
         for fn in self.undo:

@@ -43,6 +43,11 @@ class GraphedForward:
                 key.append((name, tuple(value.shape), value.dtype, value.device))
             elif isinstance(value, (int, float, bool, str, type(None))):
                 key.append((name, value))
+            elif isinstance(value, dict) and all(
+                isinstance(v, (int, float, bool, str, type(None))) for v in value.values()
+            ):
+                # e.g. FluxPipeline's joint_attention_kwargs ({} unless LoRA scales are set)
+                key.append((name, tuple(sorted(value.items()))))
             else:
                 raise ValueError(f"cannot CUDA-graph a forward taking {name}={type(value).__name__}")
         return tuple(key)

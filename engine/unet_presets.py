@@ -132,11 +132,15 @@ class UNetPresetSpec:
             raise ValueError(f"unknown component {name!r}; {self.name} has {', '.join(self.model_components)}")
         return materialize_(self.empty_model(name), prefix=name, seed=seed, device=device, dtype=dtype)
 
-    def build_pipeline(self, *, dtype: torch.dtype, device, seed: int = 0, with_text_encoders: bool = True):
+    def build_pipeline(self, *, dtype: torch.dtype, device, seed: int = 0, with_text_encoders: bool = True,
+                       components: dict[str, Any] | None = None):
+        """As engine.presets.build_pipeline; `components` are used as given instead of built."""
         import diffusers
 
-        names = [n for n in self.model_components if with_text_encoders or not n.startswith("text_encoder")]
-        parts = {n: self.build_component(n, dtype=dtype, device=device, seed=seed) for n in names}
+        components = components or {}
+        names = [n for n in self.model_components
+                 if (with_text_encoders or not n.startswith("text_encoder")) and n not in components]
+        parts = {n: self.build_component(n, dtype=dtype, device=device, seed=seed) for n in names} | components
         for n in self.model_components:
             parts.setdefault(n, None)
         parts |= self.other_components(with_text_encoders=with_text_encoders)

@@ -5,9 +5,10 @@ size, D head dim; `*L` any leading dims (batch, or (3, batch) for Q, K, V packed
 so that one all-to-all moves all three instead of three).
 
 all_to_all_single exchanges along dim 0 only, so the dim being scattered is moved to the front first.
-Uneven sequence pieces use split sizes: no padding, nothing to mask. The functional collective is
-used (not dist.all_to_all_single) so torch.compile traces it without a graph break; in eager mode it
-is the same NCCL/gloo call.
+Uneven sequence pieces use split sizes: no padding, nothing to mask. Under torch.compile the
+functional collective is used, which traces without a graph break; eager mode calls
+dist.all_to_all_single directly, as in our fastest eager runs (BENCHMARKS.md: eager Ulysses-4 at
+1024² measured 62.7 ms per step this way, 81–87 ms in runs that used the functional call).
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+
+
+def _all_to_all(x: torch.Tensor, out_rows: int, out_splits, in_splits, group) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return funcol.wait_tensor(funcol.all_to_all_single(x, out_splits, in_splits, group))
+    out = x.new_empty((out_rows, *x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes=out_splits, input_split_sizes=in_splits, group=group)
+    return out
 
 
 def seq_to_head(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[int]) -> torch.Tensor:
@@ -29,10 +38,7 @@ def seq_to_head(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[
     x = x.permute(nL + 1, nL, *range(nL), nL + 2, nL + 3).contiguous()
     x = x.reshape(U * S_r, *L, H // U, D)
     even = all(s == S_r for s in seq_sizes)
-    out = funcol.all_to_all_single(
-        x, None if even else list(seq_sizes), None if even else [S_r] * U, group
-    )
-    out = funcol.wait_tensor(out)
+    out = _all_to_all(x, sum(seq_sizes), None if even else list(seq_sizes), None if even else [S_r] * U, group)
     # (S_g, *L, H/U, D) → (*L, S_g, H/U, D)
     return out.permute(*range(1, nL + 1), 0, nL + 1, nL + 2)
 
@@ -46,10 +52,7 @@ def head_to_seq(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[
     S_r = seq_sizes[dist.get_rank(group)]
     x = x_LSHD.permute(nL, *range(nL), nL + 1, nL + 2).contiguous()  # (S_g, *L, H/U, D)
     even = all(s == S_r for s in seq_sizes)
-    out = funcol.all_to_all_single(
-        x, None if even else [S_r] * U, None if even else list(seq_sizes), group
-    )
-    out = funcol.wait_tensor(out)
+    out = _all_to_all(x, U * S_r, None if even else [S_r] * U, None if even else list(seq_sizes), group)
     # (U, S_r, *L, H/U, D) → (*L, S_r, U, H/U, D) → (*L, S_r, H, D)
     out = out.reshape(U, S_r, *L, Hu, D).permute(*range(2, nL + 2), 1, 0, nL + 2, nL + 3)
     return out.reshape(*L, S_r, U * Hu, D)

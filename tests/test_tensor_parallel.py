@@ -29,6 +29,28 @@ def _request():
     return GenerateRequest(prompt="a small red circle top left", steps=2, seed=7, **CASE)
 
 
+# The other transformer families at TP-2, from their presets (sharded init), with guidance on.
+OTHER_FAMILIES = ("sd3-tiny", "pixart-tiny")
+
+
+def _family_request():
+    from engine import GenerateRequest
+
+    return GenerateRequest(prompt="a small red circle top left", height=80, width=48, steps=2, seed=5,
+                           max_sequence_length=24, guidance=4.5)
+
+
+def _family_runs(tp: int) -> dict:
+    from engine import Engine, EngineConfig
+
+    out = {}
+    for model in OTHER_FAMILIES:
+        engine = Engine(EngineConfig(model=model, tp=tp))
+        out[model] = engine.generate(_family_request(), output_type="latent").latents.clone()
+        engine.close()
+    return out
+
+
 def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -54,6 +76,7 @@ def _engine_runs(world: int, model_dir: str):
         engine = Engine(EngineConfig(model="flux-tiny", tp=2))
         out["preset tp2"] = engine.generate(_request(), output_type="latent").latents.clone()
         engine.close()
+        out |= _family_runs(2)
     else:
         # TP × CFG: the transformer called directly on a [uncond, cond] batch.
         model, kw = _inputs()
@@ -75,14 +98,14 @@ def single(tiny_flux_dir):
     engine = Engine(EngineConfig(model=tiny_flux_dir))
     latents = engine.generate(_request(), output_type="latent").latents.clone()
     engine.close()
-    return latents
+    return {"flux": latents} | _family_runs(1)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_tp_layouts_equal_single_process(tiny_flux_dir, single, world):
     for rank, res in enumerate(run_distributed(_engine_runs, world, world, tiny_flux_dir, timeout=300)):
         for layout, lat in res.items():
-            err = lat if isinstance(lat, float) else _rel(lat, single)
+            err = lat if isinstance(lat, float) else _rel(lat, single.get(layout, single["flux"]))
             assert err <= 1e-5, f"{world} ranks, rank {rank}, {layout}: rel L2 {err:.2e}"
 
 

@@ -47,6 +47,6 @@ def sana_bench_kwargs(info, *, text_tokens: int, device, dtype) -> dict:
     return dict(
         prompt_embeds=torch.randn(1, tokens, info.joint_attention_dim, generator=gen).to(device, dtype),
         negative_prompt_embeds=torch.randn(1, tokens, info.joint_attention_dim, generator=gen).to(device, dtype),
-        prompt_attention_mask=mask, negative_prompt_attention_mask=mask,
+        prompt_attention_mask=mask, negative_prompt_attention_mask=mask, negative_prompt=None,
         guidance_scale=4.5, use_resolution_binning=False, max_sequence_length=tokens,
     )
