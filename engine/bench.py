@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each layout builds only its TP shard of the denoiser (true per-rank memory; see engine/bench_sharded.py)")
     p.add_argument("--memory-cap-gib", type=float, default=None, help="cap each GPU's usable memory (memory-fit demos)")
     p.add_argument("--json", default=None, help="write all results to this file (rank 0), updated after each one")
+    p.add_argument("--plot", default=None, help="write a PNG: latency vs GPU count per system, floor dashed (rank 0)")
     p.add_argument("--profile", default=None, help="append a torch.profiler kernel table of one extra run to this file (rank 0)")
     p.add_argument("--profile-layouts", default="", help="comma-separated layouts to profile (default: none)")
     return p
@@ -201,6 +202,13 @@ def main(argv=None) -> None:
             runner.close()
     if env.rank == 0:
         _print_table(results)
+        if args.plot:
+            try:
+                from .bench_plot import plot
+
+                plot(results, args.plot)
+            except ImportError as e:
+                print(f"no plot: {e} (pip install .[bench])", flush=True)
 
 
 class _Runner:
