@@ -162,6 +162,9 @@ def main(argv=None) -> None:
         runner, prep_error = None, None
         if member:
             try:
+                if lay.system == "shardiff":  # the family's refusal (Sana sp, CFG off), not a wrong number
+                    fam.check_axes(lay.config.degrees())
+                    fam.check_cfg(lay.config.degrees(), inputs)
                 runner = _prepare(lay, shared, make_pipe, meshes.get(lay.name), fam, args, dtype, device)
             except Exception as e:  # a baseline that cannot be built is reported, the run goes on
                 prep_error = f"{type(e).__name__}: {e}"[:500]
@@ -302,7 +305,8 @@ def _prepare(lay: Layout, shared, make_pipe, mesh, fam, args, dtype, device) -> 
     kernel, group = "diffusers-default", None
     if lay.system == "shardiff":
         attention = ParallelAttention(mesh, args.attention_backend)
-        applied = apply_plan(denoiser, fam.plan, mesh, attention)
+        # pipeline_plan: Flux's true CFG runs its two branches as sequential pairs (parallel/cfg_pairs.py).
+        applied = apply_plan(denoiser, fam.pipeline_plan, mesh, attention)
         undo.append(applied.remove)
         kernel = attention.kernel_for(device, dtype).name
         group = next((mesh.group(a) for a in ("sp", "cfg", "tp") if mesh.size(a) > 1), None)
