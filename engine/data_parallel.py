@@ -33,6 +33,8 @@ def choose_layout(engine, requests) -> tuple[ParallelConfig, str]:
     fam = engine.family
     if not requests:
         raise ValueError("no requests: give at least one prompt")
+    if engine.explicit_layout:
+        return engine.parallel, f"as given: {engine.parallel.describe()}"
     if fam.layout is None:
         if engine.config.parallel != "auto":
             raise ValueError(f"--parallel {engine.config.parallel} is for UNet models; {fam.name} models take "

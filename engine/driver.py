@@ -54,6 +54,8 @@ class Engine:
         `parallel` overrides the degrees of `config` (the API can pass a full ParallelConfig).
         """
         self.config = config = config or EngineConfig()
+        self.explicit_layout = parallel is not None
+        """A ParallelConfig given by the caller is kept for every request (no per-batch choice)."""
         error = None
         device = torch.device("cpu")
         try:

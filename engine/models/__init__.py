@@ -67,7 +67,7 @@ class Family:
             raise ValueError(
                 f"--cfg 2 puts the two classifier-free-guidance branches on different ranks, but this "
                 f"{self.name} request has guidance off (needs {hint}); drop --cfg or give those ranks "
-                f"to --ulysses/--ring"
+                + ("to --ulysses/--ring" if {"ulysses", "ring"} & self.axes else "to data parallel (--dp)")
             )
 
     def check_axes(self, degrees: dict[str, int]) -> None:

@@ -75,10 +75,12 @@ def _fixed(world: int, cfg: int, dp: int) -> tuple[ParallelConfig, str]:
         cfg = world // dp
     layout = ParallelConfig(cfg=cfg, dp=dp)
     if layout.world_size != world:
+        if cfg == 2 and world % 2:
+            raise ValueError(f"CFG split pairs the processes (one per guidance branch), but {world} were launched; "
+                             f"launch an even number, or use data parallel (--parallel dp, --dp {world})")
         raise ValueError(
-            f"--cfg {cfg} × --dp {dp} uses {layout.world_size} processes, but {world} were launched; "
-            f"for a UNet use --cfg 2 --dp {world // 2} or --dp {world}" if world % 2 == 0 else
-            f"--cfg {cfg} × --dp {dp} uses {layout.world_size} processes, but {world} were launched; use --dp {world}"
+            f"--cfg {cfg} × --dp {dp} uses {layout.world_size} processes, but {world} were launched; for a UNet "
+            f"use --dp {world}" + (f" or --cfg 2 --dp {world // 2}" if world % 2 == 0 else "")
         )
     return layout, f"as asked: {layout.describe()}"
 
