@@ -43,11 +43,9 @@ class GraphedForward:
                 key.append((name, tuple(value.shape), value.dtype, value.device))
             elif isinstance(value, (int, float, bool, str, type(None))):
                 key.append((name, value))
-            elif isinstance(value, dict) and all(
-                isinstance(v, (int, float, bool, str, type(None))) for v in value.values()
-            ):
-                # e.g. FluxPipeline's joint_attention_kwargs ({} unless LoRA scales are set)
-                key.append((name, tuple(sorted(value.items()))))
+            elif isinstance(value, dict):
+                # FluxPipeline's joint_attention_kwargs ({}), SDXL's added_cond_kwargs (tensors)
+                key.append((name, self._key(value)))
             else:
                 raise ValueError(f"cannot CUDA-graph a forward taking {name}={type(value).__name__}")
         return tuple(key)
@@ -59,8 +57,7 @@ class GraphedForward:
         if entry is None:
             entry = self.graphs[key] = self._capture(arguments)
         graph, static_in, static_out = entry
-        for name, t in static_in.items():
-            t.copy_(arguments[name])
+        _copy_into(static_in, arguments)
         graph.replay()
         # The pipeline may hold this output across the next call (true CFG): hand out a copy.
         if isinstance(static_out, tuple):
@@ -68,7 +65,7 @@ class GraphedForward:
         return static_out.clone()
 
     def _capture(self, arguments: dict):
-        static_in = {n: v.clone() for n, v in arguments.items() if isinstance(v, torch.Tensor)}
+        static_in = _static_copy(arguments)
         call_args = {**arguments, **static_in}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -82,3 +79,24 @@ class GraphedForward:
         if not isinstance(static_out, (tuple, torch.Tensor)):
             raise ValueError("CUDA graphs need a forward that returns a tensor or a tuple (return_dict=False)")
         return graph, static_in, static_out
+
+
+def _static_copy(arguments: dict) -> dict:
+    """Clones of every tensor in `arguments` (nested dicts too): the graph's fixed input buffers."""
+    out = {}
+    for name, value in arguments.items():
+        if isinstance(value, torch.Tensor):
+            out[name] = value.clone()
+        elif isinstance(value, dict):
+            inner = _static_copy(value)
+            if inner:
+                out[name] = {**value, **inner}
+    return out
+
+
+def _copy_into(static: dict, arguments: dict) -> None:
+    for name, buf in static.items():
+        if isinstance(buf, torch.Tensor):
+            buf.copy_(arguments[name])
+        else:
+            _copy_into({k: v for k, v in buf.items() if isinstance(v, (torch.Tensor, dict))}, arguments[name])
