@@ -36,7 +36,7 @@ import torch.distributed as dist
 from parallel import Mesh, ParallelAttention, ParallelConfig
 from parallel.plan import apply_plan
 
-from .distributed import init_distributed, pick_device, run_main
+from .distributed import UserError, init_distributed, pick_device, run_main
 from .bench_sharded import cap_memory, install_sharded_denoiser
 from .models import family
 
@@ -110,6 +110,24 @@ def _sizes(spec: str) -> list[tuple[int, int]]:
     return out
 
 
+def _check_layouts(layouts: list[Layout], info, world_size: int, speaks: bool, missing) -> list[Layout]:
+    """The layouts this launch can run: ValueError for a mistake; a baseline not installed is skipped."""
+    runnable = []
+    for lay in layouts:
+        if lay.config.world_size > world_size:
+            raise ValueError(f"layout {lay.name} needs {lay.config.world_size} ranks, {world_size} launched")
+        lay.config.check_heads(info.num_heads)
+        if lay.system in BASELINES and lay.config.world_size != world_size:
+            raise ValueError(f"baseline {lay.name} must use all {world_size} launched ranks")
+        why = missing(lay.system)
+        if why:
+            if speaks:
+                print(f"skipping {lay.name}: {why}", flush=True)
+            continue
+        runnable.append(lay)
+    return runnable
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     from .baselines import missing
@@ -118,24 +136,16 @@ def main(argv=None) -> None:
     from .presets import build_pipeline
 
     names = args.layouts.split(",") if args.layouts else [f"u{args.ulysses or 1}r{args.ring or 1}"]
-    layouts = [parse_layout(n) for n in names]
     device = pick_device(None)
     env = init_distributed(device, timedelta(minutes=10))
-    info = inspect_model(args.model)
-    fam = family(info.family)
-    runnable = []
-    for lay in layouts:
-        if lay.config.world_size > env.world_size:
-            raise ValueError(f"layout {lay.name} needs {lay.config.world_size} ranks, {env.world_size} launched")
-        lay.config.check_heads(info.num_heads)
-        if lay.system in BASELINES and lay.config.world_size != env.world_size:
-            raise ValueError(f"baseline {lay.name} must use all {env.world_size} launched ranks")
-        why = missing(lay.system)
-        if why:
-            if env.rank == 0:
-                print(f"skipping {lay.name}: {why}", flush=True)
-            continue
-        runnable.append(lay)
+    try:
+        # Every rank checks the same arguments the same way: the mistake is reported once.
+        layouts = [parse_layout(n) for n in names]
+        info = inspect_model(args.model)
+        fam = family(info.family)
+        runnable = _check_layouts(layouts, info, env.world_size, env.rank == 0, missing)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     dtype = EngineConfig(dtype=args.dtype).torch_dtype(device)
     cap_memory(args.memory_cap_gib, device)
 

@@ -221,7 +221,7 @@ def check_image(image: np.ndarray, prompt: str) -> list[str]:
     """What is wrong with `image` for `prompt` (empty list: it shows what was asked).
 
     Thresholds: the asked background covers ≥ 50 % of the image; the asked colour is the dominant
-    non-background colour, covers ≥ 60 % of the non-background pixels and ≥ 0.5 % of the image; its
+    non-background colour, covers ≥ 50 % of the non-background pixels and ≥ 0.5 % of the image; its
     centre of mass lies in the asked quadrant (≥ 6 % of the side away from the middle lines) or, for
     "in the center", within 12 % of the side of the middle.
     """
@@ -232,7 +232,7 @@ def check_image(image: np.ndarray, prompt: str) -> list[str]:
         problems.append(f"background {want['background']} covers {stats['background_fraction']:.0%} < 50%")
     if stats["dominant"] != want["colour"]:
         problems.append(f"dominant non-background colour is {stats['dominant']}, not {want['colour']}")
-    elif stats["dominant_share"] < 0.6:
+    elif stats["dominant_share"] < 0.5:
         problems.append(f"{want['colour']} is only {stats['dominant_share']:.0%} of the non-background pixels")
     if stats["dominant_pixels"] < 0.005 * image.shape[0] * image.shape[1]:
         problems.append(f"only {stats['dominant_pixels']} {stats['dominant']} pixels")
