@@ -15,7 +15,8 @@ from .config import GenerateRequest
 DEFAULT_PROMPT = "a red fox in snow"
 
 
-def _count(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type of counts and degrees: a clear message instead of a crash deeper down."""
     try:
         value = int(text)
     except ValueError:
@@ -28,7 +29,7 @@ def _count(text: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-file", default=None,
                    help="text file with one prompt per line (blank lines skipped), after any --prompt")
-    p.add_argument("--num-images", type=_count, default=1,
+    p.add_argument("--num-images", type=positive_int, default=1,
                    help="images per prompt; image i (over all prompts) uses seed --seed + i")
     p.add_argument("--parallel", default="auto", choices=("auto", "cfg", "dp"),
                    help="UNet models (SD1.5, SDXL): auto = CFG split for one image with guidance, data "

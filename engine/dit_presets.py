@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .preset_pipeline import BuildsPipeline
+
 from engine import tokenizer as tok
 
 _TOKEN_IDS = dict(pad_token_id=tok.PAD_ID, bos_token_id=tok.BOS_ID, eos_token_id=tok.EOS_ID)
@@ -105,7 +107,7 @@ def _c(library: str, cls: str, config: dict, config_cls: str | None = None) -> t
 
 
 @dataclass(kw_only=True, frozen=True)
-class DiTPresetSpec:
+class DiTPresetSpec(BuildsPipeline):
     name: str
     family: str  # "sd3", "pixart", "sana"
     pipeline_class: str
@@ -160,39 +162,6 @@ class DiTPresetSpec:
         if name not in self.components:
             raise ValueError(f"unknown component {name!r}; {self.name} has {', '.join(self.components)}")
         return materialize_(self.empty_model(name), prefix=name, seed=seed, device=device, dtype=dtype)
-
-    def build_pipeline(self, *, dtype: torch.dtype, device, seed: int = 0, with_text_encoders: bool = True,
-                       components: dict[str, Any] | None = None):
-        import diffusers
-
-        components = components or {}  # prebuilt, used as given (a tensor-parallel shard of the denoiser)
-        names = [n for n in self.components if (with_text_encoders or not n.startswith("text_encoder"))
-                 and n not in components]
-        parts = {n: self.build_component(n, dtype=dtype, device=device, seed=seed) for n in names} | components
-        for n in self.components:
-            parts.setdefault(n, None)
-        parts |= self.other_components(with_text_encoders=with_text_encoders)
-        return getattr(diffusers, self.pipeline_class)(**parts, **self.extra)
-
-    def save(self, path: str | Path, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
-        """A normal diffusers directory, one component in memory at a time (as engine.presets.save_preset)."""
-        import diffusers
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        others = self.other_components(with_text_encoders=True)
-        empty = getattr(diffusers, self.pipeline_class)(
-            **others, **{n: self.empty_model(n) for n in self.components}, **self.extra
-        )
-        empty.save_config(path)
-        del empty
-        for name, part in others.items():
-            part.save_pretrained(path / name)
-        for name in self.components:
-            model = self.build_component(name, dtype=dtype, device="cpu", seed=seed)
-            model.save_pretrained(path / name, safe_serialization=True)
-            del model
-        return path
 
 
 def _sd3(name, description, default_size, transformer, vae, clip_l, clip_g, t5) -> DiTPresetSpec:

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from . import batch_cli
-from .batch_cli import DEFAULT_PROMPT
+from .batch_cli import DEFAULT_PROMPT, positive_int
 from .config import DEFAULT_MODEL, EngineConfig
 from .distributed import UserError, agree
 
@@ -23,16 +23,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UserError(f"{message} (see --help)")
-
-
-def _degree(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,11 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--true-cfg-scale", type=float, default=1.0, help="true CFG with --negative-prompt (two passes per step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-sequence-length", type=int, default=None, help="text tokens (default: the pipeline's)")
-    p.add_argument("--ulysses", type=_degree, default=None, help="Ulysses degree (default: all ranks sensibly, see --help text)")
-    p.add_argument("--ring", type=_degree, default=None, help="Ring degree")
-    p.add_argument("--tp", type=_degree, default=1, help="tensor-parallel degree")
-    p.add_argument("--cfg", type=_degree, default=1, help="CFG-parallel degree (2: cond/uncond branches on different ranks)")
-    p.add_argument("--dp", type=_degree, default=1, help="data-parallel degree (independent images)")
+    p.add_argument("--ulysses", type=positive_int, default=None, help="Ulysses degree (default: all ranks sensibly, see --help text)")
+    p.add_argument("--ring", type=positive_int, default=None, help="Ring degree")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree")
+    p.add_argument("--cfg", type=positive_int, default=1, help="CFG-parallel degree (2: cond/uncond branches on different ranks)")
+    p.add_argument("--dp", type=positive_int, default=1, help="data-parallel degree (independent images)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--attention-backend", default="auto", help="auto or a kernel name (sdpa-cudnn, sdpa-flash, sdpa-cpu-flash, math, flash-attn, ...)")

@@ -8,27 +8,16 @@ from __future__ import annotations
 
 from parallel.tensor import Colwise, Rowwise
 
+from .flux_tp import MMDIT_TP_PLAN
+
 _COL, _GATHER, _ROW = Colwise(), Colwise(gather=True), Rowwise()
 
 SD3_TP_PLAN = {
-    "time_text_embed.*.linear_1": _COL,
-    "time_text_embed.*.linear_2": _ROW,
-    "context_embedder": _GATHER,
-    # AdaLN (SD3.5's 9-way norm1 and the last block's continuous norm1_context included).
-    "transformer_blocks.*.norm1.linear": _GATHER,
-    "transformer_blocks.*.norm1_context.linear": _GATHER,
-    "transformer_blocks.*.attn.to_[qkv]": _COL,
-    "transformer_blocks.*.attn.add_[qkv]_proj": _COL,
-    "transformer_blocks.*.attn.to_out.0": _ROW,
-    "transformer_blocks.*.attn.to_add_out": _ROW,
-    # SD3.5-medium's extra image-only self-attention.
+    # Same joint blocks as Flux's double-stream ones (SD3.5's 9-way norm1 and the last block's
+    # continuous norm1_context included), plus SD3.5-medium's extra image-only self-attention.
+    **MMDIT_TP_PLAN,
     "transformer_blocks.*.attn2.to_[qkv]": _COL,
     "transformer_blocks.*.attn2.to_out.0": _ROW,
-    "transformer_blocks.*.ff.net.0.proj": _COL,
-    "transformer_blocks.*.ff.net.2": _ROW,
-    "transformer_blocks.*.ff_context.net.0.proj": _COL,
-    "transformer_blocks.*.ff_context.net.2": _ROW,
-    "norm_out.linear": _GATHER,
 }
 
 PIXART_TP_PLAN = {

@@ -18,7 +18,8 @@ FLUX_MLP_RATIO = 4
 
 _COL, _GATHER, _ROW = Colwise(), Colwise(gather=True), Rowwise()
 
-FLUX_TP_PLAN = {
+# Shared by the MMDiT family (Flux and SD3): embedders and the double-stream (joint) blocks.
+MMDIT_TP_PLAN = {
     # Embedders: timestep / guidance / pooled-text MLPs (col → row), T5 context projection (gathered).
     "time_text_embed.*.linear_1": _COL,
     "time_text_embed.*.linear_2": _ROW,
@@ -34,13 +35,17 @@ FLUX_TP_PLAN = {
     "transformer_blocks.*.ff.net.2": _ROW,
     "transformer_blocks.*.ff_context.net.0.proj": _COL,
     "transformer_blocks.*.ff_context.net.2": _ROW,
+    # Output AdaLN (the final proj_out is replicated).
+    "norm_out.linear": _GATHER,
+}
+
+FLUX_TP_PLAN = {
+    **MMDIT_TP_PLAN,
     # Single-stream blocks: proj_out reads cat([attention out, MLP hidden]), both column-split.
     "single_transformer_blocks.*.norm.linear": _GATHER,
     "single_transformer_blocks.*.attn.to_[qkv]": _COL,
     "single_transformer_blocks.*.proj_mlp": _COL,
     "single_transformer_blocks.*.proj_out": Rowwise(blocks=(1, FLUX_MLP_RATIO)),
-    # Output AdaLN (final proj_out is replicated).
-    "norm_out.linear": _GATHER,
 }
 
 
