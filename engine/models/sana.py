@@ -11,9 +11,9 @@ fork). Until that exists, `Family.axes` of Sana is {cfg} and the user is told so
 
 from __future__ import annotations
 
-import torch
-
 from parallel.plan import ModelPlan
+
+from .pixart import pixart_bench_kwargs, pixart_call_kwargs
 
 SANA_PLAN = ModelPlan(
     batch_inputs={"hidden_states": 0, "encoder_hidden_states": 0, "encoder_attention_mask": 0, "timestep": 0},
@@ -25,28 +25,7 @@ SANA_SP_REFUSAL = (
 )
 
 
-def sana_call_kwargs(request) -> dict:
-    kwargs = dict(
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt or "",
-        guidance_scale=request.guidance,
-        num_images_per_prompt=request.num_images_per_prompt,
-        use_resolution_binning=False,  # the requested size, exactly
-        clean_caption=False,
-    )
-    if request.max_sequence_length is not None:
-        kwargs["max_sequence_length"] = request.max_sequence_length
-    return kwargs
-
-
-def sana_bench_kwargs(info, *, text_tokens: int, device, dtype) -> dict:
-    """Random Gemma-2 embeddings of the real shape (300 tokens by default) for both branches."""
-    gen = torch.Generator("cpu").manual_seed(1234)
-    tokens = min(text_tokens, 300)
-    mask = torch.ones(1, tokens, dtype=torch.long, device=device)
-    return dict(
-        prompt_embeds=torch.randn(1, tokens, info.joint_attention_dim, generator=gen).to(device, dtype),
-        negative_prompt_embeds=torch.randn(1, tokens, info.joint_attention_dim, generator=gen).to(device, dtype),
-        prompt_attention_mask=mask, negative_prompt_attention_mask=mask, negative_prompt=None,
-        guidance_scale=4.5, use_resolution_binning=False, max_sequence_length=tokens,
-    )
+# SanaPipeline takes the same arguments as PixArtSigmaPipeline (prompt, mask-carrying embeddings,
+# resolution binning, caption cleaning), so the request → kwargs mappings are PixArt's.
+sana_call_kwargs = pixart_call_kwargs
+sana_bench_kwargs = pixart_bench_kwargs
