@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-DEFAULT_MODEL = "flux-tiny"
+# The trained toy model shipped in engine/assets/shapes (engine.toy): 64×64 shapes from captions.
+DEFAULT_MODEL = "shapes"
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 
@@ -17,7 +18,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 @dataclass(kw_only=True, frozen=True)
 class EngineConfig:
     model: str = DEFAULT_MODEL
-    """A built-in preset name or a local diffusers directory (model_index.json, safetensors)."""
+    """A built-in model ("shapes"), a random-weight preset name or a local diffusers directory (model_index.json, safetensors)."""
     ulysses: int | None = None
     """Ulysses degree; None: chosen so that all ranks are used (see parallel.config.resolve_degrees)."""
     ring: int | None = None

@@ -27,6 +27,9 @@ NOT_LOADED = ("safety_checker", "feature_extractor")
 CUSTOM_CODE_KEYS = ("custom_pipeline", "_custom_pipeline", "auto_map")
 # Where FluxPipeline's own default image size comes from when the VAE config has none.
 FLUX_DEFAULT_SIZE = 1024
+# Trained models shipped inside the package (plain diffusers directories), by name. A name here wins
+# over a directory of the same name in the working directory: write ./shapes to mean that one.
+BUILTIN_MODELS: dict[str, Path] = {"shapes": Path(__file__).resolve().parent / "assets" / "shapes"}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -64,12 +67,20 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def model_dir(model: str | Path) -> Path:
-    """The directory `model` names, or ValueError saying it is neither a preset nor a directory."""
+    """The directory `model` names (a built-in model's name or a path), or ValueError saying it is none."""
+    if isinstance(model, str) and model in BUILTIN_MODELS:
+        path = BUILTIN_MODELS[model]
+        if not (path / "model_index.json").is_file():
+            raise ValueError(
+                f"built-in model {model!r} is missing from this installation ({path}); reinstall shardiff, "
+                f"or recreate it with: python -m engine.toy.train --out {path}"
+            )
+        return path
     path = Path(model)
     if not path.exists():
         raise ValueError(
-            f"model {str(model)!r} is neither a known preset ({', '.join(sorted(PRESETS))}) "
-            f"nor an existing directory"
+            f"model {str(model)!r} is neither a known preset ({', '.join(sorted(PRESETS))}), "
+            f"a built-in model ({', '.join(sorted(BUILTIN_MODELS))}), nor an existing directory"
         )
     if not path.is_dir():
         raise ValueError(f"model path {path} is not a directory (expected a diffusers model directory)")
