@@ -14,9 +14,9 @@ import torch
 
 def compile_denoiser(model: torch.nn.Module, *, mode: str | None = None) -> list[torch.nn.Module]:
     """Compile `model`'s repeated blocks in place; returns them (see `uncompile`)."""
-    blocks = getattr(model, "_repeated_blocks", None)
+    blocks = getattr(model, "_repeated_blocks", None) or repeated_block_classes(model)
     if not blocks:
-        raise ValueError(f"{type(model).__name__} declares no repeated blocks to compile")
+        raise ValueError(f"{type(model).__name__} has no repeated blocks to compile")
     # One graph per (block type, layout, resolution): several layouts in one process (engine.bench)
     # would otherwise hit dynamo's recompile limit and silently fall back to eager.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -28,6 +28,18 @@ def compile_denoiser(model: torch.nn.Module, *, mode: str | None = None) -> list
         # are slower, and a server sees few distinct resolutions).
         m.compile(mode=mode, dynamic=False)
     return compiled
+
+
+def repeated_block_classes(model: torch.nn.Module) -> list[str]:
+    """Class names of the blocks stacked in the model's ModuleLists (SD3 and PixArt do not declare
+    diffusers' `_repeated_blocks`): a ModuleList of ≥ 2 modules of one class is a stack of blocks."""
+    names = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) >= 2:
+            kinds = {type(b).__name__ for b in m}
+            if len(kinds) == 1:
+                names.extend(kinds)
+    return sorted(set(names))
 
 
 def uncompile(blocks: list[torch.nn.Module]) -> None:
