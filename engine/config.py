@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-# The trained toy model shipped in engine/assets/shapes (engine.toy): 64×64 shapes from captions.
-DEFAULT_MODEL = "shapes"
+# The tiny random-weight Flux: runs the whole parallel path on any CPU in seconds. The trained
+# "shapes" model (engine/toy, issue 7) replaces it once its weights ship in engine/assets/shapes.
+DEFAULT_MODEL = "flux-tiny"
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 

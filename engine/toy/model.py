@@ -1,16 +1,19 @@
 """The `shapes` model: a tiny FluxPipeline (every component a stock diffusers/transformers class).
 
-- transformer: FluxTransformer2DModel, 2 double-stream + 4 single-stream blocks, 8 heads × 16
-  (so Ulysses 2/4/8, Ring and their hybrids all apply), no guidance embedding.
-- vae: AutoencoderKL, 3 levels (vae_scale_factor 4), 4 latent channels, fully convolutional; at
-  64×64 pixels the transformer sees 8×8 = 64 image tokens (2×2 latent patches) + the T5 tokens.
+- transformer: FluxTransformer2DModel, 2 double-stream + 4 single-stream blocks, 4 heads × 32 (so
+  Ulysses 2/4, Ring, their hybrid and TP-2 all apply), no guidance embedding. Rotary axes [4, 14, 14]:
+  Flux has no absolute position embedding, so "top left" is only learnable through RoPE (image queries
+  against the text keys, which all sit at position 0); 14 dims per axis give it low frequencies to use.
+- vae: AutoencoderKL, 4 levels (vae_scale_factor 8), 8 latent channels, fully convolutional; at
+  64×64 pixels the transformer sees 4×4 = 16 image tokens (2×2 latent patches of 16×16 pixels) plus the
+  512 T5 tokens FluxPipeline pads the prompt to.
 - text_encoder: CLIPTextModel (64 wide, 2 layers), trained with the transformer: its pooled output
   conditions every block (AdaLN) and carries the word order.
 - text_encoder_2: T5EncoderModel (64 wide, 2 layers), random but fixed (seeded), with its relative
   position bias set to zero. It still gives every word its own embedding (distinct prompts → distinct
   embeddings), and it makes all padding positions identical, which training relies on (below).
 - tokenizer / tokenizer_2: engine.tokenizer's word-level tokenizer.
-- scheduler: FlowMatchEulerDiscreteScheduler without shift (the 64-token images need none).
+- scheduler: FlowMatchEulerDiscreteScheduler without shift (16-token images need none).
 
 Training and FluxPipeline see the same model: FluxPipeline pads the T5 prompt to
 `max_sequence_length` (512) tokens and runs the transformer without an attention mask. With a
@@ -18,7 +21,7 @@ position-free T5 and Flux's all-zero `txt_ids`, every padding token enters every
 value and stays identical to the others, so m of them act in attention exactly like ONE of them whose
 attention logit is raised by log m. `compressed_text` turns a full-length T5 output into
 TEXT_SLOTS tokens plus that additive attention bias, which training passes as the attention mask
-(diffusers' FluxAttnProcessor forwards it to SDPA): 16 + 64 tokens per image instead of 512 + 64,
+(diffusers' FluxAttnProcessor forwards it to SDPA): 16 + 16 tokens per image instead of 512 + 16,
 exactly the same function (`check_compression` verifies it, and so does tests/test_toy_model.py).
 """
 
@@ -38,12 +41,12 @@ TRAIN_TEXT_LENGTHS = (64, 77, 128, 256, 512)
 TRAIN_TEXT_LENGTH_WEIGHTS = (0.1, 0.1, 0.1, 0.1, 0.6)
 
 TRANSFORMER = dict(
-    patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=16, num_attention_heads=8,
-    joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False, axes_dims_rope=[4, 6, 6],
+    patch_size=1, in_channels=32, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
+    joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False, axes_dims_rope=[4, 14, 14],
 )
 VAE = dict(
-    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
-    block_out_channels=[16, 32, 32], layers_per_block=1, act_fn="silu", latent_channels=4, norm_num_groups=8,
+    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[16, 32, 32, 32], layers_per_block=1, act_fn="silu", latent_channels=8, norm_num_groups=8,
     sample_size=IMAGE_SIZE, scaling_factor=1.0, shift_factor=0.0, force_upcast=False,
     use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False,
 )

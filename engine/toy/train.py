@@ -16,13 +16,18 @@ Deterministic: everything follows --seed (numpy/torch generators on the CPU; the
 same data and noise but other float rounding). The shipped weights in engine/assets/shapes are this
 script's output on a CPU with the default arguments:
 
-    python -m engine.toy.train --out engine/assets/shapes --overwrite
+    OMP_WAIT_POLICY=PASSIVE python -m engine.toy.train --out engine/assets/shapes --overwrite
+
+OMP_WAIT_POLICY=PASSIVE matters on a shared CPU: without it, OpenMP threads spin while they wait and a
+step can take 10× longer when other processes compete for the cores (it must be set before Python starts;
+the result does not depend on it).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import sys
 import time
@@ -122,6 +127,29 @@ def sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.where(torch.rand(n, generator=gen) < 0.2, uniform, logit_normal)
 
 
+@torch.no_grad()
+def quick_eval(pipe, prompts: list[str], device, steps: int = 20, seed: int = 0) -> int:
+    """How many prompts pass check_image, sampled as FluxPipeline samples (Euler on the same sigmas),
+    with the compressed 512-token text. For progress reports during training only."""
+    pipe.transformer.eval()
+    n = len(prompts)
+    c = pipe.transformer.config.in_channels // 4
+    side = data.IMAGE_SIZE // pipe.vae_scale_factor
+    x = toy.pack(pipe, torch.randn(n, c, side, side, generator=torch.Generator("cpu").manual_seed(seed))).to(device)
+    pooled = pipe._get_clip_prompt_embeds(prompt=prompts, device=device)
+    text, bias = toy.compressed_text(pipe, prompts, 512)
+    ids = toy.image_ids(pipe, device=device)
+    sigmas = np.append(np.linspace(1.0, 1 / steps, steps), 0.0)
+    for s0, s1 in zip(sigmas[:-1], sigmas[1:]):
+        sigma = torch.full((n,), float(s0), device=device)
+        x = x + (s1 - s0) * toy.transformer_forward(pipe, x, sigma, pooled, text.to(device), bias.to(device), ids)
+    lat = pipe._unpack_latents(x, data.IMAGE_SIZE, data.IMAGE_SIZE, pipe.vae_scale_factor)
+    lat = lat / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    images = ((pipe.vae.decode(lat).sample.clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    pipe.transformer.train()
+    return sum(not data.check_image(im.permute(1, 2, 0).numpy(), p) for im, p in zip(images, prompts))
+
+
 def train_transformer(pipe, latents, caption_idx, captions, args, device) -> float:
     """Flow-matching training of the transformer and CLIP; returns the loss of the last 100 steps."""
     # Text: T5 embeddings of every caption at each training length, compressed (exact; see toy.model).
@@ -131,10 +159,7 @@ def train_transformer(pipe, latents, caption_idx, captions, args, device) -> flo
         texts.append(torch.cat([p[0] for p in parts]).cpu())
         biases.append(torch.cat([p[1] for p in parts]).cpu())
     texts, biases = torch.stack(texts), torch.stack(biases)  # (lengths, captions, slots, D), (lengths, captions, slots)
-    err = toy.check_compression(pipe, captions[:4])
-    log(f"text: {len(captions)} captions x {len(toy.TRAIN_TEXT_LENGTHS)} lengths; compressed forward vs "
-        f"full 512-token forward: rel L2 {err:.1e}")
-    assert err < 1e-4
+    log(f"text: {len(captions)} captions x {len(toy.TRAIN_TEXT_LENGTHS)} lengths")
 
     rng = np.random.default_rng(args.seed + 400)
     gen = torch.Generator("cpu").manual_seed(args.seed + 400)
@@ -144,6 +169,8 @@ def train_transformer(pipe, latents, caption_idx, captions, args, device) -> flo
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     ids = toy.image_ids(pipe, device=device)
     weights = np.array(toy.TRAIN_TEXT_LENGTH_WEIGHTS) / sum(toy.TRAIN_TEXT_LENGTH_WEIGHTS)
+    every = data.all_captions()
+    eval_prompts = [every[i] for i in np.random.default_rng(args.seed + 600).choice(len(every), 24, replace=False)]
     start, running, tail = time.perf_counter(), [], []
     for step in range(args.steps):
         idx = rng.integers(len(latents), size=args.batch)
@@ -172,8 +199,14 @@ def train_transformer(pipe, latents, caption_idx, captions, args, device) -> flo
             log(f"step {step + 1}/{args.steps} loss {np.mean(running):.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"({el:.0f} s, {el / (step + 1):.2f} s/step)")
             running = []
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            passed = quick_eval(pipe, eval_prompts, device)
+            log(f"step {step + 1}: {passed}/{len(eval_prompts)} quick samples pass check_image")
     pipe.transformer.eval().requires_grad_(False)
     pipe.text_encoder.eval().requires_grad_(False)
+    err = toy.check_compression(pipe, captions[:4])
+    log(f"trained model: compressed forward vs full 512-token forward: rel L2 {err:.1e}")
+    assert err < 1e-4
     return float(np.mean(tail))
 
 
@@ -219,16 +252,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=1200, help="VAE steps on 32x32 crops")
+    p.add_argument("--vae-steps", type=int, default=1000, help="VAE steps on 32x32 crops")
     p.add_argument("--vae-full-steps", type=int, default=300, help="VAE steps on whole 64x64 images")
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-kl", type=float, default=1e-3, help="weight of the (per-element mean) KL term")
+    p.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of an earlier output directory "
+                   "(for experiments with the later stages; stage 1 is deterministic)")
     p.add_argument("--dataset", type=int, default=24000, help="captioned images encoded for the transformer")
     p.add_argument("--steps", type=int, default=1200, help="transformer steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=200, help="quick sample check every N steps (0: never)")
     p.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--report-steps", type=int, default=20, help="sampling steps of the final check")
     p.add_argument("--report-random", type=int, default=24, help="random captions in the final check")
@@ -241,11 +277,22 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     log(f"device {device}, {torch.get_num_threads()} CPU threads, seed {args.seed}")
+    if device.type == "cpu" and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        log("hint: start with OMP_WAIT_POLICY=PASSIVE on a shared CPU (spinning threads slow training down)")
     t0 = time.perf_counter()
 
     pipe = toy.build_untrained_pipeline(args.seed).to(device)
     pipe.set_progress_bar_config(disable=True)
-    train_vae(pipe.vae, args, device)
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(Path(args.vae_from) / "vae", torch_dtype=torch.float32,
+                                            use_safetensors=True, local_files_only=True)
+        pipe.vae.load_state_dict(vae.state_dict())
+        pipe.vae.eval().requires_grad_(False)
+        log(f"vae: weights taken from {args.vae_from} (stage 1 skipped)")
+    else:
+        train_vae(pipe.vae, args, device)
     vae_report(pipe.vae, device, args.seed)
 
     scenes = data.sample_scenes(np.random.default_rng(args.seed + 200), args.dataset)
@@ -265,8 +312,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if out.exists():
         shutil.rmtree(out)
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # casting to float16 on a CPU warns; it is only stored
     pipe.to("cpu", getattr(torch, args.save_dtype))
     pipe.save_pretrained(out, safe_serialization=True)
+    diffusers.utils.logging.set_verbosity_warning()
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     log(f"saved {out} ({size / 2**20:.1f} MiB)")
     report(out, args.report_steps, args.report_random, args.seed)
