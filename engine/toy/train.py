@@ -12,11 +12,16 @@ Stages (each logs to stdout):
   5. DIR is written with FluxPipeline.save_pretrained (safetensors, float16 weights), reloaded through
      engine.loading, and a few prompts are drawn and checked with engine.toy.data.check_image.
 
-Deterministic: everything follows --seed (numpy/torch generators on the CPU; the CUDA path gives the
-same data and noise but other float rounding). The shipped weights in engine/assets/shapes are this
-script's output on a CPU with the default arguments:
+Deterministic: everything follows --seed (numpy/torch generators on the CPU), so two runs on the same
+kind of CPU with the same --threads write identical files; the CUDA path gets the same data and noise
+but other float rounding. The shipped weights in engine/assets/shapes are this script's output on a
+CPU (2 threads) with the default arguments:
 
     OMP_WAIT_POLICY=PASSIVE python -m engine.toy.train --out engine/assets/shapes --overwrite
+
+That run took 24 minutes on 2 CPU cores that other processes were using too (VAE 5 min, latents and
+text 2 min, 2500 transformer steps of 64 images 17 min at 0.40-0.52 s/step); final loss 0.080 (mean
+of the last 100 steps), and its closing check drew 31 of 32 prompts right.
 
 OMP_WAIT_POLICY=PASSIVE matters on a shared CPU: without it, OpenMP threads spin while they wait and a
 step can take 10× longer when other processes compete for the cores (it must be set before Python starts;
@@ -260,11 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of an earlier output directory "
                    "(for experiments with the later stages; stage 1 is deterministic)")
     p.add_argument("--dataset", type=int, default=24000, help="captioned images encoded for the transformer")
-    p.add_argument("--steps", type=int, default=1200, help="transformer steps")
+    p.add_argument("--steps", type=int, default=2500, help="transformer steps")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--eval-every", type=int, default=200, help="quick sample check every N steps (0: never)")
+    p.add_argument("--eval-every", type=int, default=250, help="quick sample check every N steps (0: never)")
     p.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--report-steps", type=int, default=20, help="sampling steps of the final check")
     p.add_argument("--report-random", type=int, default=24, help="random captions in the final check")
