@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-# The tiny random-weight Flux: runs the whole parallel path on any CPU in seconds. The trained
-# "shapes" model (engine/toy, issue 7) replaces it once its weights ship in engine/assets/shapes.
-DEFAULT_MODEL = "flux-tiny"
+# The trained toy text-to-image model (engine/toy, weights in engine/assets/shapes): a tiny Flux that
+# draws the coloured shape a prompt asks for at 64², on any CPU in seconds, through the parallel path.
+DEFAULT_MODEL = "shapes"
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 

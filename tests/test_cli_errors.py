@@ -22,7 +22,7 @@ from engine.image_io import read_png_params
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 90  # subprocess limit: a hang fails the test instead of the CI job
 QUICK = 60  # every run must end well before TIMEOUT
-FAST = ["--steps", "2", "--height", "128", "--width", "128"]
+FAST = ["--model", "flux-tiny", "--steps", "2", "--height", "128", "--width", "128"]
 
 
 def _run(args: list[str], nproc: int | None = None, module: str = "engine.generate", cwd: Path = REPO):
