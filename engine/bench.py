@@ -15,6 +15,7 @@ Layout names:
   (c=cfg, u=ulysses, r=ring, t=tp, d=dp);
 - baselines: `diffusers` (plain, one GPU), `diffusers-cp-<degrees>` (diffusers' context
   parallelism, cuDNN attention), `xfuser-<degrees>` (xDiT USP);
+- `h<n>` after our degrees pipelines the Ulysses all-to-alls over n head chunks (`u4h2`);
 - a `:compile` suffix compiles the repeated blocks (regional torch.compile) for that layout;
   `:graphs` also replays each denoiser call as one CUDA graph.
 """
@@ -53,6 +54,8 @@ class Layout:
     compile: bool
     graphs: bool = False
     """Replay each forward as a CUDA graph (with compile)."""
+    head_chunks: int = 1
+    """Ulysses exchanges pipelined over this many head chunks (`h2` in the name)."""
 
 
 def _degrees(text: str, name: str) -> ParallelConfig:
@@ -76,7 +79,8 @@ def parse_layout(name: str) -> Layout:
             if graphs:
                 raise ValueError(f"layout {name!r}: ':graphs' is for our layouts and plain diffusers")
             return Layout(name, system, _degrees(base[len(system) + 1 :], name), compile_)
-    return Layout(name, "shardiff", _degrees(base, name), compile_, graphs)
+    base, chunks = re.fullmatch(r"(.*?)(?:h(\d+))?", base).groups()
+    return Layout(name, "shardiff", _degrees(base, name), compile_, graphs, int(chunks or 1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,7 +268,7 @@ class _Runner:
         per_step = statistics.median(times) / args.steps
         return {
             "model": args.model, "height": height, "width": width, "layout": self.lay.name,
-            "system": self.lay.system, "compile": self.lay.compile, "cuda_graphs": self.lay.graphs, "ranks": self.lay.config.world_size,
+            "system": self.lay.system, "compile": self.lay.compile, "cuda_graphs": self.lay.graphs, "head_chunks": self.lay.head_chunks, "ranks": self.lay.config.world_size,
             "steps": args.steps, "per_step_ms": round(per_step * 1e3, 2),
             "runs_ms": [round(t / args.steps * 1e3, 2) for t in times], "first_call_s": round(first_s, 2),
             "kernel": self.kernel, "dtype": str(next(self.pipe_params()).dtype).removeprefix("torch."),
@@ -314,7 +318,7 @@ def _prepare(lay: Layout, shared, make_pipe, mesh, fam, args, dtype, device) -> 
     denoiser = getattr(shared, fam.denoiser)
     kernel, group = "diffusers-default", None
     if lay.system == "shardiff":
-        attention = ParallelAttention(mesh, args.attention_backend)
+        attention = ParallelAttention(mesh, args.attention_backend, head_chunks=lay.head_chunks)
         # pipeline_plan: Flux's true CFG runs its two branches as sequential pairs (parallel/cfg_pairs.py).
         applied = apply_plan(denoiser, fam.pipeline_plan, mesh, attention)
         undo.append(applied.remove)

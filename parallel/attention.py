@@ -16,13 +16,19 @@ from kernels import choose_kernel
 
 from .mesh import Mesh
 from .ring import ring_attention
-from .ulysses import head_to_seq, seq_to_head
+from .ulysses import head_to_seq, head_to_seq_finish, head_to_seq_start, seq_to_head, seq_to_head_finish, seq_to_head_start
 
 
 class ParallelAttention:
-    def __init__(self, mesh: Mesh, kernel: str = "auto"):
+    def __init__(self, mesh: Mesh, kernel: str = "auto", *, head_chunks: int = 1):
+        """`head_chunks` > 1 (Ulysses without Ring): the heads go through the all-to-alls and the
+        kernel in that many chunks, so the exchange of one chunk overlaps the attention of another
+        (chunks that would not give every Ulysses rank whole heads fall back to one chunk)."""
+        if not isinstance(head_chunks, int) or head_chunks < 1:
+            raise ValueError(f"head chunks must be a positive integer, got {head_chunks!r}")
         self.mesh = mesh
         self.kernel_name = kernel
+        self.head_chunks = head_chunks
         self._kernels: dict[tuple, object] = {}
 
     def kernel_for(self, device: torch.device, dtype: torch.dtype):
@@ -49,6 +55,9 @@ class ParallelAttention:
         assert len(seq_sizes) == U * R and seq_sizes[mesh.coord("sp")] == q_BSHD.shape[1]
         ring_r = mesh.coord("ring")
         group_sizes = seq_sizes[ring_r * U : (ring_r + 1) * U]
+        C = self.head_chunks
+        if U > 1 and R == 1 and C > 1 and q_BSHD.shape[2] % (C * U) == 0:
+            return self._chunked_ulysses(q_BSHD, k_BSHD, v_BSHD, group_sizes, kernel, scale)
         if U > 1:
             # One exchange for Q, K and V together.
             qkv = seq_to_head(torch.stack([q_BSHD, k_BSHD, v_BSHD]), mesh.group("ulysses"), group_sizes)
@@ -65,3 +74,19 @@ class ParallelAttention:
         if U > 1:
             out_BSHD = head_to_seq(out_BSHD, mesh.group("ulysses"), group_sizes)
         return out_BSHD
+
+    def _chunked_ulysses(self, q_BSHD, k_BSHD, v_BSHD, group_sizes, kernel, scale) -> torch.Tensor:
+        """Ulysses in C head chunks: all input exchanges are launched at once; chunk c's attention
+        starts when its own exchange lands (the next ones still in flight), and its output exchange
+        is launched before chunk c+1's attention. Each head's result is exactly the unchunked one."""
+        group, C = self.mesh.group("ulysses"), self.head_chunks
+        qkv_3BSHD = torch.stack([q_BSHD, k_BSHD, v_BSHD])
+        Hc = qkv_3BSHD.shape[3] // C
+        sent = [seq_to_head_start(qkv_3BSHD[:, :, :, c * Hc : (c + 1) * Hc], group, group_sizes) for c in range(C)]
+        back = []
+        for pending in sent:
+            q, k, v = (t.transpose(1, 2) for t in seq_to_head_finish(pending).unbind(0))
+            out_BHSD, _ = kernel(q, k, v, scale=scale, return_lse=False)
+            back.append(head_to_seq_start(out_BHSD.transpose(1, 2), group, group_sizes))
+        # Chunk c holds heads [c·Hc, (c+1)·Hc) in order, so concatenating restores the head order.
+        return torch.cat([head_to_seq_finish(p, group, group_sizes) for p in back], dim=2)

@@ -9,25 +9,54 @@ Uneven sequence pieces use split sizes: no padding, nothing to mask. Under torch
 functional collective is used, which traces without a graph break; eager mode calls
 dist.all_to_all_single directly, as in our fastest eager runs (BENCHMARKS.md: eager Ulysses-4 at
 1024² measured 62.7 ms per step this way, 81–87 ms in runs that used the functional call).
+
+Each exchange comes in two halves, `*_start` (pack and launch) and `*_finish` (wait and unpack), so a
+caller can keep several in flight and compute meanwhile (ParallelAttention's head chunks).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 
-def _all_to_all(x: torch.Tensor, out_rows: int, out_splits, in_splits, group) -> torch.Tensor:
+class Pending(NamedTuple):
+    """An all-to-all in flight: `finish` waits for it and unpacks the result."""
+
+    out: torch.Tensor
+    work: object | None
+    """The eager collective's Work handle; None under torch.compile (funcol.wait_tensor instead)."""
+    L: tuple[int, ...]
+    """The leading dims of the tensor that was sent."""
+
+
+def _all_to_all_start(x: torch.Tensor, out_rows: int, out_splits, in_splits, group) -> tuple[torch.Tensor, object | None]:
     if torch.compiler.is_compiling():
-        return funcol.wait_tensor(funcol.all_to_all_single(x, out_splits, in_splits, group))
+        return funcol.all_to_all_single(x, out_splits, in_splits, group), None
     out = x.new_empty((out_rows, *x.shape[1:]))
-    dist.all_to_all_single(out, x, output_split_sizes=out_splits, input_split_sizes=in_splits, group=group)
-    return out
+    work = dist.all_to_all_single(out, x, output_split_sizes=out_splits, input_split_sizes=in_splits, group=group,
+                                  async_op=True)
+    return out, work
+
+
+def _wait(p: Pending) -> torch.Tensor:
+    if p.work is None:
+        return funcol.wait_tensor(p.out)
+    # Makes the current stream wait for the collective's stream; the host does not block.
+    p.work.wait()
+    return p.out
 
 
 def seq_to_head(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[int]) -> torch.Tensor:
     """(*L, S_r, H, D) sequence shard → (*L, S_g, H/U, D) head shard; piece i came from group rank i."""
+    return seq_to_head_finish(seq_to_head_start(x_LSHD, group, seq_sizes))
+
+
+def seq_to_head_start(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[int]) -> Pending:
+    """Launch `seq_to_head`'s all-to-all without waiting for it (overlap it with other work)."""
     U = len(seq_sizes)
     *L, S_r, H, D = x_LSHD.shape
     assert H % U == 0, f"{H} heads do not split over {U} Ulysses ranks"
@@ -38,13 +67,22 @@ def seq_to_head(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[
     x = x.permute(nL + 1, nL, *range(nL), nL + 2, nL + 3).contiguous()
     x = x.reshape(U * S_r, *L, H // U, D)
     even = all(s == S_r for s in seq_sizes)
-    out = _all_to_all(x, sum(seq_sizes), None if even else list(seq_sizes), None if even else [S_r] * U, group)
+    out, work = _all_to_all_start(x, sum(seq_sizes), None if even else list(seq_sizes), None if even else [S_r] * U, group)
+    return Pending(out, work, tuple(L))
+
+
+def seq_to_head_finish(p: Pending) -> torch.Tensor:
+    nL = len(p.L)
     # (S_g, *L, H/U, D) → (*L, S_g, H/U, D)
-    return out.permute(*range(1, nL + 1), 0, nL + 1, nL + 2)
+    return _wait(p).permute(*range(1, nL + 1), 0, nL + 1, nL + 2)
 
 
 def head_to_seq(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[int]) -> torch.Tensor:
     """(*L, S_g, H/U, D) head shard → (*L, S_r, H, D) sequence shard: the inverse of seq_to_head."""
+    return head_to_seq_finish(head_to_seq_start(x_LSHD, group, seq_sizes), group, seq_sizes)
+
+
+def head_to_seq_start(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[int]) -> Pending:
     U = len(seq_sizes)
     *L, S_g, Hu, D = x_LSHD.shape
     assert S_g == sum(seq_sizes)
@@ -52,7 +90,15 @@ def head_to_seq(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[
     S_r = seq_sizes[dist.get_rank(group)]
     x = x_LSHD.permute(nL, *range(nL), nL + 1, nL + 2).contiguous()  # (S_g, *L, H/U, D)
     even = all(s == S_r for s in seq_sizes)
-    out = _all_to_all(x, U * S_r, None if even else [S_r] * U, None if even else list(seq_sizes), group)
+    out, work = _all_to_all_start(x, U * S_r, None if even else [S_r] * U, None if even else list(seq_sizes), group)
+    return Pending(out, work, tuple(L))
+
+
+def head_to_seq_finish(p: Pending, group: dist.ProcessGroup, seq_sizes: list[int]) -> torch.Tensor:
+    U, nL = len(seq_sizes), len(p.L)
+    S_r = seq_sizes[dist.get_rank(group)]
+    out = _wait(p)
+    Hu, D = out.shape[-2:]
     # (U, S_r, *L, H/U, D) → (*L, S_r, U, H/U, D) → (*L, S_r, H, D)
-    out = out.reshape(U, S_r, *L, Hu, D).permute(*range(2, nL + 2), 1, 0, nL + 2, nL + 3)
-    return out.reshape(*L, S_r, U * Hu, D)
+    out = out.reshape(U, S_r, *p.L, Hu, D).permute(*range(2, nL + 2), 1, 0, nL + 2, nL + 3)
+    return out.reshape(*p.L, S_r, U * Hu, D)

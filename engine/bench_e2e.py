@@ -1,0 +1,69 @@
+"""`torchrun --nproc-per-node N -m engine.bench_e2e --layout u4:compile`: end-to-end seconds per image.
+
+What a user of the Python API sees: the engine is built once (load + parallelize + compile set up),
+then each request runs text encoding, the denoising loop and the VAE decode to a PIL image. Reported
+separately: the build, the first (cold) request — which compiles — and the median of the warm ones.
+One layout per launch (the engine holds one layout's processes); layout names as in engine.bench.
+
+    torchrun --nproc-per-node 4 -m engine.bench_e2e --model flux-dev --size 1024 --steps 28 --layout u4:compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from .bench import parse_layout
+from .config import EngineConfig, GenerateRequest
+from .distributed import run_main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m engine.bench_e2e", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="flux-dev", help="preset name or diffusers directory")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--layout", default="1", help="one of our layouts (engine.bench names), e.g. u4:compile")
+    p.add_argument("--repeats", type=int, default=3, help="warm requests after the cold one")
+    p.add_argument("--prompt", default="a red fox in the snow, photograph")
+    p.add_argument("--json", default=None, help="append the record to this file (first rank)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    layout = parse_layout(args.layout)
+    if layout.system != "shardiff" or layout.graphs:
+        raise ValueError(f"--layout {args.layout!r}: end-to-end timing runs our layouts, with or without ':compile'")
+    if args.repeats < 1:
+        raise ValueError("--repeats must be at least 1")
+    from . import Engine
+
+    start = time.perf_counter()
+    engine = Engine(EngineConfig(model=args.model, compile=layout.compile), parallel=layout.config)
+    build_s = time.perf_counter() - start
+    request = GenerateRequest(prompt=args.prompt, height=args.size, width=args.size, steps=args.steps, seed=0)
+    runs = [engine.generate(request).seconds for _ in range(1 + args.repeats)]
+    record = dict(
+        model=args.model, size=args.size, steps=args.steps, layout=args.layout,
+        ranks=layout.config.world_size, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
+        build_s=round(build_s, 2), first_s=round(runs[0], 3), warm_s=round(statistics.median(runs[1:]), 3),
+        warm_runs_s=[round(r, 3) for r in runs[1:]],
+        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if engine.device.type == "cuda" else 0.0,
+    )
+    if engine.is_first:
+        print(json.dumps(record), flush=True)
+        print(f"{args.model} {args.size}² {args.steps} steps, layout {args.layout}: build {build_s:.1f} s, "
+              f"first request {runs[0]:.2f} s, warm {record['warm_s']:.2f} s (text encoders + denoiser + VAE)")
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(record) + "\n")
+    engine.close()
+
+
+if __name__ == "__main__":
+    run_main(main)
