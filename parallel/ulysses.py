@@ -28,34 +28,40 @@ class Pending(NamedTuple):
 
     out: torch.Tensor
     work: object | None
-    """The eager collective's Work handle; None under torch.compile (funcol.wait_tensor instead)."""
+    """The eager collective's Work handle (None once it is done); unused under torch.compile."""
+    traced: bool
+    """Launched under torch.compile: finished by funcol.wait_tensor."""
     L: tuple[int, ...]
     """The leading dims of the tensor that was sent."""
 
 
-def _all_to_all_start(x: torch.Tensor, out_rows: int, out_splits, in_splits, group) -> tuple[torch.Tensor, object | None]:
+def _all_to_all_start(x: torch.Tensor, out_rows: int, out_splits, in_splits, group, overlap: bool) -> tuple:
+    """(output, Work or None, traced). `overlap`: return before the exchange is done (eager). A lone
+    exchange stays a blocking call, as in the 62.7–64 ms eager Ulysses-4 runs at 1024² (the run that
+    made every exchange async measured 67.5 ms)."""
     if torch.compiler.is_compiling():
-        return funcol.all_to_all_single(x, out_splits, in_splits, group), None
+        return funcol.all_to_all_single(x, out_splits, in_splits, group), None, True
     out = x.new_empty((out_rows, *x.shape[1:]))
     work = dist.all_to_all_single(out, x, output_split_sizes=out_splits, input_split_sizes=in_splits, group=group,
-                                  async_op=True)
-    return out, work
+                                  async_op=overlap)
+    return out, work, False
 
 
 def _wait(p: Pending) -> torch.Tensor:
-    if p.work is None:
+    if p.traced:
         return funcol.wait_tensor(p.out)
-    # Makes the current stream wait for the collective's stream; the host does not block.
-    p.work.wait()
+    if p.work is not None:
+        # Makes the current stream wait for the collective's stream; the host does not block.
+        p.work.wait()
     return p.out
 
 
 def seq_to_head(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[int]) -> torch.Tensor:
     """(*L, S_r, H, D) sequence shard → (*L, S_g, H/U, D) head shard; piece i came from group rank i."""
-    return seq_to_head_finish(seq_to_head_start(x_LSHD, group, seq_sizes))
+    return seq_to_head_finish(seq_to_head_start(x_LSHD, group, seq_sizes, overlap=False))
 
 
-def seq_to_head_start(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[int]) -> Pending:
+def seq_to_head_start(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[int], *, overlap: bool = True) -> Pending:
     """Launch `seq_to_head`'s all-to-all without waiting for it (overlap it with other work)."""
     U = len(seq_sizes)
     *L, S_r, H, D = x_LSHD.shape
@@ -67,8 +73,10 @@ def seq_to_head_start(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes:
     x = x.permute(nL + 1, nL, *range(nL), nL + 2, nL + 3).contiguous()
     x = x.reshape(U * S_r, *L, H // U, D)
     even = all(s == S_r for s in seq_sizes)
-    out, work = _all_to_all_start(x, sum(seq_sizes), None if even else list(seq_sizes), None if even else [S_r] * U, group)
-    return Pending(out, work, tuple(L))
+    out, work, traced = _all_to_all_start(
+        x, sum(seq_sizes), None if even else list(seq_sizes), None if even else [S_r] * U, group, overlap
+    )
+    return Pending(out, work, traced, tuple(L))
 
 
 def seq_to_head_finish(p: Pending) -> torch.Tensor:
@@ -79,10 +87,10 @@ def seq_to_head_finish(p: Pending) -> torch.Tensor:
 
 def head_to_seq(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[int]) -> torch.Tensor:
     """(*L, S_g, H/U, D) head shard → (*L, S_r, H, D) sequence shard: the inverse of seq_to_head."""
-    return head_to_seq_finish(head_to_seq_start(x_LSHD, group, seq_sizes), group, seq_sizes)
+    return head_to_seq_finish(head_to_seq_start(x_LSHD, group, seq_sizes, overlap=False), group, seq_sizes)
 
 
-def head_to_seq_start(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[int]) -> Pending:
+def head_to_seq_start(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes: list[int], *, overlap: bool = True) -> Pending:
     U = len(seq_sizes)
     *L, S_g, Hu, D = x_LSHD.shape
     assert S_g == sum(seq_sizes)
@@ -90,8 +98,10 @@ def head_to_seq_start(x_LSHD: torch.Tensor, group: dist.ProcessGroup, seq_sizes:
     S_r = seq_sizes[dist.get_rank(group)]
     x = x_LSHD.permute(nL, *range(nL), nL + 1, nL + 2).contiguous()  # (S_g, *L, H/U, D)
     even = all(s == S_r for s in seq_sizes)
-    out, work = _all_to_all_start(x, U * S_r, None if even else [S_r] * U, None if even else list(seq_sizes), group)
-    return Pending(out, work, tuple(L))
+    out, work, traced = _all_to_all_start(
+        x, U * S_r, None if even else [S_r] * U, None if even else list(seq_sizes), group, overlap
+    )
+    return Pending(out, work, traced, tuple(L))
 
 
 def head_to_seq_finish(p: Pending, group: dist.ProcessGroup, seq_sizes: list[int]) -> torch.Tensor:

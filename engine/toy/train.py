@@ -21,7 +21,9 @@ CPU (2 threads) with the default arguments:
 
 That run took 24 minutes on 2 CPU cores that other processes were using too (VAE 5 min, latents and
 text 2 min, 2500 transformer steps of 64 images 17 min at 0.40-0.52 s/step); final loss 0.080 (mean
-of the last 100 steps), and its closing check drew 31 of 32 prompts right.
+of the last 100 steps), and its closing check drew 31 of 32 prompts right. On one H200
+(`--device cuda`, the default when a GPU is visible) the same run takes 108 s (VAE 27 s, latents and
+text 11 s, 2500 steps at 0.03 s/step) and its weights also pass 31 of 32.
 
 OMP_WAIT_POLICY=PASSIVE matters on a shared CPU: without it, OpenMP threads spin while they wait and a
 step can take 10× longer when other processes compete for the cores (it must be set before Python starts;
