@@ -4,7 +4,8 @@
   regional compile we use (diffusers' documented `compile_repeated_blocks`).
 - `diffusers-cp`: diffusers' native context parallelism (`enable_parallelism(ContextParallelConfig)`)
   with its cuDNN attention backend, as the anchors were measured.
-- `xfuser`: xDiT 0.7's USP (`xFuserFluxPipeline`), eager or `use_torch_compile`.
+- `xfuser`: xDiT 0.7's USP and CFG parallel, eager or `use_torch_compile`: its wrapper of the same
+  diffusers pipeline class (Flux, SD3/3.5, PixArt-Σ, Sana, SDXL — the families xDiT supports).
 
 Baselines that rewire the model (diffusers-cp, xfuser) get a fresh pipeline built from the same
 deterministic random weights, so they never touch the model our layouts run on. xfuser and
@@ -37,6 +38,16 @@ def missing(system: str) -> str | None:
     return None
 
 
+# diffusers pipeline class → xDiT 0.7's wrapper of it.
+XFUSER_WRAPPERS = {
+    "FluxPipeline": "xFuserFluxPipeline",
+    "StableDiffusion3Pipeline": "xFuserStableDiffusion3Pipeline",
+    "PixArtSigmaPipeline": "xFuserPixArtSigmaPipeline",
+    "SanaPipeline": "xFuserSanaPipeline",
+    "StableDiffusionXLPipeline": "xFuserStableDiffusionXLPipeline",
+}
+
+
 def build_baseline(system: str, make_pipe, config: ParallelConfig, *, compile: bool, dtype: torch.dtype):
     """A callable pipeline for `system` with the degrees of `config`."""
     pipe = make_pipe()
@@ -51,9 +62,13 @@ def build_baseline(system: str, make_pipe, config: ParallelConfig, *, compile: b
             pipe.transformer.compile_repeated_blocks(dynamic=False)
         return pipe
     if system == "xfuser":
-        from xfuser import xFuserArgs, xFuserFluxPipeline
+        import xfuser
+        from xfuser import xFuserArgs
         from xfuser.core.distributed import init_distributed_environment
 
+        wrapper = XFUSER_WRAPPERS.get(type(pipe).__name__)
+        if wrapper is None:
+            raise ValueError(f"xfuser has no wrapper for {type(pipe).__name__} (it wraps {', '.join(XFUSER_WRAPPERS)})")
         # xfuser keeps its own world-group state; it adopts our already initialised process group.
         init_distributed_environment()
         args = xFuserArgs(
@@ -62,5 +77,5 @@ def build_baseline(system: str, make_pipe, config: ParallelConfig, *, compile: b
         )
         engine_config, _ = args.create_config()
         engine_config.runtime_config.dtype = dtype
-        return xFuserFluxPipeline(pipe, engine_config)
+        return getattr(xfuser, wrapper)(pipe, engine_config)
     raise ValueError(f"unknown baseline {system!r}")
