@@ -12,7 +12,8 @@ layout's (normally the 1-GPU run) by relative L2.
 
 Layout names:
 - ours: `1` (one rank), or axis letters with degrees: `u4`, `r2`, `u2r2`, `c2u2`, `t2u2`
-  (c=cfg, u=ulysses, r=ring, t=tp, d=dp);
+  (c=cfg, u=ulysses, r=ring, t=tp, d=dp); an `s` right after the tp degree selects the sequence form
+  of TP (reduce-scatter / all-gather, `--tp-comm sequence`): `t4s`, `t2su2`, `t4s:compile`;
 - baselines: `diffusers` (plain, one GPU), `diffusers-cp-<degrees>` (diffusers' context
   parallelism, cuDNN attention), `xfuser-<degrees>` (xDiT USP);
 - `h<n>` after our degrees pipelines the Ulysses all-to-alls over n head chunks (`u4h2`);
@@ -59,10 +60,12 @@ class Layout:
 
 
 def _degrees(text: str, name: str) -> ParallelConfig:
-    parts = re.findall(r"([curtd])(\d+)", text)
-    if not parts or "".join(a + n for a, n in parts) != text:
+    # (letter, degree, "s" for the sequence form of TP — after a tp degree only).
+    parts = re.findall(r"([curtd])(\d+)(s?)", text)
+    if not parts or "".join(a + n + s for a, n, s in parts) != text or any(s and a != "t" for a, _, s in parts):
         raise ValueError(f"unknown layout {name!r}: see `python -m engine.bench --help` for layout names")
-    return ParallelConfig(**{AXIS_LETTERS[a]: int(n) for a, n in parts})
+    tp_comm = "sequence" if any(s for _, _, s in parts) else "allreduce"
+    return ParallelConfig(**{AXIS_LETTERS[a]: int(n) for a, n, _ in parts}, tp_comm=tp_comm)
 
 
 def parse_layout(name: str) -> Layout:
@@ -78,7 +81,10 @@ def parse_layout(name: str) -> Layout:
         if base.startswith(system + "-"):
             if graphs:
                 raise ValueError(f"layout {name!r}: ':graphs' is for our layouts and plain diffusers")
-            return Layout(name, system, _degrees(base[len(system) + 1 :], name), compile_)
+            config = _degrees(base[len(system) + 1 :], name)
+            if config.tp_comm != "allreduce":
+                raise ValueError(f"layout {name!r}: the sequence form of TP (`s` after the tp degree) is ours only")
+            return Layout(name, system, config, compile_)
     base, chunks = re.fullmatch(r"(.*?)(?:h(\d+))?", base).groups()
     return Layout(name, "shardiff", _degrees(base, name), compile_, graphs, int(chunks or 1))
 
@@ -178,6 +184,7 @@ def main(argv=None) -> None:
             try:
                 if lay.system == "shardiff":  # the family's refusal (Sana sp, CFG off), not a wrong number
                     fam.check_axes(lay.config.degrees())
+                    fam.check_tp_comm(lay.config)
                     fam.check_cfg(lay.config.degrees(), inputs)
                 runner = _prepare(lay, shared, make_pipe, meshes.get(lay.name), fam, args, dtype, device)
             except Exception as e:  # a baseline that cannot be built is reported, the run goes on
@@ -269,6 +276,7 @@ class _Runner:
         return {
             "model": args.model, "height": height, "width": width, "layout": self.lay.name,
             "system": self.lay.system, "compile": self.lay.compile, "cuda_graphs": self.lay.graphs, "head_chunks": self.lay.head_chunks, "ranks": self.lay.config.world_size,
+            "tp_comm": self.lay.config.tp_comm if self.lay.config.tp > 1 else None,
             "steps": args.steps, "per_step_ms": round(per_step * 1e3, 2),
             "runs_ms": [round(t / args.steps * 1e3, 2) for t in times], "first_call_s": round(first_s, 2),
             "kernel": self.kernel, "dtype": str(next(self.pipe_params()).dtype).removeprefix("torch."),

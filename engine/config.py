@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from parallel.config import check_tp_comm
+
 # The trained toy text-to-image model (engine/toy, weights in engine/assets/shapes): a tiny Flux that
 # draws the coloured shape a prompt asks for at 64², on any CPU in seconds, through the parallel path.
 DEFAULT_MODEL = "shapes"
@@ -26,6 +28,9 @@ class EngineConfig:
     """Ring degree; None: chosen so that all ranks are used."""
     tp: int = 1
     """Tensor-parallel degree."""
+    tp_comm: str = "allreduce"
+    """TP communication: "allreduce", or "sequence" (reduce-scatter / all-gather: each TP rank keeps
+    1/tp of the tokens between TP regions; parallel/tensor_seq.py). Ignored when tp is 1."""
     cfg: int = 1
     """CFG-parallel degree (1 or 2)."""
     dp: int = 1
@@ -48,6 +53,7 @@ class EngineConfig:
     """Timeout of every process group: a dead peer ends the job after this long, not NCCL's 30 min."""
 
     def __post_init__(self):
+        check_tp_comm(self.tp_comm)
         if self.parallel not in ("auto", "cfg", "dp"):
             raise ValueError(f"--parallel must be auto, cfg or dp, got {self.parallel!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:

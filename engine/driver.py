@@ -19,6 +19,7 @@ import torch
 from kernels import choose_kernel
 from parallel import Mesh, ParallelAttention, ParallelConfig, resolve_degrees
 from parallel.plan import apply_plan
+from parallel.tensor_seq import check_token_split
 
 from .config import EngineConfig, GenerateRequest
 from .distributed import agree, init_distributed, launched_world_size, pick_device
@@ -72,11 +73,12 @@ class Engine:
             if parallel is None:
                 parallel = resolve_degrees(
                     world, self.info.num_heads, ulysses=config.ulysses, ring=config.ring,
-                    tp=config.tp, cfg=config.cfg, dp=config.dp,
+                    tp=config.tp, cfg=config.cfg, dp=config.dp, tp_comm=config.tp_comm,
                 )
             parallel.check_world_size(world)
             parallel.check_heads(self.info.num_heads)
             self.family.check_axes(parallel.degrees())
+            self.family.check_tp_comm(parallel)
             choose_kernel(config.attention_backend, device, self.dtype, need_lse=parallel.ring > 1)
         except ValueError as e:
             error = str(e)
@@ -133,6 +135,10 @@ class Engine:
             raise ValueError("--true-cfg-scale > 1 needs a --negative-prompt")
         family_kwargs = self.family.call_kwargs(request)
         self.family.check_cfg(parallel.degrees(), family_kwargs)
+        if parallel.tp_sequence and self.family.token_counts is not None:
+            # Even TP pieces of every sp piece, checked here so that the mistake is reported once, up front.
+            counts = self.family.token_counts(self.info, family_kwargs, height, width)
+            check_token_split(counts, sp=parallel.sp, tp=parallel.tp)
         return family_kwargs, height, width
 
     def choose_layout(self, requests: list[GenerateRequest]) -> tuple[ParallelConfig, str]:
@@ -182,6 +188,7 @@ class Engine:
             "layout": self.parallel.describe(),
             "size": [width, height],
             "parallel": self.parallel.degrees(),
+            "tp_comm": self.parallel.tp_comm,
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention_backend": self.attention.kernel_for(self.device, self.dtype).name,
             "seconds": round(seconds, 3),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from parallel.config import TP_COMMS
+
 from . import batch_cli
 from .batch_cli import DEFAULT_PROMPT, positive_int
 from .config import DEFAULT_MODEL, EngineConfig
@@ -45,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ulysses", type=positive_int, default=None, help="Ulysses degree (default: all ranks sensibly, see --help text)")
     p.add_argument("--ring", type=positive_int, default=None, help="Ring degree")
     p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree")
+    p.add_argument("--tp-comm", choices=TP_COMMS, default="allreduce",
+                   help="TP communication: all-reduce, or sequence (reduce-scatter / all-gather: each TP rank "
+                        "keeps 1/tp of the tokens between TP regions; Flux only)")
     p.add_argument("--cfg", type=positive_int, default=1, help="CFG-parallel degree (2: cond/uncond branches on different ranks)")
     p.add_argument("--dp", type=positive_int, default=1, help="data-parallel degree (independent images)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = EngineConfig(
             model=args.model, ulysses=args.ulysses, ring=args.ring, tp=args.tp, cfg=args.cfg, dp=args.dp,
-            dtype=args.dtype, device=args.device, compile=args.compile,
+            tp_comm=args.tp_comm, dtype=args.dtype, device=args.device, compile=args.compile,
             attention_backend=args.attention_backend, timeout_s=args.timeout, parallel=args.parallel,
         )
         # One request per image, image i seeded with --seed + i (engine/batch_cli.py).

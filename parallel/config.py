@@ -8,9 +8,11 @@ ring only passes K/V blocks to a neighbour and tolerates slower links, so it sit
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 AXES = ("dp", "cfg", "ring", "ulysses", "tp")
+# The two forms of TP communication: parallel/tensor.py (all-reduce), parallel/tensor_seq.py (sequence).
+TP_COMMS = ("allreduce", "sequence")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -25,14 +27,19 @@ class ParallelConfig:
     """Ulysses degree: all-to-all from sequence shards to head shards."""
     tp: int = 1
     """Tensor parallel degree: attention heads and MLP columns sharded."""
+    tp_comm: str = "allreduce"
+    """How TP communicates: "allreduce" (every TP rank holds all tokens between TP regions) or
+    "sequence" (each holds 1/tp of them: reduce-scatter / all-gather, parallel/tensor_seq.py). No
+    effect with tp 1."""
 
     def __post_init__(self):
-        for f in fields(self):
-            v = getattr(self, f.name)
+        for a in AXES:
+            v = getattr(self, a)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"--{f.name} must be a positive integer, got {v!r}")
+                raise ValueError(f"--{a} must be a positive integer, got {v!r}")
         if self.cfg > 2:
             raise ValueError(f"--cfg is 1 or 2 (two guidance branches), got {self.cfg}")
+        check_tp_comm(self.tp_comm)
 
     @property
     def world_size(self) -> int:
@@ -46,8 +53,14 @@ class ParallelConfig:
     def degrees(self) -> dict[str, int]:
         return {a: getattr(self, a) for a in AXES}
 
+    @property
+    def tp_sequence(self) -> bool:
+        """TP in its sequence form (reduce-scatter / all-gather over tokens)."""
+        return self.tp > 1 and self.tp_comm == "sequence"
+
     def describe(self) -> str:
-        parts = [f"{a}{getattr(self, a)}" for a in AXES if getattr(self, a) > 1]
+        parts = [f"{a}{getattr(self, a)}" + ("(sequence)" if a == "tp" and self.tp_sequence else "")
+                 for a in AXES if getattr(self, a) > 1]
         return "×".join(parts) if parts else "single"
 
     def check_world_size(self, world_size: int) -> None:
@@ -82,6 +95,11 @@ class ParallelConfig:
         return "; with classifier-free guidance on, also " + ", ".join(options) if options else ""
 
 
+def check_tp_comm(tp_comm: str) -> None:
+    if tp_comm not in TP_COMMS:
+        raise ValueError(f"--tp-comm must be {' or '.join(TP_COMMS)}, got {tp_comm!r}")
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
@@ -104,6 +122,7 @@ def resolve_degrees(
     tp: int = 1,
     cfg: int = 1,
     dp: int = 1,
+    tp_comm: str = "allreduce",
 ) -> ParallelConfig:
     """Fill in unspecified sequence degrees so that every rank is used.
 
@@ -129,7 +148,7 @@ def resolve_degrees(
         if sp % ulysses:
             raise ValueError(f"--ulysses {ulysses} does not divide the {sp} sequence-parallel processes")
         ring = sp // ulysses
-    cfg_ = ParallelConfig(dp=dp, cfg=cfg, ring=ring, ulysses=ulysses, tp=tp)
+    cfg_ = ParallelConfig(dp=dp, cfg=cfg, ring=ring, ulysses=ulysses, tp=tp, tp_comm=tp_comm)
     cfg_.check_world_size(world_size)
     cfg_.check_heads(num_heads)
     return cfg_

@@ -20,6 +20,7 @@ from .attention import ParallelAttention
 from .mesh import Mesh
 from .sharding import gather_pieces, split_sizes, take_piece
 from .tensor import Style, shard_model
+from .tensor_seq import SequenceTP, SequenceTPPlan
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class ModelPlan:
     exchanged when the second call returns (see parallel/cfg_pairs.py)."""
     tensor: Mapping[str, Style] = field(default_factory=dict)
     """Module-name glob → tensor-parallel style of that Linear (parallel/tensor.py); others replicated."""
+    tensor_sequence: SequenceTPPlan | None = None
+    """Where tokens are split, gathered and reduce-scattered over tp in the sequence form of TP
+    (`tp_comm="sequence"`, parallel/tensor_seq.py); None: the model has only the all-reduce form."""
 
 
 @dataclass
@@ -96,6 +100,9 @@ class AppliedPlan:
 
 
 def apply_plan(model: torch.nn.Module, plan: ModelPlan, mesh: Mesh, attention: ParallelAttention) -> AppliedPlan:
+    if mesh.config.tp_sequence and plan.tensor_sequence is None:
+        # Before touching the model. Engines refuse this earlier, with the families that have a plan.
+        raise ValueError(f"{type(model).__name__} has no sequence-form tensor-parallel plan: use --tp-comm allreduce")
     ctx = SeqContext(mesh)
     applied = AppliedPlan(model, ctx)
     matched = 0
@@ -107,9 +114,16 @@ def apply_plan(model: torch.nn.Module, plan: ModelPlan, mesh: Mesh, attention: P
                 matched += 1
                 break
     assert matched or not plan.attention, f"plan matched no attention module in {type(model).__name__}"
+    seq_tp = None
     if mesh.size("tp") > 1:
         assert plan.tensor, f"no tensor-parallel plan for {type(model).__name__}"
-        applied._handles.append(shard_model(model, plan.tensor, mesh))
+        if mesh.config.tp_sequence:
+            seq_tp = SequenceTP(model, plan.tensor_sequence, plan.tensor, mesh, ctx)
+            applied._handles.append(seq_tp)
+        row_output = seq_tp.row_output if seq_tp is not None else None
+        applied._handles.append(shard_model(model, plan.tensor, mesh, row_output=row_output))
+        if seq_tp is not None:
+            seq_tp.install()
     split_seq = mesh.size("sp") > 1
     split_batch = mesh.size("cfg") > 1
     assert not split_seq or plan.gather_output is not None or plan.gather_modules, (
@@ -125,8 +139,14 @@ def apply_plan(model: torch.nn.Module, plan: ModelPlan, mesh: Mesh, attention: P
     if split_seq or split_batch:
         sig = inspect.signature(model.forward)
         pre = _split_hook(plan, ctx, sig, split_seq=split_seq, split_batch=split_batch)
-        post = _gather_hook(plan, ctx, split_seq=split_seq, split_batch=split_batch)
         applied._handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
+    if seq_tp is not None:
+        # Hooks run in registration order: the tp split refines this rank's sp piece, and the tp gather
+        # restores it before the sp / cfg gathers.
+        applied._handles.append(model.register_forward_pre_hook(seq_tp.pre_hook, with_kwargs=True))
+        applied._handles.append(model.register_forward_hook(seq_tp.post_hook))
+    if split_seq or split_batch:
+        post = _gather_hook(plan, ctx, split_seq=split_seq, split_batch=split_batch)
         applied._handles.append(model.register_forward_hook(post))
     if pairs is not None:
         applied._handles.append(model.register_forward_hook(pairs.post_hook))

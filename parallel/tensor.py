@@ -5,7 +5,8 @@ A model's TP plan maps module-name globs to a style (`Colwise`, `Rowwise`); unma
 replicated. `local_shards` turns a plan into the slice of every parameter this TP rank keeps — pure
 shape arithmetic that also runs on a meta-device model, so loaders can read only those slices.
 `shard_model` then installs the shards (slicing full weights if they are still whole) and forward
-hooks: an all-gather after `Colwise(gather=True)`, an all-reduce after `Rowwise`.
+hooks: an all-gather after `Colwise(gather=True)`, an all-reduce after `Rowwise` (or, in the sequence
+form of TP, a reduce-scatter over tokens: parallel/tensor_seq.py).
 
 Plain collectives rather than DTensor: a Flux step runs ~600 linears, and DTensor's per-op dispatch
 (tens of µs each) would cost more than the communication itself. Inference only: hooks work in place.
@@ -16,7 +17,7 @@ Legend: F_out / F_in features of a linear, T the TP degree, t this rank's TP coo
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -69,7 +70,8 @@ DROP = None
 """In a shard map: the parameter is absent on this rank (a row-parallel bias off TP rank 0)."""
 
 
-def _match(name: str, plan: Mapping[str, Style]) -> Style | None:
+def match_style(name: str, plan: Mapping[str, Style]) -> Style | None:
+    """The style of module `name` in `plan` (the first glob that matches), or None: replicated."""
     for pattern, style in plan.items():
         if fnmatch.fnmatchcase(name, pattern):
             return style
@@ -111,7 +113,7 @@ def local_shards(model: torch.nn.Module, plan: Mapping[str, Style], tp: int, t: 
     """
     out = {}
     for name, module in model.named_modules():
-        style = _match(name, plan)
+        style = match_style(name, plan)
         if style is not None:
             for pname, sl in module_shards(name, module, style, tp, t).items():
                 out[f"{name}.{pname}"] = sl
@@ -136,9 +138,18 @@ class ShardedModel:
         self.originals.clear()
 
 
-def shard_model(model: torch.nn.Module, plan: Mapping[str, Style], mesh: Mesh) -> ShardedModel:
+def shard_model(
+    model: torch.nn.Module,
+    plan: Mapping[str, Style],
+    mesh: Mesh,
+    *,
+    row_output: Callable[[str], Callable | None] | None = None,
+) -> ShardedModel:
     """Make `model` this rank's TP part: slice full parameters (a sharded load leaves them local
-    already), then hook the collectives. `remove()` restores whatever was sliced here."""
+    already), then hook the collectives. `remove()` restores whatever was sliced here.
+
+    `row_output(name)`: the forward hook that replaces the all-reduce after Rowwise layer `name`, or
+    None to keep it (the sequence form's reduce-scatter, parallel/tensor_seq.py)."""
     T, t, group = mesh.size("tp"), mesh.coord("tp"), mesh.group("tp")
     assert T > 1 and group is not None
     shards = local_shards(model, plan, T, t)
@@ -162,9 +173,10 @@ def shard_model(model: torch.nn.Module, plan: Mapping[str, Style], mesh: Mesh) -
                 f"{full_name} has shape {tuple(param.shape)}: neither full {full_shape} nor this rank's shard"
             )
     for name, module in model.named_modules():
-        style = _match(name, plan)
+        style = match_style(name, plan)
         if isinstance(style, Rowwise):
-            sharded.handles.append(module.register_forward_hook(_all_reduce_hook(group)))
+            hook = row_output(name) if row_output is not None else None
+            sharded.handles.append(module.register_forward_hook(hook or _all_reduce_hook(group)))
         elif isinstance(style, Colwise) and style.gather:
             sharded.handles.append(module.register_forward_hook(_all_gather_hook(group, T)))
     return sharded

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from parallel.plan import ModelPlan
 
-from .flux import FLUX_PLAN, flux_bench_kwargs, flux_call_kwargs
+from .flux import FLUX_PLAN, flux_bench_kwargs, flux_call_kwargs, flux_token_counts
 from .flux_cfg import flux_uses_cfg
 from .pixart import PIXART_PLAN, pixart_bench_kwargs, pixart_call_kwargs
 from .sana import SANA_PLAN, SANA_SP_REFUSAL, sana_bench_kwargs, sana_call_kwargs
@@ -54,6 +54,10 @@ class Family:
     """(world, EngineConfig, guided: list[bool] | None) → (ParallelConfig, why) for families whose
     layout follows the batch of requests (UNets: CFG split or data parallel, engine/models/unet.py);
     None: degrees from the config (resolve_degrees)."""
+    token_counts: Callable[..., dict[str, int]] | None = None
+    """(ModelInfo, pipeline kwargs, height, width) → tokens of each group of the plan's sequence, so
+    that `--tp-comm sequence` can check its even split before any collective (the split itself checks
+    again, on the real inputs)."""
 
     @property
     def pipeline_plan(self) -> ModelPlan:
@@ -68,6 +72,15 @@ class Family:
                 f"--cfg 2 puts the two classifier-free-guidance branches on different ranks, but this "
                 f"{self.name} request has guidance off (needs {hint}); drop --cfg or give those ranks "
                 + ("to --ulysses/--ring" if {"ulysses", "ring"} & self.axes else "to data parallel (--dp)")
+            )
+
+    def check_tp_comm(self, parallel) -> None:
+        """ValueError if `parallel` asks for the sequence form of TP and this family has no plan for it."""
+        if parallel.tp_sequence and self.plan.tensor_sequence is None:
+            have = sorted(n for n, f in FAMILIES.items() if f.plan.tensor_sequence is not None)
+            raise ValueError(
+                f"{self.name} models have no sequence-form tensor-parallel plan (--tp-comm sequence is available "
+                f"for: {', '.join(have)}); use --tp-comm allreduce"
             )
 
     def check_axes(self, degrees: dict[str, int]) -> None:
@@ -86,7 +99,7 @@ FAMILIES: dict[str, Family] = {
     "flux": Family(
         name="flux", plan=FLUX_PLAN, call_kwargs=flux_call_kwargs, bench_kwargs=flux_bench_kwargs,
         axes=frozenset({"ulysses", "ring", "tp", "cfg"}), check_tp=check_flux_tp,
-        uses_cfg=flux_uses_cfg, cfg_pairs=True,
+        uses_cfg=flux_uses_cfg, cfg_pairs=True, token_counts=flux_token_counts,
     ),
     "sd3": Family(
         name="sd3", plan=SD3_PLAN, call_kwargs=sd3_call_kwargs, bench_kwargs=sd3_bench_kwargs,

@@ -18,7 +18,7 @@ from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 from parallel.attention import ParallelAttention
 from parallel.plan import ModelPlan, SeqContext, SeqDim
 
-from .flux_tp import FLUX_TP_PLAN
+from .flux_tp import FLUX_TP_PLAN, FLUX_TP_SEQUENCE_PLAN
 
 
 class FluxParallelAttnProcessor:
@@ -75,6 +75,7 @@ FLUX_PLAN = ModelPlan(
         "hidden_states": 0, "encoder_hidden_states": 0, "pooled_projections": 0, "timestep": 0, "guidance": 0,
     },
     tensor=FLUX_TP_PLAN,
+    tensor_sequence=FLUX_TP_SEQUENCE_PLAN,
 )
 
 
@@ -90,6 +91,20 @@ def flux_call_kwargs(request) -> dict:
     if request.max_sequence_length is not None:
         kwargs["max_sequence_length"] = request.max_sequence_length
     return kwargs
+
+
+def flux_token_counts(info, kwargs: dict, height: int, width: int) -> dict[str, int]:
+    """Tokens of each group that FluxPipeline gives the transformer: T5 pads the prompt to
+    max_sequence_length; one image token per 2×2 latent patch."""
+    import inspect
+
+    from diffusers import FluxPipeline
+
+    text = kwargs.get("max_sequence_length")
+    if text is None:
+        text = inspect.signature(FluxPipeline.__call__).parameters["max_sequence_length"].default
+    m = info.spatial_multiple
+    return {"text": text, "image": (height // m) * (width // m)}
 
 
 def flux_bench_kwargs(info, *, text_tokens: int, device, dtype) -> dict:

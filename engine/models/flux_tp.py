@@ -7,11 +7,15 @@ split those local heads / the sequence further). The AdaLN modulation linears (a
 weights) and the embedders' output layers produce small vectors that replicated code consumes, so they
 are column-split and all-gathered. x_embedder and the final proj_out (a few hundred thousand weights)
 stay replicated.
+
+The sequence form (`--tp-comm sequence`, parallel/tensor_seq.py) keeps the same shards and changes only
+where the tokens live between the TP regions: FLUX_TP_SEQUENCE_PLAN below.
 """
 
 from __future__ import annotations
 
 from parallel.tensor import Colwise, Rowwise
+from parallel.tensor_seq import SequenceTPPlan, SplitInput, Tokens
 
 # Flux hard-codes its MLP width as 4 × hidden (FluxTransformerBlock's FeedForward, single blocks' mlp_ratio).
 FLUX_MLP_RATIO = 4
@@ -47,6 +51,45 @@ FLUX_TP_PLAN = {
     "single_transformer_blocks.*.proj_mlp": _COL,
     "single_transformer_blocks.*.proj_out": Rowwise(blocks=(1, FLUX_MLP_RATIO)),
 }
+
+_IMAGE, _TEXT, _JOINT = Tokens(("image",)), Tokens(("text",)), Tokens(("text", "image"))
+
+# Between the TP regions each TP rank holds 1/T of this sp rank's text and of its image tokens; the
+# token-wise Rowwise outputs are reduce-scattered, the inputs of the next column-split region gathered.
+FLUX_TP_SEQUENCE_PLAN = SequenceTPPlan(
+    split_inputs={
+        # x_embedder is replicated and per token: it runs on this rank's 1/T only.
+        "hidden_states": SplitInput("image"),
+        # context_embedder is column-split with its features all-gathered, which needs the same tokens
+        # on every TP rank: the text is split where it returns. img_ids / txt_ids are not split over tp:
+        # attention sees the tp-gathered sequence, whose rotary embedding they give.
+        "encoder_hidden_states": SplitInput("text", after="context_embedder"),
+    },
+    gather_outputs={
+        # Double-stream blocks: the modulated norms feed Q/K/V (and the text's add_*_proj); each stream is
+        # gathered alone, so the processor sees [all text, all image] of its sp rank in the usual order.
+        "transformer_blocks.*.norm1": _IMAGE,
+        "transformer_blocks.*.norm1_context": _TEXT,
+        # Single-stream blocks concatenate [text, image] locally before `norm`, whose output feeds both
+        # attention and proj_mlp: gathered group-major (text of every rank, then image).
+        "single_transformer_blocks.*.norm": _JOINT,
+    },
+    gather_inputs={
+        "transformer_blocks.*.ff": _IMAGE,
+        "transformer_blocks.*.ff_context": _TEXT,
+    },
+    reduce_scatter={
+        "transformer_blocks.*.attn.to_out.0": _IMAGE,
+        "transformer_blocks.*.attn.to_add_out": _TEXT,
+        "transformer_blocks.*.ff.net.2": _IMAGE,
+        "transformer_blocks.*.ff_context.net.2": _TEXT,
+        # Back from group-major to [t_r, i_r] on rank r, which the block's residual and its final
+        # [text, image] split expect. time_text_embed's Rowwise (per-sample vectors) keeps the all-reduce.
+        "single_transformer_blocks.*.proj_out": _JOINT,
+    },
+    # The final norm_out and (replicated) proj_out run on this rank's image tokens.
+    gather_output=_IMAGE,
+)
 
 
 def check_tp_widths(info, tp: int) -> None:
