@@ -156,7 +156,7 @@ def main(argv=None) -> None:
         runnable = _check_layouts(layouts, info, env.world_size, env.rank == 0, missing)
     except ValueError as e:
         raise UserError(str(e)) from None
-    dtype = EngineConfig(dtype=args.dtype).torch_dtype(device)
+    dtype = EngineConfig(dtype=args.dtype).torch_dtype(device, fam.gpu_dtype)
     cap_memory(args.memory_cap_gib, device)
 
     def make_pipe():

@@ -23,10 +23,16 @@ def compile_denoiser(model: torch.nn.Module, *, mode: str | None = None) -> list
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     compiled = [m for m in model.modules() if type(m).__name__ in blocks]
+    # Inductor fuses elementwise chains and keeps their bf16 intermediates in fp32, which eager rounds
+    # to bf16 after every op: over 8 guided steps that alone moved SD3.5-large 2.33% (PixArt-Σ 2.81%)
+    # from the eager image, over the 1% bar. Emulating eager's casts brought SD3.5 to 0.88% at the same
+    # speed (130.0 vs 130.0 ms per step on one H200; BENCHMARKS.md), so it is on unless a mode is given
+    # (torch.compile takes a mode or options, not both).
+    options = None if mode is not None else {"emulate_precision_casts": True}
     for m in compiled:
         # dynamic=False: each resolution gets its own static-shape graph (shape-polymorphic kernels
         # are slower, and a server sees few distinct resolutions).
-        m.compile(mode=mode, dynamic=False)
+        m.compile(mode=mode, dynamic=False, options=options)
     return compiled
 
 

@@ -40,7 +40,8 @@ class EngineConfig:
     parallel for several (engine/models/unet.py); cfg / dp force one of them. Explicit --cfg/--dp win.
     Transformer families take their degrees from the fields above (auto: unset ones filled)."""
     dtype: str = "auto"
-    """bf16 / fp16 / fp32; auto: bf16 on GPU, fp32 on CPU."""
+    """bf16 / fp16 / fp32; auto: fp32 on CPU; on GPU the model family's precision (bf16 for the
+    transformers, fp16 for the SD1.5/SDXL UNets, which are trained and published in fp16)."""
     device: str | None = None
     """cuda / cpu; None: CUDA (one GPU per local rank) when available."""
     attention_backend: str = "auto"
@@ -61,9 +62,10 @@ class EngineConfig:
         if self.timeout_s <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout_s}")
 
-    def torch_dtype(self, device: torch.device) -> torch.dtype:
+    def torch_dtype(self, device: torch.device, gpu_default: torch.dtype = torch.bfloat16) -> torch.dtype:
+        """The dtype to run in; `gpu_default`: the model family's precision on GPUs (Family.gpu_dtype)."""
         if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+            return gpu_default if device.type == "cuda" else torch.float32
         return DTYPES[self.dtype]
 
 

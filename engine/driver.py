@@ -61,9 +61,9 @@ class Engine:
         device = torch.device("cpu")
         try:
             device = pick_device(config.device)
-            self.dtype = config.torch_dtype(device)
             self.info: ModelInfo = inspect_model(config.model)
             self.family = family(self.info.family)
+            self.dtype = config.torch_dtype(device, self.family.gpu_dtype)
             self.family.check_tp(self.info, parallel.tp if parallel is not None else config.tp)
             world = launched_world_size()
             if parallel is None and self.family.layout is not None:

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "keeps 1/tp of the tokens between TP regions; Flux only)")
     p.add_argument("--cfg", type=positive_int, default=1, help="CFG-parallel degree (2: cond/uncond branches on different ranks)")
     p.add_argument("--dp", type=positive_int, default=1, help="data-parallel degree (independent images)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU; on GPU bf16, fp16 for the SD1.5/SDXL UNets), bf16, fp16, fp32")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--attention-backend", default="auto", help="auto or a kernel name (sdpa-cudnn, sdpa-flash, sdpa-cpu-flash, math, flash-attn, ...)")
     p.add_argument("--output", default="out/image.png", help="PNG path; missing folders are created")

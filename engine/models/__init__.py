@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from parallel.plan import ModelPlan
 
 from .flux import FLUX_PLAN, flux_bench_kwargs, flux_call_kwargs, flux_token_counts
@@ -54,6 +56,10 @@ class Family:
     """(world, EngineConfig, guided: list[bool] | None) → (ParallelConfig, why) for families whose
     layout follows the batch of requests (UNets: CFG split or data parallel, engine/models/unet.py);
     None: degrees from the config (resolve_degrees)."""
+    gpu_dtype: torch.dtype = torch.bfloat16
+    """What `--dtype auto` runs on GPUs. UNets: fp16, their published precision — in bf16, 30 guided
+    steps amplify rounding to 1.1–1.5% between two ways of computing one image, in fp16 to 0.13–0.20%
+    (BENCHMARKS.md, issue 6)."""
     token_counts: Callable[..., dict[str, int]] | None = None
     """(ModelInfo, pipeline kwargs, height, width) → tokens of each group of the plan's sequence, so
     that `--tp-comm sequence` can check its even split before any collective (the split itself checks
@@ -117,6 +123,7 @@ FAMILIES: dict[str, Family] = {
         name: Family(
             name=name, plan=UNET_PLAN, call_kwargs=unet_call_kwargs, bench_kwargs=unet_bench_kwargs,
             axes=frozenset({"cfg", "dp"}), denoiser="unet", refusals=UNET_REFUSALS, layout=unet_layout,
+            gpu_dtype=torch.float16,
         )
         for name in ("sd", "sdxl")
     },
