@@ -330,9 +330,6 @@ def _prepare(lay: Layout, shared, make_pipe, mesh, fam, args, dtype, device) -> 
         # pipeline_plan: Flux's true CFG runs its two branches as sequential pairs (parallel/cfg_pairs.py).
         applied = apply_plan(denoiser, fam.pipeline_plan, mesh, attention)
         undo.append(applied.remove)
-        # The engine's weight layout (engine/driver.py); the baselines keep diffusers' default.
-        denoiser.to(memory_format=fam.memory_format)
-        undo.append(lambda: denoiser.to(memory_format=torch.contiguous_format))
         kernel = attention.kernel_for(device, dtype).name
         group = next((mesh.group(a) for a in ("sp", "cfg", "tp") if mesh.size(a) > 1), None)
     if lay.compile:

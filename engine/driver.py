@@ -106,7 +106,6 @@ class Engine:
         self.pipe.set_progress_bar_config(disable=not self.mesh.is_first, leave=False)
         self.attention = ParallelAttention(self.mesh, config.attention_backend)
         self.denoiser = getattr(self.pipe, self.family.denoiser)
-        self.denoiser.to(memory_format=self.family.memory_format)
         self.plan = apply_plan(self.denoiser, self.family.pipeline_plan, self.mesh, self.attention)
         if config.compile:
             from .compile import compile_denoiser

@@ -60,9 +60,6 @@ class Family:
     """What `--dtype auto` runs on GPUs. UNets: fp16, their published precision — in bf16, 30 guided
     steps amplify rounding to 1.1–1.5% between two ways of computing one image, in fp16 to 0.13–0.20%
     (BENCHMARKS.md, issue 6)."""
-    memory_format: torch.memory_format = torch.contiguous_format
-    """Layout of the denoiser's 4-D weights. UNets: channels_last, so cuDNN's NHWC convolution kernels
-    run without a layout change around every compiled block (BENCHMARKS.md, issue 6)."""
     token_counts: Callable[..., dict[str, int]] | None = None
     """(ModelInfo, pipeline kwargs, height, width) → tokens of each group of the plan's sequence, so
     that `--tp-comm sequence` can check its even split before any collective (the split itself checks
@@ -126,7 +123,7 @@ FAMILIES: dict[str, Family] = {
         name: Family(
             name=name, plan=UNET_PLAN, call_kwargs=unet_call_kwargs, bench_kwargs=unet_bench_kwargs,
             axes=frozenset({"cfg", "dp"}), denoiser="unet", refusals=UNET_REFUSALS, layout=unet_layout,
-            gpu_dtype=torch.float16, memory_format=torch.channels_last,
+            gpu_dtype=torch.float16,
         )
         for name in ("sd", "sdxl")
     },
