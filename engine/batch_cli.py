@@ -15,6 +15,11 @@ from .config import GenerateRequest
 DEFAULT_PROMPT = "a red fox in snow"
 
 
+def auto_or_positive_int(text: str) -> int | None:
+    """argparse type of a degree that may be chosen automatically: "auto" → None."""
+    return None if text == "auto" else positive_int(text)
+
+
 def positive_int(text: str) -> int:
     """argparse type of counts and degrees: a clear message instead of a crash deeper down."""
     try:

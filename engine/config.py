@@ -26,8 +26,9 @@ class EngineConfig:
     """Ulysses degree; None: chosen so that all ranks are used (see parallel.config.resolve_degrees)."""
     ring: int | None = None
     """Ring degree; None: chosen so that all ranks are used."""
-    tp: int = 1
-    """Tensor-parallel degree."""
+    tp: int | None = None
+    """Tensor-parallel degree; None (auto): 1, unless the weights do not fit one GPU — then the smallest
+    degree that makes them fit (engine/auto_tp.py)."""
     tp_comm: str = "allreduce"
     """TP communication: "allreduce", or "sequence" (reduce-scatter / all-gather: each TP rank keeps
     1/tp of the tokens between TP regions; parallel/tensor_seq.py). Ignored when tp is 1."""

@@ -39,7 +39,8 @@ def choose_layout(engine, requests) -> tuple[ParallelConfig, str]:
         if engine.config.parallel != "auto":
             raise ValueError(f"--parallel {engine.config.parallel} is for UNet models; {fam.name} models take "
                              f"explicit degrees (--cfg, --ulysses, --ring, --tp)")
-        return engine.parallel, f"{engine.parallel.describe()}, every image split over all processes"
+        why = f"{engine.parallel.describe()}, every image split over all processes"
+        return engine.parallel, why + (f"; {engine.tp_note}" if engine.tp_note else "")
     guided = [fam.uses_cfg(fam.call_kwargs(r)) and not engine.info.uses_guidance_embeds for r in requests]
     return fam.layout(launched_world_size(), engine.config, guided)
 

@@ -22,6 +22,7 @@ from parallel.plan import apply_plan
 from parallel.tensor_seq import check_token_split
 
 from .config import EngineConfig, GenerateRequest
+from .auto_tp import choose_tp
 from .distributed import agree, init_distributed, launched_world_size, pick_device
 from .loading import load_pipeline
 from .model_info import ModelInfo, inspect_model
@@ -58,14 +59,23 @@ class Engine:
         self.explicit_layout = parallel is not None
         """A ParallelConfig given by the caller is kept for every request (no per-batch choice)."""
         error = None
+        self.tp_note = ""
+        """Why `--tp auto` chose TP (empty when it did not)."""
         device = torch.device("cpu")
         try:
             device = pick_device(config.device)
             self.info: ModelInfo = inspect_model(config.model)
             self.family = family(self.info.family)
             self.dtype = config.torch_dtype(device, self.family.gpu_dtype)
-            self.family.check_tp(self.info, parallel.tp if parallel is not None else config.tp)
             world = launched_world_size()
+            tp = config.tp
+            if tp is None and parallel is None and self.family.layout is None:
+                tp, self.tp_note = choose_tp(
+                    config.model, self.info, self.family, world_size=world, dp=config.dp, cfg=config.cfg,
+                    dtype=self.dtype, gpu_bytes=_gpu_bytes(device),
+                )
+            tp = tp or 1
+            self.family.check_tp(self.info, parallel.tp if parallel is not None else tp)
             if parallel is None and self.family.layout is not None:
                 # UNets pick CFG split / data parallel themselves (engine/models/unet.py): planned here
                 # for one guided image, chosen again for each batch by generate / generate_batch.
@@ -73,7 +83,7 @@ class Engine:
             if parallel is None:
                 parallel = resolve_degrees(
                     world, self.info.num_heads, ulysses=config.ulysses, ring=config.ring,
-                    tp=config.tp, cfg=config.cfg, dp=config.dp, tp_comm=config.tp_comm,
+                    tp=tp, cfg=config.cfg, dp=config.dp, tp_comm=config.tp_comm,
                 )
             parallel.check_world_size(world)
             parallel.check_heads(self.info.num_heads)
@@ -85,7 +95,8 @@ class Engine:
         timeout = timedelta(seconds=config.timeout_s)
         self.env = init_distributed(device, timeout)
         # The first collective: everyone's preflight errors and configuration, compared.
-        agree("engine configuration", asdict(config), error)
+        # The resolved degrees are compared too: `--tp auto` is decided on each rank from its GPU.
+        agree("engine configuration", {**asdict(config), "degrees": parallel.degrees() if error is None else None}, error)
         self.parallel = parallel
         self.device = device
         self.mesh = Mesh.build(parallel, device, timeout=timeout)
@@ -200,6 +211,11 @@ class Engine:
 
     def close(self) -> None:
         self.plan.remove()
+
+
+def _gpu_bytes(device: torch.device) -> int | None:
+    """One GPU's total memory (the same on every rank of a node of one GPU kind); None on CPU."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
 def _sync(device: torch.device) -> None:

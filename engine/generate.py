@@ -12,7 +12,7 @@ import sys
 from parallel.config import TP_COMMS
 
 from . import batch_cli
-from .batch_cli import DEFAULT_PROMPT, positive_int
+from .batch_cli import DEFAULT_PROMPT, auto_or_positive_int, positive_int
 from .config import DEFAULT_MODEL, EngineConfig
 from .distributed import UserError, agree
 
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequence-length", type=int, default=None, help="text tokens (default: the pipeline's)")
     p.add_argument("--ulysses", type=positive_int, default=None, help="Ulysses degree (default: all ranks sensibly, see --help text)")
     p.add_argument("--ring", type=positive_int, default=None, help="Ring degree")
-    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree")
+    p.add_argument("--tp", type=auto_or_positive_int, default=None,
+                   help="tensor-parallel degree, or auto (default): 1 unless the weights do not fit one GPU")
     p.add_argument("--tp-comm", choices=TP_COMMS, default="allreduce",
                    help="TP communication: all-reduce, or sequence (reduce-scatter / all-gather: each TP rank "
                         "keeps 1/tp of the tokens between TP regions; Flux only)")

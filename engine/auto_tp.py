@@ -1,0 +1,120 @@
+"""`--tp auto` (the default): tensor parallelism only where it pays — when the weights do not fit a GPU.
+
+Measured on 4×H200 (BENCHMARKS.md, issue 4): on NVLinked GPUs TP is never faster than Ulysses for the
+same GPUs (Flux 2048² compiled: TP-4 225 ms, Ulysses-4 206 ms per step), but it divides the
+denoiser's weights by T. So the automatic rule is about memory: the smallest TP degree (1 first) that
+splits the model evenly, divides the ranks left after dp × cfg, and makes one rank's weights — every
+pipeline component, with the denoiser's split linears divided by T — fit in WEIGHT_SHARE of the GPU,
+the rest being left for activations (Flux 2048² eager needs ~1 GiB of them, 4096² several).
+
+Counted from configs and safetensors headers only (meta-device models; nothing is read or allocated),
+from the GPU's total memory — the same on every rank of a homogeneous node, so every rank decides the
+same; the engine's first collective then checks that they did.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from parallel.tensor import DROP, local_shards
+
+WEIGHT_SHARE = 0.75
+"""Weights may take this share of a GPU's memory; the rest is for activations and the allocator."""
+
+
+def _numel_per_rank(empty: torch.nn.Module, plan, tp: int) -> int:
+    """Parameters TP rank 0 of `tp` holds (the largest share: it keeps the row-split biases)."""
+    shards = local_shards(empty, plan, tp, 0) if tp > 1 else {}
+    total = 0
+    for name, p in empty.named_parameters():
+        sl = shards.get(name)
+        if name in shards and sl is DROP:
+            continue
+        total += math.prod(p.shape if sl is None else sl.local_shape(p.shape))
+    return total
+
+
+def _directory_numel(folder: Path) -> int:
+    """Parameters stored in a component folder's safetensors files (headers only)."""
+    from .safetensors_slices import read_header
+
+    total = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        header, _ = read_header(f)
+        total += sum(math.prod(e["shape"]) for k, e in header.items() if k != "__metadata__")
+    return total
+
+
+def _components(model: str) -> tuple[list[str], object]:
+    """(names of the pipeline's weighted components, preset spec or model directory)."""
+    from .model_info import is_preset, model_dir
+    from .presets import MODEL_COMPONENTS, get_preset
+
+    if is_preset(model):
+        spec = get_preset(model)
+        return list(getattr(spec, "model_components", MODEL_COMPONENTS)), spec
+    folder = model_dir(model)
+    index = json.loads((folder / "model_index.json").read_text())
+    names = [n for n, v in index.items() if not n.startswith("_") and isinstance(v, list) and (folder / n).is_dir()]
+    return names, folder
+
+
+@functools.lru_cache(maxsize=8)
+def _parts(model: str, denoiser: str) -> tuple[torch.nn.Module, int]:
+    """(the denoiser on the meta device, parameters of every other component). Cached: building
+    T5-XXL on the meta device takes seconds, and choose_tp asks for several TP degrees."""
+    from .sharded_loading import _empty_from_directory, empty_preset_model
+
+    names, source = _components(model)
+    assert denoiser in names, f"{model} has no {denoiser}"
+    from_dir = isinstance(source, Path)
+    empty = _empty_from_directory(source / denoiser) if from_dir else empty_preset_model(model, denoiser)
+    others = sum(
+        _directory_numel(source / n) if from_dir else sum(p.numel() for p in empty_preset_model(model, n).parameters())
+        for n in names
+        if n != denoiser
+    )
+    return empty, others
+
+
+def weight_bytes_per_rank(model: str, family, tp: int, dtype: torch.dtype) -> int:
+    """Bytes of weights one rank holds on `tp` TP ranks: the denoiser's shard plus every other component."""
+    empty, others = _parts(model, family.denoiser)
+    return (_numel_per_rank(empty, family.plan.tensor, tp) + others) * dtype.itemsize
+
+
+def choose_tp(model: str, info, family, *, world_size: int, dp: int, cfg: int, dtype: torch.dtype,
+              gpu_bytes: int | None) -> tuple[int, str]:
+    """(TP degree, why) for `--tp auto`. `gpu_bytes`: one GPU's total memory; None (CPU): no TP."""
+    if gpu_bytes is None or not family.plan.tensor or world_size % (dp * cfg):
+        return 1, ""
+    budget = WEIGHT_SHARE * gpu_bytes
+    need_1 = weight_bytes_per_rank(model, family, 1, dtype)
+    if need_1 <= budget:
+        return 1, ""
+    ranks = world_size // (dp * cfg)
+    tried = []
+    for tp in range(2, ranks + 1):
+        if ranks % tp:
+            continue
+        try:
+            family.check_tp(info, tp)
+        except ValueError:
+            continue
+        need = weight_bytes_per_rank(model, family, tp, dtype)
+        tried.append(f"tp{tp}: {need / 2**30:.1f} GiB")
+        if need <= budget:
+            return tp, (f"tp{tp} chosen: {need_1 / 2**30:.1f} GiB of weights do not fit {WEIGHT_SHARE:.0%} of one "
+                        f"GPU's {gpu_bytes / 2**30:.1f} GiB; with --tp {tp} each rank holds {need / 2**30:.1f} GiB")
+    raise ValueError(
+        f"the model's weights ({need_1 / 2**30:.1f} GiB per rank without TP"
+        + (f"; {', '.join(tried)}" if tried else "")
+        + f") do not fit {WEIGHT_SHARE:.0%} of one GPU's {gpu_bytes / 2**30:.1f} GiB with any TP degree over the "
+        f"{ranks} rank(s) left after --dp {dp} × --cfg {cfg} (a TP degree must divide those ranks, the heads and "
+        f"the MLP width); launch more GPUs or use --dtype bf16/fp16"
+    )
