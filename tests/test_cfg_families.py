@@ -121,6 +121,8 @@ def test_invalid_layouts_are_refused_with_what_works():
 
     with pytest.raises(ValueError, match="Mix-FFN.*--cfg 2"):
         family("sana").check_axes(dict(cfg=2, ulysses=2))
+    with pytest.raises(ValueError, match="cannot use --tp: .*fit any GPU.*70 attention heads"):
+        family("sana").check_axes(dict(tp=2))
     family("sana").check_axes(dict(cfg=2))
 
     no_guidance = GenerateRequest(prompt=PROMPT, guidance=1.0)

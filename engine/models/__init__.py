@@ -17,7 +17,7 @@ from parallel.plan import ModelPlan
 from .flux import FLUX_PLAN, flux_bench_kwargs, flux_call_kwargs, flux_token_counts
 from .flux_cfg import flux_uses_cfg
 from .pixart import PIXART_PLAN, pixart_bench_kwargs, pixart_call_kwargs
-from .sana import SANA_PLAN, SANA_SP_REFUSAL, sana_bench_kwargs, sana_call_kwargs
+from .sana import SANA_PLAN, SANA_SP_REFUSAL, SANA_TP_REFUSAL, sana_bench_kwargs, sana_call_kwargs
 from .sd3 import SD3_PLAN, sd3_bench_kwargs, sd3_call_kwargs
 from .unet import REFUSALS as UNET_REFUSALS, UNET_PLAN, unet_bench_kwargs, unet_call_kwargs, unet_layout
 
@@ -117,7 +117,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "sana": Family(
         name="sana", plan=SANA_PLAN, call_kwargs=sana_call_kwargs, bench_kwargs=sana_bench_kwargs,
-        axes=frozenset({"cfg"}), refusals={"ulysses": SANA_SP_REFUSAL, "ring": SANA_SP_REFUSAL},
+        axes=frozenset({"cfg"}), refusals={"ulysses": SANA_SP_REFUSAL, "ring": SANA_SP_REFUSAL, "tp": SANA_TP_REFUSAL},
     ),
     **{
         name: Family(
