@@ -21,22 +21,10 @@ from pathlib import Path
 
 import torch
 
-from parallel.tensor import DROP, local_shards
+from parallel.tensor import local_numel
 
 WEIGHT_SHARE = 0.75
 """Weights may take this share of a GPU's memory; the rest is for activations and the allocator."""
-
-
-def _numel_per_rank(empty: torch.nn.Module, plan, tp: int) -> int:
-    """Parameters TP rank 0 of `tp` holds (the largest share: it keeps the row-split biases)."""
-    shards = local_shards(empty, plan, tp, 0) if tp > 1 else {}
-    total = 0
-    for name, p in empty.named_parameters():
-        sl = shards.get(name)
-        if name in shards and sl is DROP:
-            continue
-        total += math.prod(p.shape if sl is None else sl.local_shape(p.shape))
-    return total
 
 
 def _directory_numel(folder: Path) -> int:
@@ -85,7 +73,8 @@ def _parts(model: str, denoiser: str) -> tuple[torch.nn.Module, int]:
 def weight_bytes_per_rank(model: str, family, tp: int, dtype: torch.dtype) -> int:
     """Bytes of weights one rank holds on `tp` TP ranks: the denoiser's shard plus every other component."""
     empty, others = _parts(model, family.denoiser)
-    return (_numel_per_rank(empty, family.plan.tensor, tp) + others) * dtype.itemsize
+    # TP rank 0 holds the most: it keeps the row-split biases.
+    return (local_numel(empty, family.plan.tensor, tp, 0) + others) * dtype.itemsize
 
 
 def choose_tp(model: str, info, family, *, world_size: int, dp: int, cfg: int, dtype: torch.dtype,

@@ -9,12 +9,11 @@ turns "does not fit" into a clear error instead of a CUDA traceback.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from .sharded_loading import empty_preset_model, load_sharded_denoiser
-from parallel.tensor import DROP, local_shards
+from parallel.tensor import local_numel
 
 
 def cap_memory(cap_gib: float | None, device: torch.device) -> None:
@@ -29,13 +28,7 @@ def cap_memory(cap_gib: float | None, device: torch.device) -> None:
 def shard_gib(model: str, family, tp: int, tp_rank: int, dtype: torch.dtype) -> float:
     """GiB of denoiser weights one TP rank holds (from the meta model: no memory)."""
     empty = empty_preset_model(model, family.denoiser)
-    shards = local_shards(empty, family.plan.tensor, tp, tp_rank)
-    numel = 0
-    for name, p in empty.named_parameters():
-        sl = shards.get(name)
-        if name in shards and sl is DROP:
-            continue
-        numel += math.prod(p.shape if sl is None else sl.local_shape(p.shape))
+    numel = local_numel(empty, family.plan.tensor, tp, tp_rank)
     return numel * dtype.itemsize / 2**30
 
 

@@ -12,7 +12,6 @@ This module imports engine.presets only inside functions: engine.presets imports
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch

@@ -13,7 +13,6 @@ import functools
 import inspect
 from typing import Callable
 
-import torch
 from torch import Tensor
 
 from ._cuda_common import cuda_sm_at_least

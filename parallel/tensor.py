@@ -17,6 +17,7 @@ Legend: F_out / F_in features of a linear, T the TP degree, t this rank's TP coo
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -118,6 +119,18 @@ def local_shards(model: torch.nn.Module, plan: Mapping[str, Style], tp: int, t: 
             for pname, sl in module_shards(name, module, style, tp, t).items():
                 out[f"{name}.{pname}"] = sl
     return out
+
+
+def local_numel(model: torch.nn.Module, plan: Mapping[str, Style], tp: int, t: int) -> int:
+    """Parameters TP rank `t` of `tp` holds (also on a meta-device model: shape arithmetic only)."""
+    shards = local_shards(model, plan, tp, t) if tp > 1 else {}
+    total = 0
+    for name, p in model.named_parameters():
+        sl = shards.get(name)
+        if name in shards and sl is DROP:
+            continue
+        total += math.prod(p.shape if sl is None else sl.local_shape(p.shape))
+    return total
 
 
 @dataclass

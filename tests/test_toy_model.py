@@ -16,19 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.toy import data
+from engine.toy import data, train
 from tests.harness import run_distributed
 
-PROMPTS = [
-    "a red circle top left on a white background",
-    "a blue square bottom right on a yellow background",
-    "a green triangle top right on a black background",
-    "a yellow circle bottom left on a blue background",
-    "a large purple square in the center on a white background",
-    "a small orange triangle bottom right on a gray background",
-    "a white circle top right on a green background",
-    "a black square bottom left on a yellow background",
-]
+# The training script's closing-check prompts (colours × shapes × positions × backgrounds).
+PROMPTS = train.REPORT_PROMPTS
 # A prompt that differs in colour and position (and background) from each of PROMPTS.
 OTHER = {p: PROMPTS[(i + 3) % len(PROMPTS)] for i, p in enumerate(PROMPTS)}
 STEPS = 20

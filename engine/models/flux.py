@@ -19,6 +19,7 @@ from parallel.attention import ParallelAttention
 from parallel.plan import ModelPlan, SeqContext, SeqDim
 
 from .flux_tp import FLUX_TP_PLAN, FLUX_TP_SEQUENCE_PLAN
+from .sd3 import sd3_call_kwargs
 
 
 class FluxParallelAttnProcessor:
@@ -81,16 +82,8 @@ FLUX_PLAN = ModelPlan(
 
 def flux_call_kwargs(request) -> dict:
     """FluxPipeline arguments that depend on the request beyond size, steps, seed and output type."""
-    kwargs = dict(
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        true_cfg_scale=request.true_cfg_scale,
-        guidance_scale=request.guidance,
-        num_images_per_prompt=request.num_images_per_prompt,
-    )
-    if request.max_sequence_length is not None:
-        kwargs["max_sequence_length"] = request.max_sequence_length
-    return kwargs
+    # StableDiffusion3Pipeline's prompt arguments, plus Flux's true CFG.
+    return {**sd3_call_kwargs(request), "true_cfg_scale": request.true_cfg_scale}
 
 
 def flux_token_counts(info, kwargs: dict, height: int, width: int) -> dict[str, int]:

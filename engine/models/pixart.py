@@ -20,6 +20,7 @@ from parallel.attention import ParallelAttention
 from parallel.plan import ModelPlan, SeqContext, SeqDim
 
 from .dit_tp import PIXART_TP_PLAN
+from .qkv import project_qkv
 
 
 class PixArtParallelSelfAttnProcessor:
@@ -33,15 +34,9 @@ class PixArtParallelSelfAttnProcessor:
         if attention_mask is not None or encoder_hidden_states is not None:
             raise ValueError("shardiff's PixArt self-attention takes neither a mask nor a context")
         assert attn.spatial_norm is None and attn.group_norm is None and not attn.residual_connection
-        head_dim = attn.to_k.out_features // attn.heads
-        shape = (*hidden_states.shape[:2], -1, head_dim)
-        q_BSHD = attn.to_q(hidden_states).view(shape)
-        k_BSHD = attn.to_k(hidden_states).view(shape)
-        v_BSHD = attn.to_v(hidden_states).view(shape)
-        if attn.norm_q is not None:
-            q_BSHD = attn.norm_q(q_BSHD)
-        if attn.norm_k is not None:
-            k_BSHD = attn.norm_k(k_BSHD)
+        q_BSHD, k_BSHD, v_BSHD = project_qkv(
+            hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k, attn.to_k.out_features // attn.heads
+        )
         out_BSHD = self.attention(q_BSHD, k_BSHD, v_BSHD, self.ctx.joint_sizes("image"))
         out = attn.to_out[1](attn.to_out[0](out_BSHD.flatten(2, 3).to(q_BSHD.dtype)))
         return out / attn.rescale_output_factor

@@ -20,6 +20,7 @@ from parallel.attention import ParallelAttention
 from parallel.plan import ModelPlan, SeqContext, SeqDim
 
 from .dit_tp import SD3_TP_PLAN
+from .qkv import project_qkv
 
 
 class SD3ParallelAttnProcessor:
@@ -33,25 +34,15 @@ class SD3ParallelAttnProcessor:
         if attention_mask is not None:
             raise ValueError("shardiff's SD3 attention does not take an attention mask")
         head_dim = attn.to_k.out_features // attn.heads
-        shape = (*hidden_states.shape[:2], -1, head_dim)
-        q_BSHD = attn.to_q(hidden_states).view(shape)
-        k_BSHD = attn.to_k(hidden_states).view(shape)
-        v_BSHD = attn.to_v(hidden_states).view(shape)
-        # diffusers normalises [B, H, S, D]; RMS/LayerNorm over the last dim is the same on [B, S, H, D].
-        if attn.norm_q is not None:
-            q_BSHD = attn.norm_q(q_BSHD)
-        if attn.norm_k is not None:
-            k_BSHD = attn.norm_k(k_BSHD)
+        q_BSHD, k_BSHD, v_BSHD = project_qkv(
+            hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k, head_dim
+        )
         groups = ("image",)
         if encoder_hidden_states is not None:
-            eshape = (*encoder_hidden_states.shape[:2], -1, head_dim)
-            eq_BSHD = attn.add_q_proj(encoder_hidden_states).view(eshape)
-            ek_BSHD = attn.add_k_proj(encoder_hidden_states).view(eshape)
-            ev_BSHD = attn.add_v_proj(encoder_hidden_states).view(eshape)
-            if attn.norm_added_q is not None:
-                eq_BSHD = attn.norm_added_q(eq_BSHD)
-            if attn.norm_added_k is not None:
-                ek_BSHD = attn.norm_added_k(ek_BSHD)
+            eq_BSHD, ek_BSHD, ev_BSHD = project_qkv(
+                encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
+                attn.norm_added_q, attn.norm_added_k, head_dim,
+            )
             # SD3 puts the image first: [image, text], unlike Flux.
             q_BSHD = torch.cat([q_BSHD, eq_BSHD], dim=1)
             k_BSHD = torch.cat([k_BSHD, ek_BSHD], dim=1)
