@@ -13,7 +13,8 @@ layout's (normally the 1-GPU run) by relative L2.
 Layout names:
 - ours: `1` (one rank), or axis letters with degrees: `u4`, `r2`, `u2r2`, `c2u2`, `t2u2`
   (c=cfg, u=ulysses, r=ring, t=tp, d=dp); an `s` right after the tp degree selects the sequence form
-  of TP (reduce-scatter / all-gather, `--tp-comm sequence`): `t4s`, `t2su2`, `t4s:compile`;
+  of TP (reduce-scatter / all-gather, `--tp-comm sequence`): `t4s`, `t2su2`, `t4s:compile`; an `o`
+  its overlapped form (collectives fused with their matmuls, `--tp-comm overlap`): `t4o:compile`;
 - baselines: `diffusers` (plain, one GPU), `diffusers-cp-<degrees>` (diffusers' context
   parallelism, cuDNN attention), `xfuser-<degrees>` (xDiT USP);
 - `h<n>` after our degrees pipelines the Ulysses all-to-alls over n head chunks (`u4h2`);
@@ -60,11 +61,12 @@ class Layout:
 
 
 def _degrees(text: str, name: str) -> ParallelConfig:
-    # (letter, degree, "s" for the sequence form of TP — after a tp degree only).
-    parts = re.findall(r"([curtd])(\d+)(s?)", text)
+    # (letter, degree, "s" / "o" for the sequence / overlap form of TP — after a tp degree only).
+    parts = re.findall(r"([curtd])(\d+)([so]?)", text)
     if not parts or "".join(a + n + s for a, n, s in parts) != text or any(s and a != "t" for a, _, s in parts):
         raise ValueError(f"unknown layout {name!r}: see `python -m engine.bench --help` for layout names")
-    tp_comm = "sequence" if any(s for _, _, s in parts) else "allreduce"
+    forms = {"": "allreduce", "s": "sequence", "o": "overlap"}
+    tp_comm = next((forms[s] for _, _, s in parts if s), "allreduce")
     return ParallelConfig(**{AXIS_LETTERS[a]: int(n) for a, n, _ in parts}, tp_comm=tp_comm)
 
 
@@ -83,7 +85,7 @@ def parse_layout(name: str) -> Layout:
                 raise ValueError(f"layout {name!r}: ':graphs' is for our layouts and plain diffusers")
             config = _degrees(base[len(system) + 1 :], name)
             if config.tp_comm != "allreduce":
-                raise ValueError(f"layout {name!r}: the sequence form of TP (`s` after the tp degree) is ours only")
+                raise ValueError(f"layout {name!r}: the sequence forms of TP (`s` / `o` after the tp degree) are ours only")
             return Layout(name, system, config, compile_)
     base, chunks = re.fullmatch(r"(.*?)(?:h(\d+))?", base).groups()
     return Layout(name, "shardiff", _degrees(base, name), compile_, graphs, int(chunks or 1))

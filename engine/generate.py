@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=auto_or_positive_int, default=None,
                    help="tensor-parallel degree, or auto (default): 1 unless the weights do not fit one GPU")
     p.add_argument("--tp-comm", choices=TP_COMMS, default="allreduce",
-                   help="TP communication: all-reduce, or sequence (reduce-scatter / all-gather: each TP rank "
-                        "keeps 1/tp of the tokens between TP regions; Flux only)")
+                   help="TP communication: all-reduce; sequence (reduce-scatter / all-gather: each TP rank "
+                        "keeps 1/tp of the tokens between TP regions; Flux only); or overlap (sequence, with the "
+                        "collectives fused with their matmuls, hidden behind them on CUDA GPUs)")
     p.add_argument("--cfg", type=positive_int, default=1, help="CFG-parallel degree (2: cond/uncond branches on different ranks)")
     p.add_argument("--dp", type=positive_int, default=1, help="data-parallel degree (independent images)")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU; on GPU bf16, fp16 for the SD1.5/SDXL UNets), bf16, fp16, fp32")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 
-from parallel.tensor import DROP, local_shards
+from parallel.tensor import local_shards
 
 from .model_info import is_preset, model_dir
 from .presets import _empty_model, _is_norm, get_preset, init_parameter
@@ -67,9 +67,6 @@ def load_sharded_denoiser(
         owner_name, _, pname = pname_full.rpartition(".")
         owner = modules[owner_name]
         sl = shards.get(pname_full)
-        if pname_full in shards and sl is DROP:
-            setattr(owner, pname, None)
-            continue
         if reader is None:
             full = init_parameter(f"{name}.{pname_full}", param.shape, is_norm=_is_norm(owner), seed=seed,
                                   device=device, dtype=dtype)

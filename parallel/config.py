@@ -11,8 +11,9 @@ import math
 from dataclasses import dataclass
 
 AXES = ("dp", "cfg", "ring", "ulysses", "tp")
-# The two forms of TP communication: parallel/tensor.py (all-reduce), parallel/tensor_seq.py (sequence).
-TP_COMMS = ("allreduce", "sequence")
+# The forms of TP communication: parallel/tensor.py (all-reduce), parallel/tensor_seq.py (sequence, and
+# overlap: the sequence form with each gather / reduce-scatter fused with its matmul).
+TP_COMMS = ("allreduce", "sequence", "overlap")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -28,9 +29,10 @@ class ParallelConfig:
     tp: int = 1
     """Tensor parallel degree: attention heads and MLP columns sharded."""
     tp_comm: str = "allreduce"
-    """How TP communicates: "allreduce" (every TP rank holds all tokens between TP regions) or
-    "sequence" (each holds 1/tp of them: reduce-scatter / all-gather, parallel/tensor_seq.py). No
-    effect with tp 1."""
+    """How TP communicates: "allreduce" (every TP rank holds all tokens between TP regions),
+    "sequence" (each holds 1/tp of them: reduce-scatter / all-gather, parallel/tensor_seq.py) or
+    "overlap" (the sequence form with the long collectives fused with their matmuls, which hides them
+    on CUDA: parallel/collective_matmul.py). No effect with tp 1."""
 
     def __post_init__(self):
         for a in AXES:
@@ -55,11 +57,11 @@ class ParallelConfig:
 
     @property
     def tp_sequence(self) -> bool:
-        """TP in its sequence form (reduce-scatter / all-gather over tokens)."""
-        return self.tp > 1 and self.tp_comm == "sequence"
+        """TP in its sequence form (reduce-scatter / all-gather over tokens), overlapped or not."""
+        return self.tp > 1 and self.tp_comm in ("sequence", "overlap")
 
     def describe(self) -> str:
-        parts = [f"{a}{getattr(self, a)}" + ("(sequence)" if a == "tp" and self.tp_sequence else "")
+        parts = [f"{a}{getattr(self, a)}" + (f"({self.tp_comm})" if a == "tp" and self.tp_sequence else "")
                  for a in AXES if getattr(self, a) > 1]
         return "×".join(parts) if parts else "single"
 
@@ -97,7 +99,7 @@ class ParallelConfig:
 
 def check_tp_comm(tp_comm: str) -> None:
     if tp_comm not in TP_COMMS:
-        raise ValueError(f"--tp-comm must be {' or '.join(TP_COMMS)}, got {tp_comm!r}")
+        raise ValueError(f"--tp-comm must be {', '.join(TP_COMMS[:-1])} or {TP_COMMS[-1]}, got {tp_comm!r}")
 
 
 def _divisors(n: int) -> list[int]:

@@ -120,8 +120,8 @@ def apply_plan(model: torch.nn.Module, plan: ModelPlan, mesh: Mesh, attention: P
         if mesh.config.tp_sequence:
             seq_tp = SequenceTP(model, plan.tensor_sequence, plan.tensor, mesh, ctx)
             applied._handles.append(seq_tp)
-        row_output = seq_tp.row_output if seq_tp is not None else None
-        applied._handles.append(shard_model(model, plan.tensor, mesh, row_output=row_output))
+        row_reduce = seq_tp.row_reduce if seq_tp is not None else None
+        applied._handles.append(shard_model(model, plan.tensor, mesh, row_reduce=row_reduce))
         if seq_tp is not None:
             seq_tp.install()
     split_seq = mesh.size("sp") > 1

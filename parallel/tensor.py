@@ -4,9 +4,10 @@ mechanism that shards them and adds the collectives.
 A model's TP plan maps module-name globs to a style (`Colwise`, `Rowwise`); unmatched modules are
 replicated. `local_shards` turns a plan into the slice of every parameter this TP rank keeps — pure
 shape arithmetic that also runs on a meta-device model, so loaders can read only those slices.
-`shard_model` then installs the shards (slicing full weights if they are still whole) and forward
-hooks: an all-gather after `Colwise(gather=True)`, an all-reduce after `Rowwise` (or, in the sequence
-form of TP, a reduce-scatter over tokens: parallel/tensor_seq.py).
+`shard_model` then installs the shards (slicing full weights if they are still whole), a forward hook
+that all-gathers after each `Colwise(gather=True)`, and puts a `RowParallelLinear` in place of each
+`Rowwise` linear, whose forward also reduces the partial products: an all-reduce, or in the sequence
+form of TP a reduce-scatter over tokens (parallel/tensor_seq.py), possibly fused with the matmul.
 
 Plain collectives rather than DTensor: a Flux step runs ~600 linears, and DTensor's per-op dispatch
 (tens of µs each) would cost more than the communication itself. Inference only: hooks work in place.
@@ -41,9 +42,9 @@ class Colwise:
 @dataclass(frozen=True)
 class Rowwise:
     """Input features split (the input arrives split from `Colwise` layers); partial products are
-    all-reduced. `blocks`: proportions of F_in that are split separately, for an input concatenated
-    from several split tensors (Flux single blocks: [attention (1), MLP (4)]). The bias is added once,
-    by TP rank 0 only (the others drop it), so the sum is exact."""
+    reduced. `blocks`: proportions of F_in that are split separately, for an input concatenated
+    from several split tensors (Flux single blocks: [attention (1), MLP (4)]). The bias (F_out values)
+    is replicated and joins the sum once (`RowParallelLinear`)."""
 
     blocks: tuple[int, ...] = (1,)
 
@@ -67,10 +68,6 @@ class Slice:
         return tuple(shape)
 
 
-DROP = None
-"""In a shard map: the parameter is absent on this rank (a row-parallel bias off TP rank 0)."""
-
-
 def match_style(name: str, plan: Mapping[str, Style]) -> Style | None:
     """The style of module `name` in `plan` (the first glob that matches), or None: replicated."""
     for pattern, style in plan.items():
@@ -85,8 +82,8 @@ def _even(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
-def module_shards(name: str, module: torch.nn.Module, style: Style, tp: int, t: int) -> dict[str, Slice | None]:
-    """Parameter name (relative to `module`) → what TP rank `t` of `tp` keeps."""
+def module_shards(name: str, module: torch.nn.Module, style: Style, tp: int, t: int) -> dict[str, Slice]:
+    """Parameter name (relative to `module`) → what TP rank `t` of `tp` keeps (unlisted: all of it)."""
     assert isinstance(module, torch.nn.Linear), f"TP plan matched {name} ({type(module).__name__}), not a Linear"
     if isinstance(style, Colwise):
         n = _even(module.out_features, tp, f"the output width of {name}")
@@ -101,14 +98,11 @@ def module_shards(name: str, module: torch.nn.Module, style: Style, tp: int, t: 
         n = _even(unit * b, tp, f"an input block of {name}")
         runs.append((start + t * n, n))
         start += unit * b
-    out = {"weight": Slice(1, tuple(runs))}
-    if module.bias is not None and t != 0:
-        out["bias"] = DROP
-    return out
+    return {"weight": Slice(1, tuple(runs))}
 
 
-def local_shards(model: torch.nn.Module, plan: Mapping[str, Style], tp: int, t: int) -> dict[str, Slice | None]:
-    """Full parameter name → its slice on TP rank `t` (DROP: absent); unlisted parameters are replicated.
+def local_shards(model: torch.nn.Module, plan: Mapping[str, Style], tp: int, t: int) -> dict[str, Slice]:
+    """Full parameter name → its slice on TP rank `t`; unlisted parameters are replicated.
 
     Reads only module attributes (in/out features), so it works on meta-device and already-sharded models.
     """
@@ -127,24 +121,69 @@ def local_numel(model: torch.nn.Module, plan: Mapping[str, Style], tp: int, t: i
     total = 0
     for name, p in model.named_parameters():
         sl = shards.get(name)
-        if name in shards and sl is DROP:
-            continue
         total += math.prod(p.shape if sl is None else sl.local_shape(p.shape))
     return total
 
 
+Reduce = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+"""(input with split features, this rank's weight columns, the whole bias or None) → the reduced output."""
+
+
+class RowParallelLinear(torch.nn.Linear):
+    """A `Rowwise` linear that also reduces: `reduce(x, weight, bias)` instead of `x @ weightᵀ + bias`.
+
+    Put in place of the model's Linear (same Parameters, so names and shards are unchanged), since a
+    fused matmul + reduce-scatter (parallel/collective_matmul.py) replaces the matmul itself, which a
+    forward hook cannot. `in_features` / `out_features` stay the whole layer's, like the sharded Linear's."""
+
+    def __init__(self, linear: torch.nn.Linear, reduce: Reduce):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.reduce = reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduce(x, self.weight, self.bias)
+
+
+def all_reduce_linear(group, t: int) -> Reduce:
+    """The all-reduce form: the bias joins the sum once, added by TP rank 0 before the all-reduce."""
+
+    def reduce(x, weight, bias):
+        out = torch.nn.functional.linear(x, weight, bias if t == 0 else None)
+        dist.all_reduce(out, group=group)
+        return out
+
+    return reduce
+
+
+def swap_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> torch.nn.Module:
+    """Put `new` at `name` in `model`; returns what was there."""
+    owner_name, _, child = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    old = getattr(owner, child)
+    setattr(owner, child, new)
+    return old
+
+
 @dataclass
 class ShardedModel:
-    """Hooks and (when this call sliced full weights) the originals, so `remove` can undo it all."""
+    """Hooks, swapped modules and (when this call sliced full weights) the original parameters, so
+    `remove` can undo it all."""
 
     model: torch.nn.Module
     handles: list = field(default_factory=list)
-    originals: dict[str, torch.nn.Parameter | None] = field(default_factory=dict)
+    swapped: dict[str, torch.nn.Module] = field(default_factory=dict)
+    originals: dict[str, torch.nn.Parameter] = field(default_factory=dict)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        # Modules first: the original parameters go back onto the original Linears.
+        for name, module in self.swapped.items():
+            swap_module(self.model, name, module)
+        self.swapped.clear()
         for full_name, param in self.originals.items():
             owner, _, pname = full_name.rpartition(".")
             setattr(self.model.get_submodule(owner), pname, param)
@@ -156,13 +195,13 @@ def shard_model(
     plan: Mapping[str, Style],
     mesh: Mesh,
     *,
-    row_output: Callable[[str], Callable | None] | None = None,
+    row_reduce: Callable[[str], Reduce | None] | None = None,
 ) -> ShardedModel:
     """Make `model` this rank's TP part: slice full parameters (a sharded load leaves them local
-    already), then hook the collectives. `remove()` restores whatever was sliced here.
+    already), then add the collectives. `remove()` restores whatever was changed here.
 
-    `row_output(name)`: the forward hook that replaces the all-reduce after Rowwise layer `name`, or
-    None to keep it (the sequence form's reduce-scatter, parallel/tensor_seq.py)."""
+    `row_reduce(name)`: how Rowwise layer `name` reduces (the sequence form's reduce-scatter,
+    parallel/tensor_seq.py), or None for the all-reduce."""
     T, t, group = mesh.size("tp"), mesh.coord("tp"), mesh.group("tp")
     assert T > 1 and group is not None
     shards = local_shards(model, plan, T, t)
@@ -173,11 +212,6 @@ def shard_model(
         owner = model.get_submodule(owner_name)
         param = getattr(owner, pname)
         full_shape = (owner.out_features, owner.in_features) if pname == "weight" else (owner.out_features,)
-        if sl is DROP:
-            if param is not None:
-                sharded.originals[full_name] = param
-                setattr(owner, pname, None)
-            continue
         if tuple(param.shape) == full_shape:
             sharded.originals[full_name] = param
             setattr(owner, pname, torch.nn.Parameter(sl.take(param.data).contiguous(), requires_grad=False))
@@ -185,22 +219,14 @@ def shard_model(
             assert tuple(param.shape) == sl.local_shape(full_shape), (
                 f"{full_name} has shape {tuple(param.shape)}: neither full {full_shape} nor this rank's shard"
             )
-    for name, module in model.named_modules():
+    for name, module in list(model.named_modules()):
         style = match_style(name, plan)
         if isinstance(style, Rowwise):
-            hook = row_output(name) if row_output is not None else None
-            sharded.handles.append(module.register_forward_hook(hook or _all_reduce_hook(group)))
+            reduce = (row_reduce(name) if row_reduce is not None else None) or all_reduce_linear(group, t)
+            sharded.swapped[name] = swap_module(model, name, RowParallelLinear(module, reduce))
         elif isinstance(style, Colwise) and style.gather:
             sharded.handles.append(module.register_forward_hook(_all_gather_hook(group, T)))
     return sharded
-
-
-def _all_reduce_hook(group):
-    def hook(module, args, out):
-        dist.all_reduce(out, group=group)
-        return out
-
-    return hook
 
 
 def _all_gather_hook(group, T: int):

@@ -18,6 +18,17 @@ its own, so a tensor holding [text, image] on rank r holds [t_r, i_r]. Gathering
 [t_0 i_0 t_1 i_1 …]; it is reordered group-major [t_0 t_1 … i_0 i_1 …] (the order of the positions),
 and the inverse order is applied before reduce-scattering, so each rank gets back exactly [t_r, i_r].
 
+Rank-major modules: where a multi-group tensor is only read by work that does not care about token
+order (Flux's single-stream blocks: per-token layers and attention without a mask), the gathered order
+[t_0 i_0 t_1 i_1 …] is kept (`Tokens.rank_major`), so neither reorder copy runs; the position inputs of
+those modules (rotary tables) are permuted to the same order instead (`rank_major_inputs`).
+
+The overlap form (`tp_comm="overlap"`): entries marked `Fused` run their collective fused with the
+matmul next to it (parallel/collective_matmul.py; symmetric-memory copy-engine pipelines on CUDA). A
+fused gather computes the products of every column-split linear that reads the gathered tensor (one
+matmul on their concatenated weights) and hands each its piece (`GatheredLinear`); a fused
+reduce-scatter replaces the row-split linear's matmul.
+
 reduce_scatter / all_gather want equal parts: every sp piece of every group must split evenly over tp
 (`check_token_split`), else a ValueError suggests the all-reduce form, which takes any length.
 
@@ -32,23 +43,39 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 
+from .collective_matmul import (
+    all_gather_matmul,
+    gather_dim0,
+    matmul_reduce_scatter,
+    reduce_scatter_dim0,
+    symmetric_memory_usable,
+)
 from .sharding import split_sizes
-from .tensor import Rowwise, Style, match_style
-
-# torch ≥ 2.13 renamed the dim-0 collectives (all_gather_into_tensor, reduce_scatter_tensor) to *_single.
-_dist_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_dist_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from .tensor import Reduce, Rowwise, Style, match_style, swap_module
 
 
 @dataclass(frozen=True)
 class Tokens:
-    """A tensor whose dimension `dim` holds the tokens of `groups`, concatenated in that order."""
+    """A tensor whose dimension `dim` holds the tokens of `groups`, concatenated in that order.
+
+    `rank_major`: gathered, the tensor keeps the gathered order [t_0 i_0 t_1 i_1 …] (and is
+    reduce-scattered from it) instead of each group whole in position order; only for tensors read by
+    order-free work, whose position inputs `SequenceTPPlan.rank_major_inputs` permutes to match."""
 
     groups: tuple[str, ...]
     dim: int = 1
+    rank_major: bool = False
+
+
+@dataclass(frozen=True)
+class Fused(Tokens):
+    """A gather or reduce-scatter that the overlap form fuses with its matmul (worth it on long token
+    groups: image tokens, not Flux's 512 text tokens). For a gather, `into` names the column-split
+    linears (relative to the gathered module's parent) that read the gathered tensor; nothing else
+    may read it but the modules that pass it on to them."""
+
+    into: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,6 +110,9 @@ class SequenceTPPlan:
     instead of all-reduced. Rowwise layers not listed (on per-sample vectors) keep the all-reduce."""
     gather_output: Tokens
     """Where the tokens of the model's first output are (all-gathered over tp before the sp gather)."""
+    rank_major_inputs: Mapping[str, Mapping[str, Tokens]] = field(default_factory=dict)
+    """Module-name glob → {forward argument: where its tokens are}: position inputs (a tensor or a
+    tuple of them) of modules that work on `rank_major` tensors, permuted to that order."""
 
 
 def check_token_split(counts: Mapping[str, int], *, sp: int, tp: int) -> None:
@@ -103,24 +133,6 @@ def check_token_split(counts: Mapping[str, int], *, sp: int, tp: int) -> None:
         f"which does not divide {what}; use --tp-comm allreduce (any length), or sizes whose token counts are "
         f"multiples of {sp * tp}"
     )
-
-
-def _gather_dim0(x0: torch.Tensor, T: int, group) -> torch.Tensor:
-    """[n, *R] on each rank → [T·n, *R], rank-major. Functional under torch.compile: no graph break."""
-    if torch.compiler.is_compiling():
-        return funcol.wait_tensor(funcol.all_gather_tensor(x0, 0, group))
-    out = x0.new_empty((T * x0.shape[0], *x0.shape[1:]))
-    _dist_all_gather(out, x0, group=group)
-    return out
-
-
-def _reduce_scatter_dim0(x0: torch.Tensor, T: int, group) -> torch.Tensor:
-    """[T·n, *R] partial sums → [n, *R]: rank r gets the sum of rows r·n … (r+1)·n − 1."""
-    if torch.compiler.is_compiling():
-        return funcol.wait_tensor(funcol.reduce_scatter_tensor(x0, "sum", 0, group))
-    out = x0.new_empty((x0.shape[0] // T, *x0.shape[1:]))
-    _dist_reduce_scatter(out, x0, group=group)
-    return out
 
 
 def _group_major(x_SR: torch.Tensor, sizes: list[int], T: int) -> torch.Tensor:
@@ -179,17 +191,71 @@ def _matches(model: torch.nn.Module, globs: Mapping[str, object], what: str) -> 
     return out
 
 
+class GatheredLinear(torch.nn.Linear):
+    """A column-split linear whose product a fused gather already computed (`ColumnGroup`): its
+    forward hands out its piece. Same Parameters as the Linear it stands in for."""
+
+    def __init__(self, linear: torch.nn.Linear, group: ColumnGroup, index: int):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.group, self.index = group, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.take(self.index, x)
+
+
+class ColumnGroup:
+    """The column-split linears that read one gathered tensor, as one matmul: their weights (and
+    biases) concatenated — each Linear's Parameter becomes a view into the concatenation, so nothing is
+    held twice — and the products of the last call, until each linear has taken its piece."""
+
+    def __init__(self, linears: list[torch.nn.Linear], names: list[str]):
+        assert len({lin.in_features for lin in linears}) == 1, f"{names} read one tensor: in_features differ"
+        has_bias = {lin.bias is not None for lin in linears}
+        assert len(has_bias) == 1, f"{names}: all or none must have a bias"
+        self.widths = [lin.weight.shape[0] for lin in linears]
+        self.weight = torch.cat([lin.weight.data for lin in linears])
+        self.bias = torch.cat([lin.bias.data for lin in linears]) if has_bias.pop() else None
+        off = 0
+        for lin, n in zip(linears, self.widths):
+            lin.weight = torch.nn.Parameter(self.weight[off : off + n], requires_grad=False)
+            if self.bias is not None:
+                lin.bias = torch.nn.Parameter(self.bias[off : off + n], requires_grad=False)
+            off += n
+        self.names = names
+        self.outs: tuple[torch.Tensor, ...] | None = None
+        self.left = 0
+
+    def hand_out(self, y: torch.Tensor) -> None:
+        assert self.left == 0, f"{self.names}: the products of the previous call were not all taken"
+        self.outs, self.left = tuple(y.split(self.widths, dim=-1)), len(self.widths)
+
+    def take(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        assert self.outs is not None, f"{self.names[index]} ran before the gather that computes it"
+        out = self.outs[index]
+        assert out.shape[:-1] == x.shape[:-1], (self.names[index], out.shape, x.shape)
+        self.left -= 1
+        if self.left == 0:
+            self.outs = None  # hold no activation past the call
+        return out
+
+
 class SequenceTP:
     """One model's sequence-form TP: the hooks of its `SequenceTPPlan` on a mesh.
 
-    `apply_plan` passes `row_output` to `shard_model`, which then reduce-scatters the listed Rowwise
+    `apply_plan` passes `row_reduce` to `shard_model`, which then reduce-scatters the listed Rowwise
     layers, calls `install` for the module hooks, and registers `pre_hook` after the sp split and
-    `post_hook` before the sp gather; `remove` undoes the module hooks installed here."""
+    `post_hook` before the sp gather; `remove` undoes what `install` did."""
 
     def __init__(self, model: torch.nn.Module, plan: SequenceTPPlan, tensor_plan: Mapping[str, Style], mesh, ctx):
         self.model, self.plan, self.mesh, self.ctx = model, plan, mesh, ctx
         self.T, self.t, self.group = mesh.size("tp"), mesh.coord("tp"), mesh.group("tp")
         assert self.T > 1 and self.group is not None
+        self.overlap = mesh.config.tp_comm == "overlap"
+        device = next(model.parameters()).device
+        # Off CUDA / NCCL the overlap form runs the same fused structure with plain collectives.
+        self.fused = self.overlap and symmetric_memory_usable(self.group, device)
         self.sig = inspect.signature(model.forward)
         self.local: dict[str, int] = {}
         """Tokens of each group on every TP rank in the current call (set by `pre_hook`)."""
@@ -197,70 +263,156 @@ class SequenceTP:
         bad = [n for n in self.scatter if not isinstance(match_style(n, tensor_plan), Rowwise)]
         assert not bad, f"sequence TP plan reduce-scatters {bad}, which the TP plan does not make Rowwise"
         self.handles: list = []
+        self.swapped: dict[str, torch.nn.Module] = {}
 
     def install(self) -> None:
         """The module hooks; after `shard_model`'s, so that a split after a `Colwise(gather=True)` layer
         (`SplitInput.after`) sees its all-gathered features."""
         model, plan = self.model, self.plan
         for name, where in _matches(model, plan.gather_outputs, "gather_outputs").items():
-            self.handles.append(model.get_submodule(name).register_forward_hook(self._gather_output_hook(where)))
+            cols = self._column_group(name, where)
+            self.handles.append(model.get_submodule(name).register_forward_hook(self._gather_output_hook(where, cols)))
         for name, where in _matches(model, plan.gather_inputs, "gather_inputs").items():
-            hook = self._gather_input_hook(name, where)
+            hook = self._gather_input_hook(name, where, self._column_group(name, where))
             self.handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
         for spec in plan.split_inputs.values():
             if spec.after is not None:
                 hook = self._split_output_hook(spec)
                 self.handles.append(model.get_submodule(spec.after).register_forward_hook(hook))
+        for name, inputs in _matches(model, plan.rank_major_inputs, "rank_major_inputs").items():
+            module = model.get_submodule(name)
+            hook = self._rank_major_hook(module, inputs)
+            self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _column_group(self, name: str, where: Tokens) -> ColumnGroup | None:
+        """In the overlap form, the fused gather's linears (put in place as `GatheredLinear`s)."""
+        if not (self.overlap and isinstance(where, Fused) and where.into):
+            return None
+        parent = name.rpartition(".")[0]
+        names = [f"{parent}.{c}" if parent else c for c in where.into]
+        linears = [self.model.get_submodule(n) for n in names]
+        bad = [n for n, lin in zip(names, linears) if type(lin) is not torch.nn.Linear]
+        assert not bad, f"fused gather of {name}: {bad} are not (column-split) Linears"
+        cols = ColumnGroup(linears, names)
+        for i, (n, lin) in enumerate(zip(names, linears)):
+            self.swapped[n] = swap_module(self.model, n, GatheredLinear(lin, cols, i))
+        return cols
 
     # -- the collectives over tokens ---------------------------------------------------------------
 
+    def _sizes(self, where: Tokens) -> list[int]:
+        return [self.local[g] for g in where.groups]
+
     def gather(self, x: torch.Tensor, where: Tokens) -> torch.Tensor:
-        """This rank's [n_g …] of each group → every rank's, group-major (positions in order)."""
+        """This rank's [n_g …] of each group → every rank's: group-major (positions in order), or as
+        gathered for a `rank_major` tensor."""
         dim = where.dim % x.ndim
-        sizes = [self.local[g] for g in where.groups]
+        sizes = self._sizes(where)
         assert x.shape[dim] == sum(sizes), (x.shape, where, self.local)
         # Dim 0 for the collective: free when the batch is 1 (a size-1 dim does not break contiguity).
-        full = _gather_dim0(x.movedim(dim, 0).contiguous(), self.T, self.group)
-        if len(sizes) > 1:
+        full = gather_dim0(x.movedim(dim, 0).contiguous(), self.T, self.group)
+        if len(sizes) > 1 and not where.rank_major:
             full = _group_major(full, sizes, self.T)
         return full.movedim(0, dim)
 
-    def reduce_scatter(self, x: torch.Tensor, where: Tokens) -> torch.Tensor:
-        """Partial sums over all T·n_g tokens of each group (group-major) → this rank's summed [n_g …]."""
+    def gather_into(self, x: torch.Tensor, where: Tokens, cols: ColumnGroup) -> torch.Tensor:
+        """`gather`, with the products of `cols`' linears computed in the same fused op and handed out."""
         dim = where.dim % x.ndim
-        sizes = [self.local[g] for g in where.groups]
+        sizes = self._sizes(where)
+        assert x.shape[dim] == sum(sizes), (x.shape, where, self.local)
+        full, y = all_gather_matmul(x.movedim(dim, 0).contiguous(), cols.weight, self.T, self.group, fused=self.fused)
+        if cols.bias is not None:
+            y = y + cols.bias
+        if len(sizes) > 1 and not where.rank_major:
+            full, y = _group_major(full, sizes, self.T), _group_major(y, sizes, self.T)
+        cols.hand_out(y.movedim(0, dim))
+        return full.movedim(0, dim)
+
+    def _rank_major_rows(self, x: torch.Tensor, where: Tokens) -> torch.Tensor:
+        """Tokens along `where.dim` → dim 0, contiguous, in rank-major order (what a reduce-scatter takes)."""
+        dim = where.dim % x.ndim
+        sizes = self._sizes(where)
         assert x.shape[dim] == self.T * sum(sizes), (x.shape, where, self.local)
         x0 = x.movedim(dim, 0)
-        x0 = _rank_major(x0, sizes, self.T) if len(sizes) > 1 else x0.contiguous()
-        return _reduce_scatter_dim0(x0, self.T, self.group).movedim(0, dim)
+        return _rank_major(x0, sizes, self.T) if len(sizes) > 1 and not where.rank_major else x0.contiguous()
+
+    def reduce_scatter(self, x: torch.Tensor, where: Tokens) -> torch.Tensor:
+        """Partial sums over all T·n_g tokens of each group → this rank's summed [n_g …]."""
+        return reduce_scatter_dim0(self._rank_major_rows(x, where), self.T, self.group).movedim(0, where.dim % x.ndim)
 
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         n = x.shape[dim] // self.T
         return x.narrow(dim, self.t * n, n)
 
-    # -- hooks ---------------------------------------------------------------------------------------
-
-    def row_output(self, name: str):
-        """For `shard_model`: the hook that replaces the all-reduce after Rowwise layer `name`, or None."""
+    def row_reduce(self, name: str) -> Reduce | None:
+        """For `shard_model`: how Rowwise layer `name` reduces, or None (the all-reduce)."""
         where = self.scatter.get(name)
         if where is None:
             return None
+        if self.overlap and isinstance(where, Fused):
 
-        def hook(module, args, out):
-            return self.reduce_scatter(out, where)
+            def fused(x, weight, bias):
+                dim = where.dim % x.ndim
+                out = matmul_reduce_scatter(self._rank_major_rows(x, where), weight, self.T, self.group, fused=self.fused)
+                # Every rank adds the whole bias to its own tokens, after the sum.
+                return (out if bias is None else out + bias).movedim(0, dim)
 
-        return hook
+            return fused
 
-    def _gather_output_hook(self, where: Tokens):
+        def plain(x, weight, bias):
+            # The bias joins the sum once: TP rank 0 adds it before the reduce-scatter.
+            return self.reduce_scatter(torch.nn.functional.linear(x, weight, bias if self.t == 0 else None), where)
+
+        return plain
+
+    # -- hooks ---------------------------------------------------------------------------------------
+
+    def _gather_fn(self, where: Tokens, cols: ColumnGroup | None):
+        if cols is None:
+            return lambda x: self.gather(x, where)
+        return lambda x: self.gather_into(x, where, cols)
+
+    def _gather_output_hook(self, where: Tokens, cols: ColumnGroup | None):
+        gather = self._gather_fn(where, cols)
+
         def hook(module, args, output):
-            return _first(output, lambda x: self.gather(x, where))
+            return _first(output, gather)
 
         return hook
 
-    def _gather_input_hook(self, name: str, where: Tokens):
+    def _gather_input_hook(self, name: str, where: Tokens, cols: ColumnGroup | None):
+        gather = self._gather_fn(where, cols)
+
         def hook(module, args):
             assert args and isinstance(args[0], torch.Tensor), f"{name} must take its tokens as first positional argument"
-            return (self.gather(args[0], where), *args[1:])
+            return (gather(args[0]), *args[1:])
+
+        return hook
+
+    def _rank_major_hook(self, module: torch.nn.Module, inputs: Mapping[str, Tokens]):
+        # Positions of the arguments when passed positionally (no signature binding inside a compiled
+        # block: dynamo would break the graph on it).
+        params = list(inspect.signature(module.forward).parameters)
+        missing = [n for n in inputs if n not in params]
+        assert not missing, f"rank_major_inputs: {type(module).__name__}.forward takes no {missing}"
+        where_at = {params.index(n): (n, w) for n, w in inputs.items()}
+
+        def permute(x, where: Tokens):
+            if x is None:
+                return None
+            if isinstance(x, tuple):
+                return tuple(permute(v, where) for v in x)
+            dim = where.dim % x.ndim
+            return _rank_major(x.movedim(dim, 0), self._sizes(where), self.T).movedim(0, dim)
+
+        def hook(module, args, kwargs):
+            args = list(args)
+            for pos, (n, where) in where_at.items():
+                if n in kwargs:
+                    kwargs[n] = permute(kwargs[n], where)
+                elif pos < len(args):
+                    args[pos] = permute(args[pos], where)
+            return tuple(args), kwargs
 
         return hook
 
@@ -317,3 +469,7 @@ class SequenceTP:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        # The linears go back; their Parameters stay views into the concatenated weights (same values).
+        for name, module in self.swapped.items():
+            swap_module(self.model, name, module)
+        self.swapped.clear()

@@ -1,4 +1,5 @@
-"""Run a function on N gloo processes (CPU) and collect what each rank returns.
+"""Run a function on N gloo processes (CPU) — or N NCCL processes, one per GPU — and collect what each
+rank returns.
 
 Functions must be importable (module level) since workers are spawned. Every run has a deadline:
 a hung collective fails the test instead of hanging CI.
@@ -17,11 +18,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, fn, args, kwargs):
+def _worker(rank: int, world: int, init_file: str, out_dir: str, backend: str, fn, args, kwargs):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        backend, init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
     try:
         result = fn(*args, **kwargs)
@@ -33,11 +36,11 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, fn, args, kwarg
         dist.destroy_process_group()
 
 
-def run_distributed(fn, world: int, *args, timeout: float = 120.0, **kwargs) -> list:
+def run_distributed(fn, world: int, *args, timeout: float = 120.0, backend: str = "gloo", **kwargs) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         ctx = mp.start_processes(
-            _worker, args=(world, init_file, tmp, fn, args, kwargs), nprocs=world, join=False, start_method="spawn"
+            _worker, args=(world, init_file, tmp, backend, fn, args, kwargs), nprocs=world, join=False, start_method="spawn"
         )
         deadline = time.monotonic() + timeout
         try:

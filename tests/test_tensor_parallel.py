@@ -115,14 +115,13 @@ def test_sharded_loading_reads_exactly_each_ranks_bytes(tiny_flux_dir):
     from engine.models import family
     from engine.safetensors_slices import SafetensorsSlices
     from engine.sharded_loading import load_sharded_denoiser
-    from parallel.tensor import DROP, local_shards
+    from parallel.tensor import local_shards
 
     fam = family("flux")
     folder = Path(tiny_flux_dir) / "transformer"
     full = SafetensorsSlices(folder)
     tensor_bytes = {n: e.dtype.itemsize * torch.Size(e.shape).numel() for n, e in full.entries.items()}
     full_model = load_sharded_denoiser(tiny_flux_dir, fam, tp=1, tp_rank=0, dtype=torch.float32, device="cpu")
-    # Off TP rank 0 the map also lists the row-split biases (DROP), so its keys are all non-replicated names.
     shards = local_shards(full_model, fam.plan.tensor, 2, 1)
     (data_file,) = {e.file for e in full.entries.values()}
     covered = torch.zeros(data_file.stat().st_size, dtype=torch.int32)
@@ -131,7 +130,7 @@ def test_sharded_loading_reads_exactly_each_ranks_bytes(tiny_flux_dir):
         model = load_sharded_denoiser(tiny_flux_dir, fam, tp=2, tp_rank=t, dtype=torch.float32, device="cpu",
                                       reader=reader)
         sl = local_shards(full_model, fam.plan.tensor, 2, t)
-        expected = sum(b if n not in sl else 0 if sl[n] is DROP else b // 2 for n, b in tensor_bytes.items())
+        expected = sum(b if n not in sl else b // 2 for n, b in tensor_bytes.items())
         assert reader.bytes_read == expected, (t, reader.bytes_read, expected)
         assert reader.bytes_read < 0.55 * sum(tensor_bytes.values())
         for _, start, end in reader.ranges:
@@ -140,9 +139,9 @@ def test_sharded_loading_reads_exactly_each_ranks_bytes(tiny_flux_dir):
         for name, p in model.named_parameters():
             ref = dict(full_model.named_parameters())[name].data
             assert torch.equal(p, ref if name not in sl else sl[name].take(ref)), name
-        assert {n for n, _ in model.named_parameters()} == {n for n in tensor_bytes if sl.get(n, 0) is not DROP}
-    # Across the two ranks every sharded byte is read exactly once; replicated ones (and the row-split
-    # biases that only rank 0 keeps) as often as they are held.
+        assert {n for n, _ in model.named_parameters()} == set(tensor_bytes)
+    # Across the two ranks every sharded byte is read exactly once, replicated ones (the row-split
+    # layers' biases too) by both.
     replicated = sum(b for n, b in tensor_bytes.items() if n not in shards)
     assert int((covered == 2).sum()) == replicated
     assert int((covered == 1).sum()) + replicated == sum(tensor_bytes.values())

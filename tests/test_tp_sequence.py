@@ -1,9 +1,13 @@
-"""The sequence form of tensor parallelism (`tp_comm="sequence"`, parallel/tensor_seq.py) on the tiny Flux.
+"""The sequence forms of tensor parallelism (`tp_comm="sequence"` and `"overlap"`, parallel/tensor_seq.py)
+on the tiny Flux.
 
 TP-2, TP-4, TP-2×Ulysses-2, TP-2×Ring-2 and TP-2×CFG-2 (Flux true CFG: the two branches' calls on
-different ranks) pipeline latents equal one process and the all-reduce form
-(on the same engine, the plan moved between the two forms); the residual stream between blocks really
-holds 1/tp of the tokens; the compiled blocks give the same latents; token counts that do not split
+different ranks) pipeline latents equal one process and the all-reduce form (on the same engine, the
+plan moved between the forms); the overlap form here runs its fused gathers and reduce-scatters with
+gloo collectives (the symmetric-memory kernels need CUDA: tests/test_collective_matmul.py), which
+exercises its hand-out of the fused products to the linears and the single-stream blocks' rank-major
+order with permuted rotary tables; the residual stream between blocks really holds 1/tp of the tokens;
+the compiled blocks give the same latents without a graph break; token counts that do not split
 evenly, a model without a sequence plan and an unknown form are clear ValueErrors.
 
 Case: 112×128 (56 image tokens) with 24 text tokens, so that every sp piece splits evenly over tp
@@ -59,12 +63,17 @@ def _runs(world: int, model_dir: str) -> dict:
         res = engine.generate(_layout_request(degrees), output_type="latent")
         assert res.params["tp_comm"] == "sequence" and "(sequence)" in res.params["layout"], res.params
         seq, seq_tokens = res.latents.clone(), _block_tokens(engine, degrees)
+        use_layout(engine, dataclasses.replace(engine.parallel, tp_comm="overlap"))
+        res = engine.generate(_layout_request(degrees), output_type="latent")
+        assert "(overlap)" in res.params["layout"], res.params
+        overlap, overlap_tokens = res.latents.clone(), _block_tokens(engine, degrees)
         # The all-reduce form on the same engine and weights: only the plan's hooks move.
         use_layout(engine, dataclasses.replace(engine.parallel, tp_comm="allreduce"))
         allreduce = engine.generate(_layout_request(degrees), output_type="latent").latents.clone()
         ar_tokens = _block_tokens(engine, degrees)
         engine.close()
-        out[str(degrees)] = dict(seq=seq, allreduce=allreduce, seq_tokens=seq_tokens, ar_tokens=ar_tokens,
+        out[str(degrees)] = dict(seq=seq, overlap=overlap, allreduce=allreduce, seq_tokens=seq_tokens,
+                                 overlap_tokens=overlap_tokens, ar_tokens=ar_tokens,
                                  sp=sp, tp=degrees["tp"], cfg="cfg" in degrees)
     if world == 2:
         out["errors"] = _errors(model_dir)
@@ -122,9 +131,10 @@ def test_sequence_form_equals_single_process_and_all_reduce_form(tiny_flux_dir, 
             assert _rel(r["seq"], ref) <= 1e-5, f"{where}: sequence form vs 1 process {_rel(r['seq'], ref):.2e}"
             assert _rel(r["allreduce"], ref) <= 1e-5, where
             assert _rel(r["seq"], r["allreduce"]) <= 1e-5, where
+            assert _rel(r["overlap"], ref) <= 1e-5, f"{where}: overlap form vs 1 process {_rel(r['overlap'], ref):.2e}"
             # Between blocks each TP rank holds 1/tp of its sp piece in the sequence form, all of it otherwise.
             piece = [TEXT // r["sp"], IMAGE // r["sp"]]
-            assert r["seq_tokens"] == [n // r["tp"] for n in piece], (where, r["seq_tokens"])
+            assert r["seq_tokens"] == r["overlap_tokens"] == [n // r["tp"] for n in piece], (where, r["seq_tokens"])
             assert r["ar_tokens"] == piece, (where, r["ar_tokens"])
         if errors is not None:
             engine_msg, mechanism_msg, sd3_msg = errors["engine uneven"], errors["mechanism uneven"], errors["sd3"]
@@ -134,20 +144,22 @@ def test_sequence_form_equals_single_process_and_all_reduce_form(tiny_flux_dir, 
             assert "sd3 models have no sequence-form" in sd3_msg and "available for: flux" in sd3_msg, sd3_msg
 
 
-def _compiled(model_dir: str):
+def _compiled(model_dir: str, tp_comm: str):
     from torch._dynamo.utils import counters
 
     from engine import Engine, EngineConfig
 
-    engine = Engine(EngineConfig(model=model_dir, tp=2, tp_comm="sequence", compile=True))
+    engine = Engine(EngineConfig(model=model_dir, tp=2, tp_comm=tp_comm, compile=True))
     latents = engine.generate(_request(), output_type="latent").latents.clone()
     engine.close()
-    # The collectives trace as functional collectives: no graph break in the compiled blocks.
+    # The collectives trace as functional collectives, and the overlap form's hand-out of fused products
+    # to the linears traces too: no graph break in the compiled blocks.
     return latents, sum(counters["graph_break"].values())
 
 
-def test_compiled_blocks_match(tiny_flux_dir, single):  # noqa: F811
-    for rank, (latents, breaks) in enumerate(run_distributed(_compiled, 2, tiny_flux_dir, timeout=300)):
+@pytest.mark.parametrize("tp_comm", ["sequence", "overlap"])
+def test_compiled_blocks_match(tiny_flux_dir, single, tp_comm):  # noqa: F811
+    for rank, (latents, breaks) in enumerate(run_distributed(_compiled, 2, tiny_flux_dir, tp_comm, timeout=300)):
         assert _rel(latents, single[False]) <= 1e-5, f"rank {rank}: {_rel(latents, single[False]):.2e}"
         assert breaks == 0, f"rank {rank}: {breaks} graph breaks"
 
@@ -163,11 +175,13 @@ def test_bad_values_are_clear_errors():
     from parallel.tensor_seq import check_token_split
 
     for make in (lambda: ParallelConfig(tp=2, tp_comm="ring"), lambda: EngineConfig(tp_comm="reduce-scatter")):
-        with pytest.raises(ValueError, match=r"--tp-comm must be allreduce or sequence, got '"):
+        with pytest.raises(ValueError, match=r"--tp-comm must be allreduce, sequence or overlap, got '"):
             make()
     with pytest.raises(UserError, match="--tp-comm"):
         build_parser().parse_args(["--tp-comm", "scatter"])
     assert build_parser().parse_args(["--tp-comm", "sequence"]).tp_comm == "sequence"
+    assert build_parser().parse_args(["--tp-comm", "overlap"]).tp_comm == "overlap"
+    assert parse_layout("t4o:compile").config == ParallelConfig(tp=4, tp_comm="overlap")
     # The bench spelling: `s` right after the tp degree, nowhere else.
     assert parse_layout("t2su2:compile").config == ParallelConfig(tp=2, ulysses=2, tp_comm="sequence")
     assert parse_layout("t4").config.tp_comm == "allreduce"

@@ -85,8 +85,8 @@ class Family:
         if parallel.tp_sequence and self.plan.tensor_sequence is None:
             have = sorted(n for n, f in FAMILIES.items() if f.plan.tensor_sequence is not None)
             raise ValueError(
-                f"{self.name} models have no sequence-form tensor-parallel plan (--tp-comm sequence is available "
-                f"for: {', '.join(have)}); use --tp-comm allreduce"
+                f"{self.name} models have no sequence-form tensor-parallel plan (--tp-comm {parallel.tp_comm} is "
+                f"available for: {', '.join(have)}); use --tp-comm allreduce"
             )
 
     def check_axes(self, degrees: dict[str, int]) -> None:
