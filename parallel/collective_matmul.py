@@ -51,7 +51,8 @@ def reduce_scatter_dim0(x0: torch.Tensor, T: int, group) -> torch.Tensor:
 def symmetric_memory_usable(group, device: torch.device) -> bool:
     """Whether the fused symmetric-memory ops can run on `group`: CUDA tensors over NCCL with the ops
     registered (torch ≥ 2.5). Decided once, when the plan is applied, identically on every rank."""
-    if device.type != "cuda" or group is None or dist.get_backend(group) != "nccl":
+    # The engine's groups carry two backends ("cpu:gloo,cuda:nccl"): NCCL must be the CUDA one.
+    if device.type != "cuda" or group is None or "nccl" not in str(dist.get_backend(group)):
         return False
     try:
         import torch.distributed._symmetric_memory as symm

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -256,6 +257,9 @@ class SequenceTP:
         device = next(model.parameters()).device
         # Off CUDA / NCCL the overlap form runs the same fused structure with plain collectives.
         self.fused = self.overlap and symmetric_memory_usable(self.group, device)
+        if self.overlap and device.type == "cuda" and not self.fused:
+            warnings.warn("--tp-comm overlap: symmetric memory is not usable on this TP group (needs NCCL); "
+                          "the collectives run unfused, as in --tp-comm sequence", stacklevel=2)
         self.sig = inspect.signature(model.forward)
         self.local: dict[str, int] = {}
         """Tokens of each group on every TP rank in the current call (set by `pre_hook`)."""
