@@ -207,9 +207,9 @@ class GatheredLinear(torch.nn.Linear):
 
 
 class ColumnGroup:
-    """The column-split linears that read one gathered tensor, as one matmul: their weights (and
-    biases) concatenated — each Linear's Parameter becomes a view into the concatenation, so nothing is
-    held twice — and the products of the last call, until each linear has taken its piece."""
+    """The column-split linears that read one gathered tensor, as one matmul: their weights
+    concatenated — each Linear's weight becomes a view into the concatenation, so nothing is held
+    twice — and the products of the last call, until each linear has taken its piece."""
 
     def __init__(self, linears: list[torch.nn.Linear], names: list[str]):
         assert len({lin.in_features for lin in linears}) == 1, f"{names} read one tensor: in_features differ"
@@ -217,13 +217,13 @@ class ColumnGroup:
         assert len(has_bias) == 1, f"{names}: all or none must have a bias"
         self.widths = [lin.weight.shape[0] for lin in linears]
         self.weight = torch.cat([lin.weight.data for lin in linears])
-        self.bias = torch.cat([lin.bias.data for lin in linears]) if has_bias.pop() else None
         off = 0
         for lin, n in zip(linears, self.widths):
             lin.weight = torch.nn.Parameter(self.weight[off : off + n], requires_grad=False)
-            if self.bias is not None:
-                lin.bias = torch.nn.Parameter(self.bias[off : off + n], requires_grad=False)
             off += n
+        # Added per piece when taken (`take`), where the compiler fuses it into what reads the piece;
+        # added to the whole product it was one more pass over it.
+        self.biases = [lin.bias for lin in linears] if has_bias.pop() else None
         self.names = names
         self.outs: tuple[torch.Tensor, ...] | None = None
         self.left = 0
@@ -239,7 +239,7 @@ class ColumnGroup:
         self.left -= 1
         if self.left == 0:
             self.outs = None  # hold no activation past the call
-        return out
+        return out if self.biases is None else out + self.biases[index]
 
 
 class SequenceTP:
@@ -325,8 +325,6 @@ class SequenceTP:
         sizes = self._sizes(where)
         assert x.shape[dim] == sum(sizes), (x.shape, where, self.local)
         full, y = all_gather_matmul(x.movedim(dim, 0).contiguous(), cols.weight, self.T, self.group, fused=self.fused)
-        if cols.bias is not None:
-            y = y + cols.bias
         if len(sizes) > 1 and not where.rank_major:
             full, y = _group_major(full, sizes, self.T), _group_major(y, sizes, self.T)
         cols.hand_out(y.movedim(0, dim))
