@@ -49,6 +49,11 @@ class EngineConfig:
     """A kernels/ name, or auto: the fastest available that the layout needs."""
     compile: bool = False
     """Regional torch.compile of the denoiser's repeated blocks (first call per resolution compiles)."""
+    cuda_graphs: bool = False
+    """Replay each denoiser call as one CUDA graph (engine/cuda_graphs.py; CUDA only): the CPU stops
+    launching ~thousands of kernels per step, which matters when a step is short (1024² over 4 GPUs)
+    or the host work per collective is high (--tp-comm overlap). The first call per input shape
+    captures (after two warm-up calls)."""
     weights_seed: int = 0
     """Seed of a preset's random weights (identical on every rank)."""
     timeout_s: float = 600.0
@@ -60,6 +65,8 @@ class EngineConfig:
             raise ValueError(f"--parallel must be auto, cfg or dp, got {self.parallel!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.cuda_graphs and self.device is not None and not self.device.startswith("cuda"):
+            raise ValueError(f"--cuda-graphs needs CUDA GPUs, not --device {self.device}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout_s}")
 

@@ -90,6 +90,8 @@ class Engine:
             self.family.check_axes(parallel.degrees())
             self.family.check_tp_comm(parallel)
             choose_kernel(config.attention_backend, device, self.dtype, need_lse=parallel.ring > 1)
+            if config.cuda_graphs and device.type != "cuda":
+                raise ValueError("--cuda-graphs needs CUDA GPUs; none is visible to this process")
         except ValueError as e:
             error = str(e)
         timeout = timedelta(seconds=config.timeout_s)
@@ -122,6 +124,20 @@ class Engine:
             from .compile import compile_denoiser
 
             compile_denoiser(self.denoiser)
+        self.graphs = None
+        """The CUDA-graphed denoiser forward (config.cuda_graphs), or None."""
+        self.capture_graphs()
+
+    def capture_graphs(self) -> None:
+        """(Re)install the CUDA-graphed forward: graphs captured on one plan replay its collectives,
+        so a new plan (engine/data_parallel.use_layout) starts from no graphs."""
+        if self.graphs is not None:
+            self.graphs.remove()
+            self.graphs = None
+        if self.config.cuda_graphs:
+            from .cuda_graphs import GraphedForward
+
+            self.graphs = GraphedForward(self.denoiser).install()
 
     @property
     def is_first(self) -> bool:
@@ -210,6 +226,9 @@ class Engine:
         return GenerateResult(images[0], None, params, seconds, images=list(images))
 
     def close(self) -> None:
+        if self.graphs is not None:
+            self.graphs.remove()
+            self.graphs = None
         self.plan.remove()
 
 

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="out/image.png", help="PNG path; missing folders are created")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (slower first call, faster steps)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each denoiser call as one CUDA graph (CUDA only; use with --compile for the fastest steps)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a stuck collective ends the job")
     batch_cli.add_arguments(p)
     return p
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         config = EngineConfig(
             model=args.model, ulysses=args.ulysses, ring=args.ring, tp=args.tp, cfg=args.cfg, dp=args.dp,
             tp_comm=args.tp_comm, dtype=args.dtype, device=args.device, compile=args.compile,
+            cuda_graphs=args.cuda_graphs,
             attention_backend=args.attention_backend, timeout_s=args.timeout, parallel=args.parallel,
         )
         # One request per image, image i seeded with --seed + i (engine/batch_cli.py).

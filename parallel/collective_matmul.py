@@ -10,9 +10,9 @@ tensor cores work on the next, so the transfer hides behind the GEMM without tak
 (measured on 4×H200, BENCHMARKS.md: Flux single-block Q/K/V+MLP all-gather+matmul 1.045 → 0.887 ms,
 proj_out matmul+reduce-scatter 0.811 → 0.668 ms).
 
-Elsewhere (gloo on CPU in the tests, or symmetric memory unavailable) the same functions run the plain
-collective and then the matmul: the same arithmetic and the same call structure, so everything around
-them is tested on CPU.
+Elsewhere (gloo on CPU in the tests, or symmetric memory unavailable), and for short sequences, the
+same functions run the plain collective and then the matmul: the same arithmetic and the same call
+structure, so everything around them is tested on CPU.
 
 Legend: T the TP degree, L tokens on one rank, R the other dims (batch), K / N in / out features.
 """
@@ -48,6 +48,19 @@ def reduce_scatter_dim0(x0: torch.Tensor, T: int, group) -> torch.Tensor:
     return out
 
 
+FUSE_MIN_ROWS = 8192
+"""Fewer gathered rows (tokens × batch over all TP ranks) than this run unfused. Each fused op costs
+~0.2 ms of host work (pipeline set-up in Python, per-step barriers), which a short GEMM cannot cover:
+Flux TP-4 compiled on 4×H200, ms per step fused / unfused (--tp-comm sequence): 4608 tokens (1024²)
+104.1 / 55.3, 9728 (1536²) 112.0 / 115.3, 16896 (2048²) 209.1 / 223.3 (BENCHMARKS.md). The shape is
+static per compiled graph, so the choice costs nothing at run time."""
+
+
+def worth_fusing(rows: int) -> bool:
+    """Whether a collective matmul over `rows` gathered rows runs fused (where it can)."""
+    return rows >= FUSE_MIN_ROWS
+
+
 def symmetric_memory_usable(group, device: torch.device) -> bool:
     """Whether the fused symmetric-memory ops can run on `group`: CUDA tensors over NCCL with the ops
     registered (torch ≥ 2.5). Decided once, when the plan is applied, identically on every rank."""
@@ -74,7 +87,7 @@ def all_gather_matmul(
 
     `x0_LRK` must be contiguous (the token dim leading). One weight: callers concatenate the weights
     of every linear that reads the gathered tensor, since each extra matrix costs its own pipeline."""
-    if fused:
+    if fused and worth_fusing(T * x0_LRK.numel() // x0_LRK.shape[-1]):
         full, (y,) = torch.ops.symm_mem.fused_all_gather_matmul(x0_LRK, [weight_NK.t()], 0, group.group_name)
         return full, y
     full = gather_dim0(x0_LRK, T, group)
@@ -83,6 +96,6 @@ def all_gather_matmul(
 
 def matmul_reduce_scatter(x0_SRK: torch.Tensor, weight_NK: torch.Tensor, T: int, group, *, fused: bool) -> torch.Tensor:
     """reduce_scatter(x @ weightᵀ) over dim 0: [T·L, *R, K] partial inputs → this rank's [L, *R, N] sums."""
-    if fused:
+    if fused and worth_fusing(x0_SRK.numel() // x0_SRK.shape[-1]):
         return torch.ops.symm_mem.fused_matmul_reduce_scatter(x0_SRK, weight_NK.t(), "sum", 0, group.group_name)
     return reduce_scatter_dim0(x0_SRK @ weight_NK.t(), T, group)

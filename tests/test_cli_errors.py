@@ -119,6 +119,12 @@ def test_unknown_attention_backend(tmp_path):
     _assert_user_error(r, "'no-such-kernel'", "auto", "sdpa")
 
 
+def test_cuda_graphs_without_a_gpu(tmp_path):
+    # CUDA_VISIBLE_DEVICES="" in _run: refused on both ranks before any collective, once.
+    r = _run([*FAST, "--cuda-graphs", "--output", str(tmp_path / "x.png")], nproc=2)
+    _assert_user_error(r, "--cuda-graphs needs CUDA GPUs")
+
+
 def test_unknown_preset_lists_the_known_ones(tmp_path):
     r = _run([*FAST, "--model", "flux-tinyy", "--output", str(tmp_path / "x.png")])
     _assert_user_error(r, "'flux-tinyy'", "flux-dev", "flux-schnell", "flux-tiny")

@@ -18,9 +18,11 @@ import torch.distributed as dist
 from tests.harness import run_distributed
 
 L, R, K, N = 12, 2, 16, 24
+L_FUSED = 2048
+"""Tokens per rank on GPUs: enough rows for the fused kernels to be chosen (`worth_fusing`)."""
 
 
-def _data(T: int, device, dtype):
+def _data(T: int, L: int, device, dtype):
     """Every rank's input rows and partial products, identical on all ranks (seeded)."""
     g = torch.Generator().manual_seed(0)
     x_TLRK = torch.randn(T, L, R, K, generator=g)
@@ -30,14 +32,21 @@ def _data(T: int, device, dtype):
 
 
 def _check(fused: bool, compiled: bool = False) -> dict:
-    from parallel.collective_matmul import all_gather_matmul, matmul_reduce_scatter, symmetric_memory_usable
+    from parallel.collective_matmul import (
+        all_gather_matmul,
+        matmul_reduce_scatter,
+        symmetric_memory_usable,
+        worth_fusing,
+    )
 
     T, t = dist.get_world_size(), dist.get_rank()
     group = dist.group.WORLD
     device = torch.device("cuda", torch.cuda.current_device()) if fused else torch.device("cpu")
     dtype = torch.bfloat16 if fused else torch.float32
     assert symmetric_memory_usable(group, device) == fused
-    x_TLRK, w_NK, parts_TSRK = _data(T, device, dtype)
+    L_ = L_FUSED if fused else L
+    assert worth_fusing(T * L_ * R) == fused  # the GPU case really runs the fused kernels
+    x_TLRK, w_NK, parts_TSRK = _data(T, L_, device, dtype)
 
     def both(x0, parts):
         full, y = all_gather_matmul(x0, w_NK, T, group, fused=fused)
@@ -48,7 +57,7 @@ def _check(fused: bool, compiled: bool = False) -> dict:
     ref_full = x_TLRK.flatten(0, 1)
     ref_y = ref_full.float() @ w_NK.float().t()
     # Rank t sums every rank's partial products of its rows t·L … (t+1)·L − 1.
-    ref_s = sum(p[t * L : (t + 1) * L].float() @ w_NK.float().t() for p in parts_TSRK)
+    ref_s = sum(p[t * L_ : (t + 1) * L_].float() @ w_NK.float().t() for p in parts_TSRK)
 
     def rel(a, b):
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
@@ -71,7 +80,7 @@ def test_fallback_equals_reference(world):
 def test_fused_symmetric_memory_matches(compiled):
     world = 4 if torch.cuda.device_count() >= 4 else 2
     for rank, r in enumerate(run_distributed(_check, world, True, compiled, backend="nccl", timeout=300)):
-        assert r["shapes"] == ((world * L, R, K), (world * L, R, N), (L, R, N)), r["shapes"]
+        assert r["shapes"] == ((world * L_FUSED, R, K), (world * L_FUSED, R, N), (L_FUSED, R, N)), r["shapes"]
         assert r["full"] == 0.0, (rank, r)
         # bf16 products and sums of world partials, each rounded once.
         assert r["y"] <= 1e-2 and r["scattered"] <= 1e-2, (rank, r)
