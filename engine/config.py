@@ -30,8 +30,10 @@ class EngineConfig:
     """Tensor-parallel degree; None (auto): 1, unless the weights do not fit one GPU — then the smallest
     degree that makes them fit (engine/auto_tp.py)."""
     tp_comm: str = "allreduce"
-    """TP communication: "allreduce", or "sequence" (reduce-scatter / all-gather: each TP rank keeps
-    1/tp of the tokens between TP regions; parallel/tensor_seq.py). Ignored when tp is 1."""
+    """TP communication: "allreduce"; "sequence" (reduce-scatter / all-gather: each TP rank keeps 1/tp
+    of the tokens between TP regions; parallel/tensor_seq.py); or "overlap" (sequence, with the long
+    collectives fused with their matmuls — hidden behind them on CUDA; the fastest TP from 1536² up).
+    Ignored when tp is 1."""
     cfg: int = 1
     """CFG-parallel degree (1 or 2)."""
     dp: int = 1

@@ -229,7 +229,7 @@ class ColumnGroup:
         self.left = 0
 
     def hand_out(self, y: torch.Tensor) -> None:
-        assert self.left == 0, f"{self.names}: the products of the previous call were not all taken"
+        # Replaces whatever a call that raised half-way left behind: a served engine outlives it.
         self.outs, self.left = tuple(y.split(self.widths, dim=-1)), len(self.widths)
 
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor:
