@@ -2,8 +2,9 @@
 
 The per-op evidence behind `--tp-comm overlap` (parallel/collective_matmul.py): for each linear of a
 Flux block at a given token count, the time of the matmul alone, the plain NCCL collective alone,
-the two one after the other (the sequence form), and the fused symmetric-memory op (the overlap
-form), with the fused result's relative L2 against the plain one. GPUs with NCCL only.
+the two one after the other (the sequence form), and what the overlap form runs — the fused
+symmetric-memory op, or the plain pair below `FUSE_MIN_ROWS` gathered rows (said under the table) —
+with its relative L2 against the plain result. GPUs with NCCL only.
 
     torchrun --standalone --nproc-per-node 4 -m engine.bench_tp_ops --tokens 16896   # Flux 2048², TP-4
 
@@ -62,6 +63,7 @@ def main(argv=None) -> None:
         matmul_reduce_scatter,
         reduce_scatter_dim0,
         symmetric_memory_usable,
+        worth_fusing,
     )
 
     from .distributed import UserError, init_distributed, pick_device
@@ -101,9 +103,11 @@ def main(argv=None) -> None:
                      _time(lambda: all_gather_matmul(x0_LK, w_NK, T, group, fused=True), args.iters), _rel(fused, plain)))
     if dist.get_rank() == 0:
         print(f"{M} tokens over {T} ranks, {torch.cuda.get_device_name(device)}; ms (median of {args.iters})")
-        print(f"{'op':>36} {'matmul':>8} {'collective':>10} {'plain':>8} {'fused':>8} {'rel L2':>9}")
+        print(f"{'op':>36} {'matmul':>8} {'collective':>10} {'plain':>8} {'overlap':>8} {'rel L2':>9}")
         for name, mm, comm, plain_ms, fused_ms, rel in rows:
             print(f"{name:>36} {mm:>8.3f} {comm:>10.3f} {plain_ms:>8.3f} {fused_ms:>8.3f} {rel:>9.2e}")
+        if not worth_fusing(M):
+            print(f"({M} rows < FUSE_MIN_ROWS: the overlap form runs these unfused, as timed)")
     dist.destroy_process_group()
 
 
