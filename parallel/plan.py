@@ -59,8 +59,8 @@ class ModelPlan:
     tensor: Mapping[str, Style] = field(default_factory=dict)
     """Module-name glob → tensor-parallel style of that Linear (parallel/tensor.py); others replicated."""
     tensor_sequence: SequenceTPPlan | None = None
-    """Where tokens are split, gathered and reduce-scattered over tp in the sequence form of TP
-    (`tp_comm="sequence"`, parallel/tensor_seq.py); None: the model has only the all-reduce form."""
+    """Where tokens are split, gathered and reduce-scattered over tp in the sequence forms of TP
+    (`tp_comm="sequence"` / `"overlap"`, parallel/tensor_seq.py); None: only the all-reduce form."""
 
 
 @dataclass

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .collective_matmul import gather_dim0
 from .mesh import Mesh
-
-_all_gather_dim0 = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass(frozen=True)
@@ -129,17 +128,23 @@ Reduce = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tenso
 """(input with split features, this rank's weight columns, the whole bias or None) → the reduced output."""
 
 
-class RowParallelLinear(torch.nn.Linear):
-    """A `Rowwise` linear that also reduces: `reduce(x, weight, bias)` instead of `x @ weightᵀ + bias`.
+class LinearStandIn(torch.nn.Linear):
+    """A Linear put in place of a model's Linear with the same Parameters (names, shards and state
+    dict unchanged) and another forward — for what a forward hook cannot do: replace the matmul.
+    `in_features` / `out_features` stay the whole layer's, like the sharded Linear's."""
 
-    Put in place of the model's Linear (same Parameters, so names and shards are unchanged), since a
-    fused matmul + reduce-scatter (parallel/collective_matmul.py) replaces the matmul itself, which a
-    forward hook cannot. `in_features` / `out_features` stay the whole layer's, like the sharded Linear's."""
-
-    def __init__(self, linear: torch.nn.Linear, reduce: Reduce):
+    def __init__(self, linear: torch.nn.Linear):
         torch.nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
+
+
+class RowParallelLinear(LinearStandIn):
+    """A `Rowwise` linear that also reduces: `reduce(x, weight, bias)` instead of `x @ weightᵀ + bias`
+    (a fused matmul + reduce-scatter, parallel/collective_matmul.py, replaces the matmul itself)."""
+
+    def __init__(self, linear: torch.nn.Linear, reduce: Reduce):
+        super().__init__(linear)
         self.reduce = reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,6 +171,16 @@ def swap_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> torc
     return old
 
 
+def undo_hooks_and_swaps(model: torch.nn.Module, handles: list, swapped: dict[str, torch.nn.Module]) -> None:
+    """Remove `handles` and put the `swapped` modules (name → original) back; empties both."""
+    for h in handles:
+        h.remove()
+    handles.clear()
+    for name, module in swapped.items():
+        swap_module(model, name, module)
+    swapped.clear()
+
+
 @dataclass
 class ShardedModel:
     """Hooks, swapped modules and (when this call sliced full weights) the original parameters, so
@@ -177,13 +192,8 @@ class ShardedModel:
     originals: dict[str, torch.nn.Parameter] = field(default_factory=dict)
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
         # Modules first: the original parameters go back onto the original Linears.
-        for name, module in self.swapped.items():
-            swap_module(self.model, name, module)
-        self.swapped.clear()
+        undo_hooks_and_swaps(self.model, self.handles, self.swapped)
         for full_name, param in self.originals.items():
             owner, _, pname = full_name.rpartition(".")
             setattr(self.model.get_submodule(owner), pname, param)
@@ -232,8 +242,7 @@ def shard_model(
 def _all_gather_hook(group, T: int):
     def hook(module, args, out):
         # [..., F_out/T] → stacked [T, ..., F_out/T] (one collective on dim 0) → [..., F_out].
-        stacked = out.new_empty((T * out.shape[0], *out.shape[1:]))
-        _all_gather_dim0(stacked, out.contiguous(), group=group)
+        stacked = gather_dim0(out.contiguous(), T, group)
         return stacked.unflatten(0, (T, out.shape[0])).movedim(0, -2).flatten(-2)
 
     return hook

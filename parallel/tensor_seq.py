@@ -53,7 +53,7 @@ from .collective_matmul import (
     symmetric_memory_usable,
 )
 from .sharding import split_sizes
-from .tensor import Reduce, Rowwise, Style, match_style, swap_module
+from .tensor import LinearStandIn, Reduce, Rowwise, Style, match_style, swap_module, undo_hooks_and_swaps
 
 
 @dataclass(frozen=True)
@@ -192,14 +192,12 @@ def _matches(model: torch.nn.Module, globs: Mapping[str, object], what: str) -> 
     return out
 
 
-class GatheredLinear(torch.nn.Linear):
+class GatheredLinear(LinearStandIn):
     """A column-split linear whose product a fused gather already computed (`ColumnGroup`): its
-    forward hands out its piece. Same Parameters as the Linear it stands in for."""
+    forward hands out its piece."""
 
     def __init__(self, linear: torch.nn.Linear, group: ColumnGroup, index: int):
-        torch.nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
+        super().__init__(linear)
         self.group, self.index = group, index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -307,27 +305,24 @@ class SequenceTP:
     def _sizes(self, where: Tokens) -> list[int]:
         return [self.local[g] for g in where.groups]
 
-    def gather(self, x: torch.Tensor, where: Tokens) -> torch.Tensor:
+    def gather(self, x: torch.Tensor, where: Tokens, cols: ColumnGroup | None = None) -> torch.Tensor:
         """This rank's [n_g …] of each group → every rank's: group-major (positions in order), or as
-        gathered for a `rank_major` tensor."""
+        gathered for a `rank_major` tensor. With `cols`, the products of its linears are computed in
+        the same (fused) op and handed out to them."""
         dim = where.dim % x.ndim
         sizes = self._sizes(where)
         assert x.shape[dim] == sum(sizes), (x.shape, where, self.local)
         # Dim 0 for the collective: free when the batch is 1 (a size-1 dim does not break contiguity).
-        full = gather_dim0(x.movedim(dim, 0).contiguous(), self.T, self.group)
+        x0 = x.movedim(dim, 0).contiguous()
+        if cols is None:
+            full, y = gather_dim0(x0, self.T, self.group), None
+        else:
+            full, y = all_gather_matmul(x0, cols.weight, self.T, self.group, fused=self.fused)
         if len(sizes) > 1 and not where.rank_major:
             full = _group_major(full, sizes, self.T)
-        return full.movedim(0, dim)
-
-    def gather_into(self, x: torch.Tensor, where: Tokens, cols: ColumnGroup) -> torch.Tensor:
-        """`gather`, with the products of `cols`' linears computed in the same fused op and handed out."""
-        dim = where.dim % x.ndim
-        sizes = self._sizes(where)
-        assert x.shape[dim] == sum(sizes), (x.shape, where, self.local)
-        full, y = all_gather_matmul(x.movedim(dim, 0).contiguous(), cols.weight, self.T, self.group, fused=self.fused)
-        if len(sizes) > 1 and not where.rank_major:
-            full, y = _group_major(full, sizes, self.T), _group_major(y, sizes, self.T)
-        cols.hand_out(y.movedim(0, dim))
+            y = None if y is None else _group_major(y, sizes, self.T)
+        if cols is not None:
+            cols.hand_out(y.movedim(0, dim))
         return full.movedim(0, dim)
 
     def _rank_major_rows(self, x: torch.Tensor, where: Tokens) -> torch.Tensor:
@@ -369,25 +364,16 @@ class SequenceTP:
 
     # -- hooks ---------------------------------------------------------------------------------------
 
-    def _gather_fn(self, where: Tokens, cols: ColumnGroup | None):
-        if cols is None:
-            return lambda x: self.gather(x, where)
-        return lambda x: self.gather_into(x, where, cols)
-
     def _gather_output_hook(self, where: Tokens, cols: ColumnGroup | None):
-        gather = self._gather_fn(where, cols)
-
         def hook(module, args, output):
-            return _first(output, gather)
+            return _first(output, lambda x: self.gather(x, where, cols))
 
         return hook
 
     def _gather_input_hook(self, name: str, where: Tokens, cols: ColumnGroup | None):
-        gather = self._gather_fn(where, cols)
-
         def hook(module, args):
             assert args and isinstance(args[0], torch.Tensor), f"{name} must take its tokens as first positional argument"
-            return (gather(args[0]), *args[1:])
+            return (self.gather(args[0], where, cols), *args[1:])
 
         return hook
 
@@ -468,10 +454,5 @@ class SequenceTP:
         return _first(output, lambda x: self.gather(x, self.plan.gather_output))
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
         # The linears go back; their Parameters stay views into the concatenated weights (same values).
-        for name, module in self.swapped.items():
-            swap_module(self.model, name, module)
-        self.swapped.clear()
+        undo_hooks_and_swaps(self.model, self.handles, self.swapped)
