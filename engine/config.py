@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from parallel.config import check_tp_comm
+from shardiff_parallel.config import check_tp_comm
 
 # The trained toy text-to-image model (engine/toy, weights in engine/assets/shapes): a tiny Flux that
 # draws the coloured shape a prompt asks for at 64², on any CPU in seconds, through the parallel path.
@@ -28,7 +28,7 @@ class EngineConfig:
     """Ring degree; None: chosen so that all ranks are used."""
     tp: int | None = None
     """Tensor-parallel degree; None (auto): 1, unless the weights do not fit one GPU — then the smallest
-    degree that makes them fit (engine/auto_tp.py)."""
+    degree that makes them fit (engine/loading/auto_tp.py)."""
     tp_comm: str = "allreduce"
     """TP communication: "allreduce"; "sequence" (reduce-scatter / all-gather: each TP rank keeps 1/tp
     of the tokens between TP regions; parallel/tensor_seq.py); or "overlap" (sequence, with the long
@@ -52,7 +52,7 @@ class EngineConfig:
     compile: bool = False
     """Regional torch.compile of the denoiser's repeated blocks (first call per resolution compiles)."""
     cuda_graphs: bool = False
-    """Replay each denoiser call as one CUDA graph (engine/cuda_graphs.py; CUDA only): the CPU stops
+    """Replay each denoiser call as one CUDA graph (engine/runtime/cuda_graphs.py; CUDA only): the CPU stops
     launching ~thousands of kernels per step, which matters when a step is short (1024² over 4 GPUs)
     or the host work per collective is high (--tp-comm overlap). The first call per input shape
     captures (after two warm-up calls)."""

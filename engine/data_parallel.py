@@ -20,12 +20,14 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from parallel import Mesh, ParallelAttention, ParallelConfig
-from parallel.config import AXES
-from parallel.plan import apply_plan
-from parallel.sharding import split_sizes
+from shardiff_parallel.mesh import Mesh
+from shardiff_parallel.attention import ParallelAttention
+from shardiff_parallel.config import ParallelConfig
+from shardiff_parallel.config import AXES
+from shardiff_parallel.plan import apply_plan
+from shardiff_parallel.sharding import split_sizes
 
-from .distributed import agree, launched_world_size
+from engine.runtime.distributed import agree, launched_world_size
 
 
 def choose_layout(engine, requests) -> tuple[ParallelConfig, str]:

@@ -16,19 +16,21 @@ from datetime import timedelta
 
 import torch
 
-from kernels import choose_kernel
-from parallel import Mesh, ParallelAttention, ParallelConfig, resolve_degrees
-from parallel.plan import apply_plan
-from parallel.tensor_seq import check_token_split
+from shardiff_kernels.registry import choose_kernel
+from shardiff_parallel.mesh import Mesh
+from shardiff_parallel.attention import ParallelAttention
+from shardiff_parallel.config import ParallelConfig, resolve_degrees
+from shardiff_parallel.plan import apply_plan
+from shardiff_parallel.tensor_seq import check_token_split
+
+from engine.loading import inspect_model, load_pipeline
+from engine.loading.auto_tp import choose_tp
+from engine.loading.sharded import load_sharded_denoiser
+from engine.models import ModelInfo, check_tp_comm, family
+from engine.runtime.distributed import agree, init_distributed, launched_world_size, pick_device
 
 from .config import EngineConfig, GenerateRequest
-from .auto_tp import choose_tp
-from .distributed import agree, init_distributed, launched_world_size, pick_device
-from .loading import load_pipeline
-from .model_info import ModelInfo, inspect_model
-from .models import family
 from .data_parallel import choose_layout, generate_batch, use_layout
-from .sharded_loading import load_sharded_denoiser
 
 
 @dataclass
@@ -88,7 +90,7 @@ class Engine:
             parallel.check_world_size(world)
             parallel.check_heads(self.info.num_heads)
             self.family.check_axes(parallel.degrees())
-            self.family.check_tp_comm(parallel)
+            check_tp_comm(self.family, parallel)
             choose_kernel(config.attention_backend, device, self.dtype, need_lse=parallel.ring > 1)
             if config.cuda_graphs and device.type != "cuda":
                 raise ValueError("--cuda-graphs needs CUDA GPUs; none is visible to this process")
@@ -121,7 +123,7 @@ class Engine:
         self.denoiser = getattr(self.pipe, self.family.denoiser)
         self.plan = apply_plan(self.denoiser, self.family.pipeline_plan, self.mesh, self.attention)
         if config.compile:
-            from .compile import compile_denoiser
+            from engine.runtime.compile import compile_denoiser
 
             compile_denoiser(self.denoiser)
         self.graphs = None
@@ -135,7 +137,7 @@ class Engine:
             self.graphs.remove()
             self.graphs = None
         if self.config.cuda_graphs:
-            from .cuda_graphs import GraphedForward
+            from engine.runtime.cuda_graphs import GraphedForward
 
             self.graphs = GraphedForward(self.denoiser).install()
 

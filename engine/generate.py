@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from parallel.config import TP_COMMS
+from shardiff_parallel.config import TP_COMMS
 
 from . import batch_cli
 from .batch_cli import DEFAULT_PROMPT, auto_or_positive_int, positive_int
 from .config import DEFAULT_MODEL, EngineConfig
-from .distributed import UserError, agree
+from engine.runtime.distributed import UserError, agree
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,6 +111,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from .distributed import run_main
+    from engine.runtime.distributed import run_main
 
     run_main(lambda: main())

@@ -1,4 +1,13 @@
-"""Name -> AttentionKernel registry, and the "auto"/explicit-name chooser.
+"""Attention backends by name: one AttentionKernel per backend (one file each), chosen by name or "auto".
+
+Every kernel maps q/k/v (B, H, S, D) -> out (B, H, Sq, D) in the input dtype and, when asked and
+able, lse (B, H, Sq) float32 natural-log log-sum-exp of the scaled scores (what Ring attention needs
+to merge partial results).
+
+The folder `kernels/` installs as `shardiff_kernels`, a namespace package (no `__init__.py`):
+Hugging Face's hub-kernels distribution owns the top-level name `kernels`, and without an
+`__init__.py` here its regular package wins the import even when this repository's root is on
+`sys.path` (PEP 420: a regular package anywhere on the path beats a namespace portion).
 
 The registry dict is the package's only mutable global; built-in kernels are
 registered when this module is imported (none of them imports optional

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import choose_kernel
+from shardiff_kernels.registry import choose_kernel
 
 from .mesh import Mesh
 from .ring import ring_attention

@@ -9,7 +9,7 @@ Used by tests/test_cli_errors.py.
 from __future__ import annotations
 
 from engine.config import EngineConfig, GenerateRequest
-from engine.distributed import run_main
+from engine.runtime.distributed import run_main
 
 
 def main() -> None:

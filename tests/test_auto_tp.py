@@ -1,4 +1,4 @@
-"""`--tp auto`: tensor parallelism exactly when the weights do not fit one GPU (engine/auto_tp.py).
+"""`--tp auto`: tensor parallelism exactly when the weights do not fit one GPU (engine/loading/auto_tp.py).
 
 The decision is counted from configs and safetensors headers (meta-device models), so it is tested
 here with the real flux-dev / sd3.5-large configs and made-up GPU sizes; no GPU, nothing allocated.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.auto_tp import choose_tp, weight_bytes_per_rank
-from engine.model_info import inspect_model
+from engine.loading.auto_tp import choose_tp, weight_bytes_per_rank
+from engine.loading import inspect_model
 from engine.models import family
 
 GiB = 2**30
@@ -55,9 +55,9 @@ def test_no_degree_fits_is_a_clear_error():
 
 
 def test_directory_and_preset_counts_agree(tmp_path):
-    from engine.presets import save_preset
+    from engine.models import get_preset
 
-    folder = save_preset("flux-tiny", tmp_path / "flux-tiny")
+    folder = get_preset("flux-tiny").save(tmp_path / "flux-tiny")
     fam = family("flux")
     for tp in (1, 2):
         assert weight_bytes_per_rank(str(folder), fam, tp, torch.float32) == weight_bytes_per_rank("flux-tiny", fam, tp, torch.float32)
@@ -65,7 +65,7 @@ def test_directory_and_preset_counts_agree(tmp_path):
 
 
 def test_cli_takes_tp_auto():
-    from engine.distributed import UserError
+    from engine.runtime.distributed import UserError
     from engine.generate import build_parser
 
     assert build_parser().parse_args(["--tp", "auto"]).tp is None

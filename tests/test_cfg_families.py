@@ -62,10 +62,10 @@ def _rel(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    from engine.presets import save_preset
+    from engine.models import get_preset
 
     root = tmp_path_factory.mktemp("cfg-families")
-    return {m: str(save_preset(m, root / m)) for m in MODELS}
+    return {m: str(get_preset(m).save(root / m)) for m in MODELS}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_single_process_equals_diffusers(dirs, single):
     from diffusers import DiffusionPipeline
 
     from engine.models import family
-    from engine.model_info import inspect_model
+    from engine.loading import inspect_model
 
     for model in MODELS:
         pipe = DiffusionPipeline.from_pretrained(dirs[model], dtype=torch.float32, local_files_only=True)
@@ -108,9 +108,9 @@ def test_cfg_layouts_equal_single_process(dirs, single, world):
 
 def test_invalid_layouts_are_refused_with_what_works():
     from engine import GenerateRequest
-    from engine.model_info import inspect_model
+    from engine.loading import inspect_model
     from engine.models import family
-    from parallel import resolve_degrees
+    from shardiff_parallel.config import resolve_degrees
 
     heads = inspect_model("sd3.5-large").num_heads
     assert heads == 38

@@ -32,7 +32,7 @@ def _data(T: int, L: int, device, dtype):
 
 
 def _check(fused: bool, compiled: bool = False) -> dict:
-    from parallel.collective_matmul import (
+    from shardiff_parallel.collective_matmul import (
         all_gather_matmul,
         matmul_reduce_scatter,
         symmetric_memory_usable,

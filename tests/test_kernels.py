@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels import AttentionKernel, available_kernels, choose_kernel, get_kernel, register_kernel
-from kernels import registry as registry_mod
-from kernels.base import HALF_DTYPES
+from shardiff_kernels.base import AttentionKernel
+from shardiff_kernels.registry import available_kernels, choose_kernel, get_kernel, register_kernel
+from shardiff_kernels import registry as registry_mod
+from shardiff_kernels.base import HALF_DTYPES
 
 B, H, SQ, SK = 2, 3, 37, 53  # Sq != Sk, neither a multiple of 32
 CPU_KERNELS = available_kernels("cpu")
@@ -113,7 +113,7 @@ def test_available_kernels_cpu_is_sorted_and_cpu_only():
 
 
 def test_kernel_names_constant():
-    assert set(kernels.KERNEL_NAMES) == {"math", "sdpa", "sdpa-cpu-flash", *CUDA_KERNELS}
+    assert set(registry_mod.KERNEL_NAMES) == {"math", "sdpa", "sdpa-cpu-flash", *CUDA_KERNELS}
 
 
 def test_unknown_name_lists_valid_names():

@@ -10,21 +10,22 @@ import pytest
 import torch
 
 from engine.loading import load_pipeline
-from engine.model_info import inspect_model
-from engine.presets import PRESETS, build_component, build_pipeline, init_parameter, save_preset
-from engine.tokenizer import EOS_ID, make_tokenizer
+from engine.loading import inspect_model
+from engine.models import PRESETS, get_preset
+from engine.presets.weights import init_parameter
+from engine.presets.tokenizer import EOS_ID, make_tokenizer
 
 MODELS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return save_preset("flux-tiny", tmp_path_factory.mktemp("flux_tiny") / "model")
+    return get_preset("flux-tiny").save(tmp_path_factory.mktemp("flux_tiny") / "model")
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return build_pipeline("flux-tiny", dtype=torch.float32, device="cpu")
+    return get_preset("flux-tiny").build_pipeline(dtype=torch.float32, device="cpu")
 
 
 def assert_same_weights(a, b):
@@ -44,11 +45,11 @@ def generate(pipe):
 
 
 def test_build_is_deterministic(tiny):
-    assert_same_weights(tiny, build_pipeline("flux-tiny", dtype=torch.float32, device="cpu"))
+    assert_same_weights(tiny, get_preset("flux-tiny").build_pipeline(dtype=torch.float32, device="cpu"))
 
 
 def test_seed_changes_weights(tiny):
-    other = build_component("flux-tiny", "transformer", dtype=torch.float32, device="cpu", seed=1)
+    other = get_preset("flux-tiny").build_component("transformer", dtype=torch.float32, device="cpu", seed=1)
     assert not torch.equal(other.x_embedder.weight, tiny.transformer.x_embedder.weight)
 
 
@@ -67,7 +68,7 @@ def test_parameter_alone_matches_built(tiny):
 
 
 def test_bf16_is_fp32_cast(tiny):
-    vae = build_component("flux-tiny", "vae", dtype=torch.bfloat16, device="cpu")
+    vae = get_preset("flux-tiny").build_component("vae", dtype=torch.bfloat16, device="cpu")
     for (name, p16), p32 in zip(vae.named_parameters(), tiny.vae.parameters()):
         assert p16.dtype == torch.bfloat16 and torch.equal(p16, p32.to(torch.bfloat16)), name
 
@@ -87,7 +88,7 @@ def test_tokenizer_ids_match_text_encoders(tiny):
 
 
 def test_without_text_encoders():
-    pipe = build_pipeline("flux-tiny", dtype=torch.float32, device="cpu", with_text_encoders=False)
+    pipe = get_preset("flux-tiny").build_pipeline(dtype=torch.float32, device="cpu", with_text_encoders=False)
     assert pipe.text_encoder is None and pipe.tokenizer is None and pipe.text_encoder_2 is None
     assert pipe.tokenizer_2 is None and pipe.transformer is not None
 
@@ -183,5 +184,5 @@ def test_refuses_pickle_only_component(tiny_dir, tmp_path):
 
 def test_unknown_preset_lists_presets():
     with pytest.raises(ValueError, match="unknown preset 'flux-huge'.*flux-dev, flux-schnell, flux-tiny"):
-        build_pipeline("flux-huge", dtype=torch.float32, device="cpu")
+        get_preset("flux-huge").build_pipeline(dtype=torch.float32, device="cpu")
     assert {"flux-tiny", "flux-dev", "flux-schnell"} <= PRESETS.keys()

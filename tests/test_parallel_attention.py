@@ -9,7 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel import Mesh, ParallelAttention, ParallelConfig, split_sizes, take_piece
+from shardiff_parallel.mesh import Mesh
+from shardiff_parallel.attention import ParallelAttention
+from shardiff_parallel.config import ParallelConfig
+from shardiff_parallel.sharding import split_sizes, take_piece
 from tests.harness import run_distributed
 
 LAYOUTS = {2: [(2, 1), (1, 2)], 4: [(4, 1), (1, 4), (2, 2)]}

@@ -18,9 +18,9 @@ LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2)], 4: [(2, 2), (4, 1), (1, 4)]}
 
 @pytest.fixture(scope="module")
 def tiny_flux_dir(tmp_path_factory):
-    from engine.presets import save_preset
+    from engine.models import get_preset
 
-    return str(save_preset("flux-tiny", tmp_path_factory.mktemp("flux-tiny") / "model"))
+    return str(get_preset("flux-tiny").save(tmp_path_factory.mktemp("flux-tiny") / "model"))
 
 
 def _generate_all(world: int, model_dir: str):

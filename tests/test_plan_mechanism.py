@@ -11,10 +11,10 @@ LAYOUTS = {2: [dict(cfg=2), dict(ulysses=2)], 4: [dict(cfg=2, ulysses=2), dict(c
 
 
 def _inputs():
-    from engine.presets import build_pipeline
+    from engine.models import get_preset
     from diffusers import FluxPipeline
 
-    pipe = build_pipeline("flux-tiny", dtype=torch.float32, device="cpu", with_text_encoders=False)
+    pipe = get_preset("flux-tiny").build_pipeline(dtype=torch.float32, device="cpu", with_text_encoders=False)
     g = torch.Generator().manual_seed(3)
     B, txt, h, w = 2, 13, 10, 14  # 35 image tokens, 13 text tokens: uneven for 2 and 4 ranks
     kw = dict(
@@ -32,8 +32,10 @@ def _inputs():
 
 def _run(world: int):
     from engine.models import family
-    from parallel import Mesh, ParallelAttention, ParallelConfig
-    from parallel.plan import apply_plan
+    from shardiff_parallel.mesh import Mesh
+    from shardiff_parallel.attention import ParallelAttention
+    from shardiff_parallel.config import ParallelConfig
+    from shardiff_parallel.plan import apply_plan
 
     model, kw = _inputs()
     ref = model(**kw)[0]

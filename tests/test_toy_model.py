@@ -51,7 +51,8 @@ def shapes_images():
 
 def test_default_model_is_the_shipped_shapes_model():
     from engine.config import DEFAULT_MODEL
-    from engine.model_info import BUILTIN_MODELS, inspect_model
+    from engine.loading import inspect_model
+    from engine.loading.safety import BUILTIN_MODELS
 
     assert DEFAULT_MODEL == "shapes"
     info = inspect_model(DEFAULT_MODEL)

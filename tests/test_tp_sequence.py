@@ -84,8 +84,10 @@ def _errors(model_dir: str) -> dict:
     """The messages of the mistakes, found on every rank alike (no rank left waiting in a collective)."""
     from engine import Engine, EngineConfig
     from engine.models import family
-    from parallel import Mesh, ParallelAttention, ParallelConfig
-    from parallel.plan import apply_plan
+    from shardiff_parallel.mesh import Mesh
+    from shardiff_parallel.attention import ParallelAttention
+    from shardiff_parallel.config import ParallelConfig
+    from shardiff_parallel.plan import apply_plan
     from tests.test_plan_mechanism import _inputs
 
     msgs = {}
@@ -166,13 +168,14 @@ def test_compiled_blocks_match(tiny_flux_dir, single, tp_comm):  # noqa: F811
 
 def test_bad_values_are_clear_errors():
     from engine import EngineConfig
-    from engine.bench import parse_layout
-    from engine.distributed import UserError
+    from engine.bench.layouts import parse_layout
+    from engine.runtime.distributed import UserError
     from engine.generate import build_parser
-    from engine.models import family
-    from parallel import Mesh, ParallelConfig
-    from parallel.plan import apply_plan
-    from parallel.tensor_seq import check_token_split
+    from engine.models import check_tp_comm, family
+    from shardiff_parallel.mesh import Mesh
+    from shardiff_parallel.config import ParallelConfig
+    from shardiff_parallel.plan import apply_plan
+    from shardiff_parallel.tensor_seq import check_token_split
 
     for make in (lambda: ParallelConfig(tp=2, tp_comm="ring"), lambda: EngineConfig(tp_comm="reduce-scatter")):
         with pytest.raises(ValueError, match=r"--tp-comm must be allreduce, sequence or overlap, got '"):
@@ -195,11 +198,11 @@ def test_bad_values_are_clear_errors():
     check_token_split({"image": 64, "text": 24}, sp=2, tp=4)
     # Models without a sequence plan refuse it (with tp 1 the form is moot).
     seq2 = ParallelConfig(tp=2, tp_comm="sequence")
-    family("flux").check_tp_comm(seq2)
-    family("sd3").check_tp_comm(ParallelConfig(tp_comm="sequence"))
+    check_tp_comm(family("flux"), seq2)
+    check_tp_comm(family("sd3"), ParallelConfig(tp_comm="sequence"))
     for name in ("sd3", "pixart", "sana"):
         with pytest.raises(ValueError, match=f"{name} models have no sequence-form"):
-            family(name).check_tp_comm(seq2)
+            check_tp_comm(family(name), seq2)
     # The mechanism refuses too, before it touches the model (no process group needed to get there).
     mesh = Mesh(seq2, (0, 1), 0, torch.device("cpu"), {"dp": 0, "cfg": 0, "ring": 0, "ulysses": 0, "tp": 0}, {})
     model = torch.nn.Linear(2, 2)

@@ -41,9 +41,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    from engine.presets import save_preset
+    from engine.models import get_preset
 
-    return {m: str(save_preset(m, tmp_path_factory.mktemp(m) / "model")) for m in MODELS}
+    return {m: str(get_preset(m).save(tmp_path_factory.mktemp(m) / "model")) for m in MODELS}
 
 
 CASES = {"batch": _requests, "single": lambda: _requests()[:1], "pairs": lambda: _requests(1)}
@@ -154,8 +154,8 @@ def test_cfg_split_needs_guidance_on():
 
 
 def test_presets_have_the_real_sizes():
-    from engine.model_info import inspect_model
-    from engine.presets import PRESETS
+    from engine.loading import inspect_model
+    from engine.models import PRESETS
 
     unet = lambda m: sum(p.numel() for p in PRESETS[m].empty_model("unet").parameters())  # noqa: E731
     assert round(unet("sd1.5") / 1e9, 2) == 0.86 and round(unet("sdxl") / 1e9, 2) == 2.57
@@ -168,7 +168,7 @@ def test_real_sd_directory_layout_loads_without_safety_checker(model_dirs, tmp_p
     """A StableDiffusionPipeline directory as published (safety checker + feature extractor listed,
     the checker from the non-library `stable_diffusion` module, pickle weights): loads, checker off."""
     from engine.loading import load_pipeline
-    from engine.model_info import inspect_model
+    from engine.loading import inspect_model
 
     path = tmp_path / "sd"
     shutil.copytree(model_dirs["sd1.5-tiny"], path)

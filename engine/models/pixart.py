@@ -1,4 +1,4 @@
-"""PixArt-Σ (PixArtTransformer2DModel): its parallel plan and self-attention processor.
+"""PixArt-Σ (PixArtSigmaPipeline, PixArtTransformer2DModel): plans, call, config reader, presets.
 
 Image tokens are made inside the model (`pos_embed` patchifies and adds positions), so they are split
 where `pos_embed` returns them and gathered where `proj_out` returns them, before the model's own
@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from parallel.attention import ParallelAttention
-from parallel.plan import ModelPlan, SeqContext, SeqDim
+from engine.presets.components import SDXL_VAE, T5_XXL, TINY_KL, TINY_T5, kl_vae, t5_encoder
+from engine.presets.spec import Component, PresetSpec
+from shardiff_parallel.attention import ParallelAttention
+from shardiff_parallel.plan import ModelPlan, SeqContext, SeqDim
 
-from .dit_tp import PIXART_TP_PLAN
+from .dit import dit_info
+from .family import Family, vae_scale
+from .mmdit import COL, GATHER, ROW, check_tp_widths
 from .qkv import project_qkv
 
 
@@ -41,6 +45,20 @@ class PixArtParallelSelfAttnProcessor:
         out = attn.to_out[1](attn.to_out[0](out_BSHD.flatten(2, 3).to(q_BSHD.dtype)))
         return out / attn.rescale_output_factor
 
+
+PIXART_TP_PLAN = {
+    "adaln_single.emb.timestep_embedder.linear_1": COL,
+    "adaln_single.emb.timestep_embedder.linear_2": ROW,
+    "adaln_single.linear": GATHER,
+    "caption_projection.linear_1": COL,
+    "caption_projection.linear_2": ROW,
+    "transformer_blocks.*.attn1.to_[qkv]": COL,
+    "transformer_blocks.*.attn1.to_out.0": ROW,
+    "transformer_blocks.*.ff.net.0.proj": COL,
+    "transformer_blocks.*.ff.net.2": ROW,
+    # attn2 (cross-attention to the text) stays replicated: it runs diffusers' own processor, which
+    # infers head_dim from the width it is given and would misread a column-split one.
+}
 
 PIXART_PLAN = ModelPlan(
     split_modules={"pos_embed": SeqDim("image", 1)},
@@ -80,3 +98,52 @@ def pixart_bench_kwargs(info, *, text_tokens: int, device, dtype) -> dict:
         prompt_attention_mask=mask, negative_prompt_attention_mask=mask, negative_prompt=None,
         guidance_scale=4.5, use_resolution_binning=False, max_sequence_length=tokens,
     )
+
+
+def read_pixart_info(configs, *, source: str, pipeline_class: str, default_size: int | None):
+    t = configs["transformer"]
+    return dit_info(t, family="pixart", source=source, pipeline_class=pipeline_class, default_size=default_size,
+                    vae_scale_factor=vae_scale(configs["vae"]), text_width=t.get("caption_channels", 4096))
+
+
+# ---------------------------------------------------------------- presets
+
+# PixArt-alpha/PixArt-Sigma-XL-2-1024-MS transformer/config.json (SDXL VAE, DPM-Solver++).
+PIXART_SIGMA = dict(activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=72, caption_channels=4096,
+                    cross_attention_dim=1152, dropout=0.0, in_channels=4, interpolation_scale=2,
+                    norm_elementwise_affine=False, norm_eps=1e-6, norm_num_groups=32, norm_type="ada_norm_single",
+                    num_attention_heads=16, num_embeds_ada_norm=1000, num_layers=28, out_channels=8, patch_size=2,
+                    sample_size=128, upcast_attention=False, use_additional_conditions=False)
+PIXART_SCHEDULER = ("DPMSolverMultistepScheduler", dict(
+    beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000, prediction_type="epsilon",
+    solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
+    timestep_spacing="linspace", steps_offset=0))
+
+
+def pixart_preset(name, description, default_size, transformer, vae, t5) -> PresetSpec:
+    return PresetSpec(
+        name=name, family="pixart", pipeline_class="PixArtSigmaPipeline", description=description,
+        default_size=default_size, scheduler=PIXART_SCHEDULER,
+        components={
+            "transformer": Component("diffusers", "PixArtTransformer2DModel", transformer),
+            "vae": kl_vae(vae),
+            "text_encoder": t5_encoder(t5),
+        },
+        tokenizers={"tokenizer": "t5"},
+    )
+
+
+PRESETS = (
+    pixart_preset("pixart-sigma", "PixArt-Σ XL-2 1024 shapes (0.6B DiT, T5-XXL, SDXL VAE), random weights",
+                  1024, PIXART_SIGMA, SDXL_VAE, T5_XXL),
+    pixart_preset("pixart-tiny", "tiny PixArt-Σ for CPU tests: 2 blocks, 4 heads x 8", 64,
+                  {**PIXART_SIGMA, "attention_head_dim": 8, "num_attention_heads": 4, "num_layers": 2,
+                   "cross_attention_dim": 32, "caption_channels": 96, "sample_size": 8, "interpolation_scale": 1},
+                  {**SDXL_VAE, **TINY_KL, "sample_size": 64}, TINY_T5),
+)
+
+FAMILY = Family(
+    name="pixart", pipelines=("PixArtSigmaPipeline",), plan=PIXART_PLAN, read_info=read_pixart_info,
+    call_kwargs=pixart_call_kwargs, bench_kwargs=pixart_bench_kwargs, presets=PRESETS,
+    axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_tp_widths,
+)

@@ -9,17 +9,26 @@ What does pay is splitting *independent* work:
   guidance combine, so every rank steps the scheduler with the exact single-GPU noise prediction.
 - Data parallel: several images spread over the ranks (engine/data_parallel.py).
 
+Presets: SD1.5 and SDXL with their real configs, Stable Diffusion's safety checker / feature
+extractor left out (nothing to download them from, and a random safety checker would black out random
+images).
+
 `unet_layout` is the automatic choice between them (what `--parallel auto` does for UNets).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from pathlib import Path
-from typing import Any
 
-from parallel.config import ParallelConfig
-from parallel.plan import ModelPlan
+import torch
+
+from engine.presets.components import CLIP_G, CLIP_L, SD_VAE, SDXL_VAE, TINY_CLIP_L, TINY_KL, clip_text, kl_vae
+from engine.presets.spec import Component, PresetSpec
+from shardiff_parallel.config import ParallelConfig
+from shardiff_parallel.plan import ModelPlan
+
+from .family import Family, ModelInfo, vae_scale
 
 # The UNet's forward inputs that carry the [uncond, cond] batch. SDXL's added_cond_kwargs
 # (text_embeds, time_ids) is a dict: the plan mechanism splits every tensor in it.
@@ -124,12 +133,11 @@ def unet_layout(world: int, config, guided: list[bool] | None) -> tuple[Parallel
 
 # ---------------------------------------------------------------- ModelInfo
 
-def unet_info(*, source: str, family: str, pipeline_class: str, unet: dict[str, Any], vae: dict[str, Any]):
-    """ModelInfo of a UNet pipeline from its unet and vae configs (the Flux-named fields get their UNet
-    meaning: joint_attention_dim = cross-attention width, pooled_projection_dim = SDXL pooled text width)."""
-    from engine.model_info import ModelInfo
-
-    vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+def read_unet_info(configs, *, family: str, source: str, pipeline_class: str, default_size: int | None) -> ModelInfo:
+    """ModelInfo of a UNet pipeline from its unet and vae configs (joint_attention_dim is the
+    cross-attention width, pooled_projection_dim SDXL's pooled text width)."""
+    unet, vae = configs["unet"], configs["vae"]
+    scale = vae_scale(vae)
     blocks = unet.get("down_block_types", [])
     heads_cfg = unet.get("num_attention_heads") or unet.get("attention_head_dim", 8)
     heads = heads_cfg if isinstance(heads_cfg, list) else [heads_cfg] * len(blocks)
@@ -139,30 +147,110 @@ def unet_info(*, source: str, family: str, pipeline_class: str, unet: dict[str, 
     if unet.get("addition_embed_type") == "text_time":
         pooled = int(unet["projection_class_embeddings_input_dim"]) - 6 * int(unet["addition_time_embed_dim"])
     return ModelInfo(
-        source=source, family=family, pipeline_class=pipeline_class,
+        source=source, family=family,
+        pipeline_class=pipeline_class,
         num_heads=int(heads[first]), head_dim=int(channels[first]) // int(heads[first]),
         num_layers=len(blocks), num_single_layers=0,
         in_channels=int(unet.get("in_channels", 4)),
         joint_attention_dim=int(unet.get("cross_attention_dim", 768)),
         pooled_projection_dim=pooled,
-        vae_scale_factor=vae_scale_factor,
-        spatial_multiple=vae_scale_factor,  # the UNet itself copes with odd latent sizes
-        default_size=int(unet.get("sample_size", 64)) * vae_scale_factor,
+        vae_scale_factor=scale,
+        spatial_multiple=scale,  # the UNet itself copes with odd latent sizes
+        default_size=int(default_size or int(unet.get("sample_size", 64)) * scale),
         # LCM-style distilled UNets embed the guidance scale instead of running two branches.
         uses_guidance_embeds=unet.get("time_cond_proj_dim") is not None,
     )
 
 
-def unet_preset_info(spec):
-    return unet_info(source="preset", family=spec.family, pipeline_class=spec.pipeline_class,
-                     unet=spec.unet, vae=spec.vae)
+# ---------------------------------------------------------------- presets
+
+# runwayml/stable-diffusion-v1-5 unet/config.json ("attention_head_dim": 8 is really the head count).
+SD15_UNET = dict(
+    act_fn="silu", attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280], center_input_sample=False,
+    cross_attention_dim=768,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+    mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32, out_channels=4, sample_size=64,
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+)
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (non-default entries).
+SDXL_UNET = dict(
+    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], downsample_padding=1,
+    flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2, mid_block_scale_factor=1,
+    norm_eps=1e-5, norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=2816,
+    sample_size=128, transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True,
+)
+# The real scheduler configs: SD1.5 ships PNDM, SDXL Euler.
+SD15_SCHEDULER = ("PNDMScheduler", dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+))
+SDXL_SCHEDULER = ("EulerDiscreteScheduler", dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    interpolation_type="linear", prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
+    use_karras_sigmas=False,
+))
+# Pipeline arguments that are not weights: no safety checker / feature extractor / image encoder
+# (nothing to download them from), no invisible watermark (it changes pixels and needs a package).
+SD_EXTRA = dict(safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+SDXL_EXTRA = dict(feature_extractor=None, image_encoder=None, add_watermarker=False)
+TINY_UNET = dict(block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8, sample_size=8)
+TINY_VAE = {**TINY_KL, "sample_size": 64}
 
 
-def unet_dir_info(path: Path, family: str, pipeline_class: str, read_json):
-    return unet_info(source="directory", family=family, pipeline_class=pipeline_class,
-                     unet=read_json(path / "unet" / "config.json", f"model directory {path}"),
-                     vae=read_json(path / "vae" / "config.json", f"model directory {path}"))
+def sd_preset(name, description, default_size, unet, vae, clip) -> PresetSpec:
+    return PresetSpec(
+        name=name, family="sd", pipeline_class="StableDiffusionPipeline", description=description,
+        default_size=default_size, scheduler=SD15_SCHEDULER, extra=dict(SD_EXTRA), tokenizers={"tokenizer": "clip"},
+        components={"unet": Component("diffusers", "UNet2DConditionModel", unet), "vae": kl_vae(vae),
+                    "text_encoder": clip_text(clip)},
+    )
 
 
-# Pipeline class → family, for diffusers directories.
-UNET_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+def sdxl_preset(name, description, default_size, unet, vae, clip_l, clip_g) -> PresetSpec:
+    return PresetSpec(
+        name=name, family="sdxl", pipeline_class="StableDiffusionXLPipeline", description=description,
+        default_size=default_size, scheduler=SDXL_SCHEDULER, extra=dict(SDXL_EXTRA),
+        tokenizers={"tokenizer": "clip", "tokenizer_2": "clip"},
+        components={"unet": Component("diffusers", "UNet2DConditionModel", unet), "vae": kl_vae(vae),
+                    "text_encoder": clip_text(clip_l), "text_encoder_2": clip_text(clip_g, projection=True)},
+    )
+
+
+SD_PRESETS = (
+    sd_preset("sd1.5", "Stable Diffusion 1.5 shapes (0.86B UNet, CLIP-L, PNDM), random weights", 512,
+              SD15_UNET, SD_VAE, CLIP_L),
+    sd_preset("sd1.5-tiny", "tiny SD1.5 for CPU tests: 2-level UNet (32, 64), 4-level VAE (scale 8)", 64,
+              {**SD15_UNET, **TINY_UNET, "cross_attention_dim": 32, "attention_head_dim": 4,
+               "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+               "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]},
+              {**SD_VAE, **TINY_VAE}, TINY_CLIP_L),
+)
+SDXL_PRESETS = (
+    sdxl_preset("sdxl", "SDXL base 1.0 shapes (2.6B UNet, CLIP-L + bigG, Euler), random weights", 1024,
+                SDXL_UNET, SDXL_VAE, CLIP_L, CLIP_G),
+    # cross_attention_dim = 32 + 32 (both towers' hidden states concatenated); the add embedding takes the
+    # pooled text (32) and 6 time ids × 8.
+    sdxl_preset("sdxl-tiny", "tiny SDXL for CPU tests: 2-level UNet (32, 64) with text-time embedding, two CLIPs", 64,
+                {**SDXL_UNET, **TINY_UNET, "cross_attention_dim": 64, "attention_head_dim": [2, 4],
+                 "transformer_layers_per_block": [1, 2], "addition_time_embed_dim": 8,
+                 "projection_class_embeddings_input_dim": 32 + 6 * 8,
+                 "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                 "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]},
+                {**SDXL_VAE, **TINY_VAE}, TINY_CLIP_L, TINY_CLIP_L),
+)
+
+
+def _unet_family(name: str, pipeline: str, presets) -> Family:
+    return Family(
+        name=name, pipelines=(pipeline,), plan=UNET_PLAN, read_info=functools.partial(read_unet_info, family=name), call_kwargs=unet_call_kwargs,
+        bench_kwargs=unet_bench_kwargs, presets=presets, axes=frozenset({"cfg", "dp"}), denoiser="unet",
+        refusals=REFUSALS, layout=unet_layout, gpu_dtype=torch.float16,
+    )
+
+
+SD = _unet_family("sd", "StableDiffusionPipeline", SD_PRESETS)
+SDXL = _unet_family("sdxl", "StableDiffusionXLPipeline", SDXL_PRESETS)

@@ -12,7 +12,7 @@
 - text_encoder_2: T5EncoderModel (64 wide, 2 layers), random but fixed (seeded), with its relative
   position bias set to zero. It still gives every word its own embedding (distinct prompts → distinct
   embeddings), and it makes all padding positions identical, which training relies on (below).
-- tokenizer / tokenizer_2: engine.tokenizer's word-level tokenizer.
+- tokenizer / tokenizer_2: engine/presets/tokenizer.py's word-level tokenizer.
 - scheduler: FlowMatchEulerDiscreteScheduler without shift (16-token images need none).
 
 Training and FluxPipeline see the same model: FluxPipeline pads the T5 prompt to
@@ -31,8 +31,9 @@ import math
 
 import torch
 
-from engine import tokenizer as tok
-from engine.presets import CLIP_L, T5_XXL, TINY_VOCAB, PresetSpec, _empty_model, materialize_
+from engine.presets import tokenizer as tok
+from engine.presets.components import CLIP_L, T5_XXL, TINY_VOCAB, clip_text, t5_encoder
+from engine.presets.spec import PresetSpec
 
 IMAGE_SIZE = 64
 TEXT_SLOTS = 16  # ≥ the longest caption in T5 tokens (12, with <eos>)
@@ -82,11 +83,12 @@ def build_untrained_pipeline(seed: int = 0):
     zero_init_modulation_(transformer)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**VAE)
-    # Text encoders: engine.presets' per-parameter init (a pure function of seed and name).
+    # Text encoders: the presets' per-parameter init (a pure function of seed and name).
     spec = PresetSpec(name="shapes", family="flux", pipeline_class="FluxPipeline", description="", default_size=IMAGE_SIZE,
-                      transformer=TRANSFORMER, vae=VAE, text_encoder=CLIP, text_encoder_2=T5)
-    clip = materialize_(_empty_model(spec, "text_encoder"), prefix="text_encoder", seed=seed, device="cpu", dtype=torch.float32)
-    t5 = materialize_(_empty_model(spec, "text_encoder_2"), prefix="text_encoder_2", seed=seed, device="cpu", dtype=torch.float32)
+                      components={"text_encoder": clip_text(CLIP), "text_encoder_2": t5_encoder(T5)}, tokenizers={},
+                      scheduler=("FlowMatchEulerDiscreteScheduler", SCHEDULER))
+    clip = spec.build_component("text_encoder", seed=seed, device="cpu", dtype=torch.float32)
+    t5 = spec.build_component("text_encoder_2", seed=seed, device="cpu", dtype=torch.float32)
     for layer in t5.encoder.block:
         bias = layer.layer[0].SelfAttention
         if bias.has_relative_attention_bias:

@@ -1,4 +1,4 @@
-"""`torchrun --nproc-per-node 4 -m engine.bench_tp_ops`: one TP collective + matmul, plain vs fused.
+"""`torchrun --nproc-per-node 4 -m engine.bench.tp_ops`: one TP collective + matmul, plain vs fused.
 
 The per-op evidence behind `--tp-comm overlap` (parallel/collective_matmul.py): for each linear of a
 Flux block at a given token count, the time of the matmul alone, the plain NCCL collective alone,
@@ -6,7 +6,7 @@ the two one after the other (the sequence form), and what the overlap form runs 
 symmetric-memory op, or the plain pair below `FUSE_MIN_ROWS` gathered rows (said under the table) —
 with its relative L2 against the plain result. GPUs with NCCL only.
 
-    torchrun --standalone --nproc-per-node 4 -m engine.bench_tp_ops --tokens 16896   # Flux 2048², TP-4
+    torchrun --standalone --nproc-per-node 4 -m engine.bench.tp_ops --tokens 16896   # Flux 2048², TP-4
 
 Protocol: 3 warm-up calls, then the median of `--iters` calls timed with CUDA events on rank 0.
 
@@ -28,7 +28,7 @@ COL_SHAPES = (("single q,k,v+mlp", 3072, 5376), ("double q,k,v", 3072, 2304), ("
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="engine.bench_tp_ops", description=__doc__,
+    p = argparse.ArgumentParser(prog="engine.bench.tp_ops", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=16896, help="M: tokens over all TP ranks (Flux 2048²: 16896)")
     p.add_argument("--iters", type=int, default=20)
@@ -57,7 +57,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    from parallel.collective_matmul import (
+    from shardiff_parallel.collective_matmul import (
         all_gather_matmul,
         gather_dim0,
         matmul_reduce_scatter,
@@ -66,14 +66,14 @@ def main(argv=None) -> None:
         worth_fusing,
     )
 
-    from .distributed import UserError, init_distributed, pick_device
+    from engine.runtime.distributed import UserError, init_distributed, pick_device
 
     device = pick_device(None)
     if device.type != "cuda":
-        raise UserError("engine.bench_tp_ops times NCCL and symmetric-memory kernels: it needs CUDA GPUs")
+        raise UserError("engine.bench.tp_ops times NCCL and symmetric-memory kernels: it needs CUDA GPUs")
     env = init_distributed(device, timedelta(seconds=300))
     if env.world_size < 2:
-        raise UserError("engine.bench_tp_ops compares collectives: launch it with torchrun on 2 or more GPUs")
+        raise UserError("engine.bench.tp_ops compares collectives: launch it with torchrun on 2 or more GPUs")
     T, group = env.world_size, dist.group.WORLD
     if args.tokens % T:
         raise UserError(f"--tokens {args.tokens} must be a multiple of the {T} ranks")
@@ -112,6 +112,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from .distributed import run_main
+    from engine.runtime.distributed import run_main
 
     run_main(main)

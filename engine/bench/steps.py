@@ -26,70 +26,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from parallel import Mesh, ParallelAttention, ParallelConfig
-from parallel.plan import apply_plan
+from engine.models import check_tp_comm, family, get_preset
+from engine.runtime.distributed import UserError, init_distributed, pick_device
+from shardiff_parallel.attention import ParallelAttention
+from shardiff_parallel.mesh import Mesh
+from shardiff_parallel.plan import apply_plan
 
-from .distributed import UserError, init_distributed, pick_device, run_main
-from .bench_sharded import cap_memory, install_sharded_denoiser
-from .models import family
-
-AXIS_LETTERS = {"c": "cfg", "u": "ulysses", "r": "ring", "t": "tp", "d": "dp"}
-BASELINES = ("diffusers-cp", "xfuser")
-
-
-@dataclass(frozen=True)
-class Layout:
-    name: str
-    system: str
-    """shardiff, diffusers, diffusers-cp or xfuser."""
-    config: ParallelConfig
-    compile: bool
-    graphs: bool = False
-    """Replay each forward as a CUDA graph (with compile)."""
-    head_chunks: int = 1
-    """Ulysses exchanges pipelined over this many head chunks (`h2` in the name)."""
-
-
-def _degrees(text: str, name: str) -> ParallelConfig:
-    # (letter, degree, "s" / "o" for the sequence / overlap form of TP — after a tp degree only).
-    parts = re.findall(r"([curtd])(\d+)([so]?)", text)
-    if not parts or "".join(a + n + s for a, n, s in parts) != text or any(s and a != "t" for a, _, s in parts):
-        raise ValueError(f"unknown layout {name!r}: see `python -m engine.bench --help` for layout names")
-    forms = {"": "allreduce", "s": "sequence", "o": "overlap"}
-    tp_comm = next((forms[s] for _, _, s in parts if s), "allreduce")
-    return ParallelConfig(**{AXIS_LETTERS[a]: int(n) for a, n, _ in parts}, tp_comm=tp_comm)
-
-
-def parse_layout(name: str) -> Layout:
-    base, _, modifier = name.partition(":")
-    if modifier not in ("", "compile", "graphs"):
-        raise ValueError(f"layout {name!r}: modifiers are ':compile' and ':graphs' (compile + CUDA graphs)")
-    compile_, graphs = modifier in ("compile", "graphs"), modifier == "graphs"
-    if base == "diffusers":
-        return Layout(name, "diffusers", ParallelConfig(), compile_, graphs)
-    if base == "1":
-        return Layout(name, "shardiff", ParallelConfig(), compile_, graphs)
-    for system in BASELINES:
-        if base.startswith(system + "-"):
-            if graphs:
-                raise ValueError(f"layout {name!r}: ':graphs' is for our layouts and plain diffusers")
-            config = _degrees(base[len(system) + 1 :], name)
-            if config.tp_comm != "allreduce":
-                raise ValueError(f"layout {name!r}: the sequence forms of TP (`s` / `o` after the tp degree) are ours only")
-            return Layout(name, system, config, compile_)
-    base, chunks = re.fullmatch(r"(.*?)(?:h(\d+))?", base).groups()
-    return Layout(name, "shardiff", _degrees(base, name), compile_, graphs, int(chunks or 1))
-
+from .layouts import BASELINES, Layout, parse_layout
+from .sharded import cap_memory, install_sharded_denoiser
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="engine.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--sharded", action="store_true",
-                   help="each layout builds only its TP shard of the denoiser (true per-rank memory; see engine/bench_sharded.py)")
+                   help="each layout builds only its TP shard of the denoiser (true per-rank memory; see engine/bench/sharded.py)")
     p.add_argument("--memory-cap-gib", type=float, default=None, help="cap each GPU's usable memory (memory-fit demos)")
     p.add_argument("--json", default=None, help="write all results to this file (rank 0), updated after each one")
     p.add_argument("--plot", default=None, help="write a PNG: latency vs GPU count per system, floor dashed (rank 0)")
@@ -142,10 +94,10 @@ def _check_layouts(layouts: list[Layout], info, world_size: int, speaks: bool, m
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    from engine.config import EngineConfig
+    from engine.loading import inspect_model
+
     from .baselines import missing
-    from .config import EngineConfig
-    from .model_info import inspect_model
-    from .presets import build_pipeline
 
     names = args.layouts.split(",") if args.layouts else [f"u{args.ulysses or 1}r{args.ring or 1}"]
     device = pick_device(None)
@@ -161,14 +113,16 @@ def main(argv=None) -> None:
     dtype = EngineConfig(dtype=args.dtype).torch_dtype(device, fam.gpu_dtype)
     cap_memory(args.memory_cap_gib, device)
 
+    spec = get_preset(args.model)
+
     def make_pipe():
-        pipe = build_pipeline(args.model, dtype=dtype, device=device, with_text_encoders=False)
+        pipe = spec.build_pipeline(dtype=dtype, device=device, with_text_encoders=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
     # --sharded: the shared pipeline gets no denoiser; each layout installs its own TP shard.
-    shared = make_pipe() if not args.sharded else build_pipeline(
-        args.model, dtype=dtype, device=device, with_text_encoders=False, components={fam.denoiser: None}
+    shared = make_pipe() if not args.sharded else spec.build_pipeline(
+        dtype=dtype, device=device, with_text_encoders=False, components={fam.denoiser: None}
     )
     shared.set_progress_bar_config(disable=True)
     inputs = fam.bench_kwargs(info, text_tokens=args.text_tokens, device=device, dtype=dtype)
@@ -186,7 +140,7 @@ def main(argv=None) -> None:
             try:
                 if lay.system == "shardiff":  # the family's refusal (Sana sp, CFG off), not a wrong number
                     fam.check_axes(lay.config.degrees())
-                    fam.check_tp_comm(lay.config)
+                    check_tp_comm(fam, lay.config)
                     fam.check_cfg(lay.config.degrees(), inputs)
                 runner = _prepare(lay, shared, make_pipe, meshes.get(lay.name), fam, args, dtype, device)
             except Exception as e:  # a baseline that cannot be built is reported, the run goes on
@@ -230,7 +184,7 @@ def main(argv=None) -> None:
         _print_table(results)
         if args.plot:
             try:
-                from .bench_plot import plot
+                from .plot import plot
 
                 plot(results, args.plot)
             except ImportError as e:
@@ -311,7 +265,7 @@ class _Runner:
 
 
 def _prepare(lay: Layout, shared, make_pipe, mesh, fam, args, dtype, device) -> _Runner:
-    from .compile import compile_denoiser, uncompile
+    from engine.runtime.compile import compile_denoiser, uncompile
 
     undo = []
     if lay.system in BASELINES:
@@ -338,7 +292,7 @@ def _prepare(lay: Layout, shared, make_pipe, mesh, fam, args, dtype, device) -> 
         blocks = compile_denoiser(denoiser)
         undo.insert(0, lambda: uncompile(blocks))
     if lay.graphs:
-        from .cuda_graphs import GraphedForward
+        from engine.runtime.cuda_graphs import GraphedForward
 
         undo.insert(0, GraphedForward(denoiser).install().remove)
     return _Runner(lay, shared, args, device, kernel, group, undo)
@@ -359,6 +313,3 @@ def _print_table(results: list[dict]) -> None:
               f"{r['first_call_s']:>8.2f} {r['rel_l2_vs_first']:>9.2e} {peak:>9.2f}  {r['kernel']}")
     sys.stdout.flush()
 
-
-if __name__ == "__main__":
-    run_main(lambda: main())

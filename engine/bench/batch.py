@@ -1,12 +1,12 @@
-"""`torchrun --nproc-per-node N -m engine.bench_batch`: throughput of a batch of images through the Engine.
+"""`torchrun --nproc-per-node N -m engine.bench.batch`: throughput of a batch of images through the Engine.
 
 The figure engine.bench cannot give: N images spread over the data-parallel ranks (or one image
 CFG-split), end to end through `Engine.generate_batch` — text encoders, UNet, scheduler, gather to
 rank 0 — on a preset's real architecture with random weights. One launch per GPU count; the 1-GPU
 run saves its latents, the N-GPU run compares against them (relative L2 per image, the max reported):
 
-    torchrun --nproc-per-node 1 -m engine.bench_batch --model sdxl --size 1024 --images 8 --save-latents /tmp/sdxl-1.pt
-    torchrun --nproc-per-node 4 -m engine.bench_batch --model sdxl --size 1024 --images 8 --reference /tmp/sdxl-1.pt
+    torchrun --nproc-per-node 1 -m engine.bench.batch --model sdxl --size 1024 --images 8 --save-latents /tmp/sdxl-1.pt
+    torchrun --nproc-per-node 4 -m engine.bench.batch --model sdxl --size 1024 --images 8 --reference /tmp/sdxl-1.pt
 
 Protocol: a warm-up batch (same image count and layout, 2 steps), then `--repeats` timed batches, the
 median reported. Latent output (no VAE decode) unless --decode. `step_ms` is wall time / (images per
@@ -27,7 +27,7 @@ import torch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="engine.bench_batch", description=__doc__,
+    p = argparse.ArgumentParser(prog="engine.bench.batch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sdxl", help="preset name or diffusers directory")
     p.add_argument("--size", type=int, default=1024)
@@ -46,8 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    from .config import EngineConfig, GenerateRequest
-    from .driver import Engine
+    from engine import Engine, EngineConfig, GenerateRequest
 
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, parallel=args.parallel))
     requests = [GenerateRequest(prompt=f"a photo of object number {i}", height=args.size, width=args.size,
@@ -103,6 +102,6 @@ def _barrier(engine) -> None:
 
 
 if __name__ == "__main__":
-    from .distributed import run_main
+    from engine.runtime.distributed import run_main
 
     run_main(lambda: main())

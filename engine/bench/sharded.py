@@ -2,7 +2,7 @@
 
 Without `--sharded` every bench layout shares one full pipeline, and a TP layout slices copies of the
 full weights, so its peak memory still counts the whole model. With it, the shared pipeline has no
-denoiser; each layout builds one holding only its TP shard (engine.sharded_loading) and drops it
+denoiser; each layout builds one holding only its TP shard (engine/loading/sharded.py) and drops it
 afterwards — the memory a TP job really needs. A cap (torch.cuda.set_per_process_memory_fraction)
 turns "does not fit" into a clear error instead of a CUDA traceback.
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .sharded_loading import empty_preset_model, load_sharded_denoiser
-from parallel.tensor import local_numel
+from engine.loading.sharded import empty_model, load_sharded_denoiser
+from shardiff_parallel.tensor import local_numel
 
 
 def cap_memory(cap_gib: float | None, device: torch.device) -> None:
@@ -27,7 +27,7 @@ def cap_memory(cap_gib: float | None, device: torch.device) -> None:
 
 def shard_gib(model: str, family, tp: int, tp_rank: int, dtype: torch.dtype) -> float:
     """GiB of denoiser weights one TP rank holds (from the meta model: no memory)."""
-    empty = empty_preset_model(model, family.denoiser)
+    empty = empty_model(model, family.denoiser)
     numel = local_numel(empty, family.plan.tensor, tp, tp_rank)
     return numel * dtype.itemsize / 2**30
 

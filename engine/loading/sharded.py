@@ -5,7 +5,7 @@ slice of each parameter this rank keeps (`parallel.tensor.local_shards`), and ea
 materialised alone, directly on the target device:
 
 - from a diffusers directory: only the slice's bytes are read from the memory-mapped safetensors;
-- from a preset: the parameter's deterministic value (engine.presets.init_parameter, a function of the
+- from a preset: the parameter's deterministic value (engine/presets/weights.py, a function of the
   seed and its name) is drawn and sliced, so TP and non-TP runs hold the same logical weights. One
   full parameter exists at a time (the largest Flux-dev one is 57 M values), so resident memory is
   the shard plus one parameter, not the model.
@@ -21,14 +21,17 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 
-from parallel.tensor import local_shards
+from shardiff_parallel.tensor import local_shards
 
-from .model_info import is_preset, model_dir
-from .presets import _empty_model, _is_norm, get_preset, init_parameter
-from .safetensors_slices import SafetensorsSlices
+from engine.models import get_preset
+from engine.presets.weights import init_parameter, is_norm_module
+
+from .inspect import is_preset
+from .safety import model_dir
+from .slices import SafetensorsSlices
 
 
-def _empty_from_directory(folder: Path) -> torch.nn.Module:
+def empty_from_directory(folder: Path) -> torch.nn.Module:
     import diffusers
 
     config = json.loads((folder / "config.json").read_text())
@@ -39,10 +42,11 @@ def _empty_from_directory(folder: Path) -> torch.nn.Module:
         return cls.from_config(config)
 
 
-def empty_preset_model(model: str, name: str) -> torch.nn.Module:
-    """Component `name` of a preset on the meta device (presets.py's own, or a self-describing DiT spec)."""
-    spec = get_preset(model)
-    return spec.empty_model(name) if hasattr(spec, "empty_model") else _empty_model(spec, name)
+def empty_model(model: str, name: str) -> torch.nn.Module:
+    """Component `name` of `model` (preset or directory) on the meta device, from its config."""
+    if is_preset(model):
+        return get_preset(model).empty_model(name)
+    return empty_from_directory(model_dir(model) / name)
 
 
 def load_sharded_denoiser(
@@ -56,10 +60,10 @@ def load_sharded_denoiser(
     """
     name = family.denoiser
     if is_preset(model):
-        empty = empty_preset_model(model, name)
+        empty = get_preset(model).empty_model(name)
     else:
         folder = model_dir(model) / name
-        empty = _empty_from_directory(folder)
+        empty = empty_from_directory(folder)
         reader = reader or SafetensorsSlices(folder)
     shards = local_shards(empty, family.plan.tensor, tp, tp_rank)
     modules = dict(empty.named_modules())
@@ -68,7 +72,7 @@ def load_sharded_denoiser(
         owner = modules[owner_name]
         sl = shards.get(pname_full)
         if reader is None:
-            full = init_parameter(f"{name}.{pname_full}", param.shape, is_norm=_is_norm(owner), seed=seed,
+            full = init_parameter(f"{name}.{pname_full}", param.shape, is_norm=is_norm_module(owner), seed=seed,
                                   device=device, dtype=dtype)
             value = full if sl is None else sl.take(full).contiguous()
             del full

@@ -19,7 +19,7 @@ import importlib.util
 
 import torch
 
-from parallel import ParallelConfig
+from shardiff_parallel.config import ParallelConfig
 
 
 def missing(system: str) -> str | None:

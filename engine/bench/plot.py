@@ -1,6 +1,6 @@
 """Plot engine.bench results: latency vs GPU count, one line per system, the compute floor dashed.
 
-    python -m engine.bench_plot results.json plot.png      (engine.bench --plot does this itself)
+    python -m engine.bench.plot results.json plot.png      (engine.bench --plot does this itself)
 """
 
 from __future__ import annotations

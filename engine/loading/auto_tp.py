@@ -1,6 +1,6 @@
 """`--tp auto` (the default): tensor parallelism only where it pays — when the weights do not fit a GPU.
 
-Measured on 4×H200 (BENCHMARKS.md, issue 4): on NVLinked GPUs TP is never faster than Ulysses for the
+Measured on 4×H200 (BENCHMARKS.md): on NVLinked GPUs TP is never faster than Ulysses for the
 same GPUs (Flux 2048² compiled: TP-4 225 ms, Ulysses-4 206 ms per step), but it divides the
 denoiser's weights by T. So the automatic rule is about memory: the smallest TP degree (1 first) that
 splits the model evenly, divides the ranks left after dp × cfg, and makes one rank's weights — every
@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from pathlib import Path
 
 import torch
 
-from parallel.tensor import local_numel
+from engine.models import get_preset
+from shardiff_parallel.tensor import local_numel
+
+from .inspect import is_preset
+from .safety import model_dir
+from .sharded import empty_model
+from .slices import stored_numel
 
 WEIGHT_SHARE = 0.75
 """Weights may take this share of a GPU's memory; the rest is for activations and the allocator."""
@@ -29,23 +34,14 @@ WEIGHT_SHARE = 0.75
 
 def _directory_numel(folder: Path) -> int:
     """Parameters stored in a component folder's safetensors files (headers only)."""
-    from .safetensors_slices import read_header
-
-    total = 0
-    for f in sorted(folder.glob("*.safetensors")):
-        header, _ = read_header(f)
-        total += sum(math.prod(e["shape"]) for k, e in header.items() if k != "__metadata__")
-    return total
+    return sum(stored_numel(f) for f in sorted(folder.glob("*.safetensors")))
 
 
 def _components(model: str) -> tuple[list[str], object]:
     """(names of the pipeline's weighted components, preset spec or model directory)."""
-    from .model_info import is_preset, model_dir
-    from .presets import MODEL_COMPONENTS, get_preset
-
     if is_preset(model):
         spec = get_preset(model)
-        return list(getattr(spec, "model_components", MODEL_COMPONENTS)), spec
+        return list(spec.model_components), spec
     folder = model_dir(model)
     index = json.loads((folder / "model_index.json").read_text())
     names = [n for n, v in index.items() if not n.startswith("_") and isinstance(v, list) and (folder / n).is_dir()]
@@ -56,14 +52,12 @@ def _components(model: str) -> tuple[list[str], object]:
 def _parts(model: str, denoiser: str) -> tuple[torch.nn.Module, int]:
     """(the denoiser on the meta device, parameters of every other component). Cached: building
     T5-XXL on the meta device takes seconds, and choose_tp asks for several TP degrees."""
-    from .sharded_loading import _empty_from_directory, empty_preset_model
-
     names, source = _components(model)
     assert denoiser in names, f"{model} has no {denoiser}"
     from_dir = isinstance(source, Path)
-    empty = _empty_from_directory(source / denoiser) if from_dir else empty_preset_model(model, denoiser)
+    empty = empty_model(model, denoiser)
     others = sum(
-        _directory_numel(source / n) if from_dir else sum(p.numel() for p in empty_preset_model(model, n).parameters())
+        _directory_numel(source / n) if from_dir else sum(p.numel() for p in source.empty_model(n).parameters())
         for n in names
         if n != denoiser
     )

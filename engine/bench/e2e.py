@@ -1,11 +1,11 @@
-"""`torchrun --nproc-per-node N -m engine.bench_e2e --layout u4:compile`: end-to-end seconds per image.
+"""`torchrun --nproc-per-node N -m engine.bench.e2e --layout u4:compile`: end-to-end seconds per image.
 
 What a user of the Python API sees: the engine is built once (load + parallelize + compile set up),
 then each request runs text encoding, the denoising loop and the VAE decode to a PIL image. Reported
 separately: the build, the first (cold) request — which compiles — and the median of the warm ones.
 One layout per launch (the engine holds one layout's processes); layout names as in engine.bench.
 
-    torchrun --nproc-per-node 4 -m engine.bench_e2e --model flux-dev --size 1024 --steps 28 --layout u4:compile
+    torchrun --nproc-per-node 4 -m engine.bench.e2e --model flux-dev --size 1024 --steps 28 --layout u4:compile
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import time
 
 import torch
 
-from .bench import parse_layout
-from .config import EngineConfig, GenerateRequest
-from .distributed import run_main
+from engine.config import EngineConfig, GenerateRequest
+from engine.runtime.distributed import run_main
+
+from .layouts import parse_layout
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m engine.bench_e2e", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m engine.bench.e2e", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="flux-dev", help="preset name or diffusers directory")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=28)
@@ -41,7 +42,7 @@ def main(argv=None) -> None:
         raise ValueError(f"--layout {args.layout!r}: end-to-end timing runs our layouts (':compile', ':graphs' allowed)")
     if args.repeats < 1:
         raise ValueError("--repeats must be at least 1")
-    from . import Engine
+    from engine import Engine
 
     start = time.perf_counter()
     engine = Engine(EngineConfig(model=args.model, compile=layout.compile, cuda_graphs=layout.graphs), parallel=layout.config)

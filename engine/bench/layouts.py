@@ -1,0 +1,56 @@
+"""Layout names of the benchmarks: `u4`, `r2`, `u2r2`, `c2u2`, `t4s`, `t4o:compile`, `xfuser-u4`, … (see
+`python -m engine.bench --help`)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from shardiff_parallel.config import ParallelConfig
+
+AXIS_LETTERS = {"c": "cfg", "u": "ulysses", "r": "ring", "t": "tp", "d": "dp"}
+BASELINES = ("diffusers-cp", "xfuser")
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    system: str
+    """shardiff, diffusers, diffusers-cp or xfuser."""
+    config: ParallelConfig
+    compile: bool
+    graphs: bool = False
+    """Replay each forward as a CUDA graph (with compile)."""
+    head_chunks: int = 1
+    """Ulysses exchanges pipelined over this many head chunks (`h2` in the name)."""
+
+
+def _degrees(text: str, name: str) -> ParallelConfig:
+    # (letter, degree, "s" / "o" for the sequence / overlap form of TP — after a tp degree only).
+    parts = re.findall(r"([curtd])(\d+)([so]?)", text)
+    if not parts or "".join(a + n + s for a, n, s in parts) != text or any(s and a != "t" for a, _, s in parts):
+        raise ValueError(f"unknown layout {name!r}: see `python -m engine.bench --help` for layout names")
+    forms = {"": "allreduce", "s": "sequence", "o": "overlap"}
+    tp_comm = next((forms[s] for _, _, s in parts if s), "allreduce")
+    return ParallelConfig(**{AXIS_LETTERS[a]: int(n) for a, n, _ in parts}, tp_comm=tp_comm)
+
+
+def parse_layout(name: str) -> Layout:
+    base, _, modifier = name.partition(":")
+    if modifier not in ("", "compile", "graphs"):
+        raise ValueError(f"layout {name!r}: modifiers are ':compile' and ':graphs' (compile + CUDA graphs)")
+    compile_, graphs = modifier in ("compile", "graphs"), modifier == "graphs"
+    if base == "diffusers":
+        return Layout(name, "diffusers", ParallelConfig(), compile_, graphs)
+    if base == "1":
+        return Layout(name, "shardiff", ParallelConfig(), compile_, graphs)
+    for system in BASELINES:
+        if base.startswith(system + "-"):
+            if graphs:
+                raise ValueError(f"layout {name!r}: ':graphs' is for our layouts and plain diffusers")
+            config = _degrees(base[len(system) + 1 :], name)
+            if config.tp_comm != "allreduce":
+                raise ValueError(f"layout {name!r}: the sequence forms of TP (`s` / `o` after the tp degree) are ours only")
+            return Layout(name, system, config, compile_)
+    base, chunks = re.fullmatch(r"(.*?)(?:h(\d+))?", base).groups()
+    return Layout(name, "shardiff", _degrees(base, name), compile_, graphs, int(chunks or 1))

@@ -1,0 +1,34 @@
+"""Cheap facts about a model (preset name, built-in model or diffusers directory), read without weights.
+
+Every rank calls `inspect_model` to check parallel degrees against head counts and image sizes
+BEFORE the first collective, so a user mistake becomes one clear ValueError on every rank instead of
+a hang. It reads only the preset spec or the directory's JSON configs (through the safety gate), and
+hands them to the family's own reader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.models import PRESETS, ModelInfo, family, family_of_pipeline
+
+from .safety import model_dir, read_json, read_model_index
+
+
+def is_preset(model: str | Path) -> bool:
+    return isinstance(model, str) and model in PRESETS
+
+
+def inspect_model(model: str | Path) -> ModelInfo:
+    """Shapes and limits of a preset or diffusers directory, from configs only."""
+    if is_preset(model):
+        spec = PRESETS[model]
+        fam = family(spec.family)
+        configs = {n: spec.config(n) for n in fam.config_components}
+        return fam.read_info(configs, source="preset", pipeline_class=spec.pipeline_class,
+                             default_size=spec.default_size)
+    path = model_dir(model)
+    cls_name = read_model_index(path)["_class_name"]
+    fam = family_of_pipeline(cls_name, str(path))
+    configs = {n: read_json(path / n / "config.json", f"model directory {path}") for n in fam.config_components}
+    return fam.read_info(configs, source="directory", pipeline_class=cls_name, default_size=None)

@@ -1,0 +1,47 @@
+"""Load a pipeline from a preset name or a local diffusers directory, safely.
+
+Directories go through the safety gate first (engine/loading/safety.py): only diffusers /
+transformers classes, no custom pipeline, safetensors weights only. Nothing is ever downloaded
+(local_files_only) and remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.models import get_preset
+
+from .inspect import is_preset
+from .safety import NOT_LOADED, check_weight_files, model_dir, read_model_index
+
+
+def load_pipeline(model: str, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+                  components: dict | None = None):
+    """The pipeline for `model` (preset name or diffusers directory) on `device` in `dtype`.
+
+    `seed` only matters for presets (their random weights). `components`: prebuilt components used
+    instead of loading them (a tensor-parallel shard of the denoiser, engine/loading/sharded.py).
+    """
+    components = components or {}
+    if is_preset(model):
+        return get_preset(model).build_pipeline(dtype=dtype, device=device, seed=seed, components=components)
+    path = model_dir(model)
+    index = read_model_index(path)
+    check_weight_files(path, index)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, local_files_only=True, **_left_out(index), **components
+    )
+    return pipe.to(device)
+
+
+def _left_out(index: dict) -> dict:
+    """Pipeline arguments that switch off what we never load: Stable Diffusion's safety checker and
+    feature extractor (None, and no warning about it), SDXL's invisible watermark (changes pixels)."""
+    kwargs: dict = {name: None for name in NOT_LOADED if name in index}
+    if "requires_safety_checker" in index:
+        kwargs["requires_safety_checker"] = False
+    if index["_class_name"].startswith("StableDiffusionXL"):
+        kwargs["add_watermarker"] = False
+    return kwargs

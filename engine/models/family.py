@@ -1,0 +1,153 @@
+"""What a model family is to the engine: its plan, how its pipelines are called, its limits, as data.
+
+Every family module under engine/models/ builds one `Family` (UNets: one per pipeline kind) and the
+registry (engine/models/__init__.py) lists them. The engine, the loader and the preset builder only
+read these fields; none of them names a family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from engine.presets.spec import PresetSpec
+from shardiff_parallel.plan import ModelPlan
+
+
+@dataclass(kw_only=True, frozen=True)
+class ModelInfo:
+    """Cheap facts about one model, read from its configs (no weights), so that degrees, head counts
+    and image sizes are checked on every rank before the first collective."""
+
+    source: str
+    """"preset" or "directory"."""
+    family: str
+    pipeline_class: str
+    num_heads: int
+    head_dim: int
+    num_layers: int
+    """Flux: dual-stream blocks; UNets: resolution levels."""
+    num_single_layers: int
+    """Flux: single-stream blocks; 0 elsewhere."""
+    in_channels: int
+    """Denoiser input channels (Flux: packed latents)."""
+    joint_attention_dim: int
+    """Text-embedding width the denoiser expects (UNets: cross-attention width)."""
+    pooled_projection_dim: int
+    """Pooled text width (0 where there is none)."""
+    vae_scale_factor: int
+    """Pixels per latent cell."""
+    spatial_multiple: int
+    """Height and width must be multiples of this (VAE factor × patch size, or the pipeline's own rule)."""
+    default_size: int
+    """Pixels."""
+    uses_guidance_embeds: bool
+    """The guidance scale is an input of the denoiser (Flux-dev, LCM UNets), not two branches."""
+
+
+ConfigReader = Callable[..., ModelInfo]
+"""(configs: component → config dict, *, source, pipeline_class, default_size) → ModelInfo."""
+
+
+def guidance_on(kwargs: dict) -> bool:
+    """Pipelines that batch [negative, prompt] do so when guidance_scale > 1 (diffusers' rule)."""
+    return kwargs.get("guidance_scale", 1.0) > 1
+
+
+def no_tp_check(info: ModelInfo, tp: int) -> None:
+    return None
+
+
+@dataclass(kw_only=True, frozen=True)
+class Family:
+    name: str
+    pipelines: tuple[str, ...]
+    """diffusers pipeline classes (model_index.json `_class_name`) this family runs."""
+    plan: ModelPlan
+    read_info: ConfigReader
+    """The ModelInfo of a model of this family, from the configs of `info_components`."""
+    call_kwargs: Callable[..., dict]
+    """GenerateRequest → family-specific pipeline kwargs (prompt, guidance, …); the engine adds size,
+    steps, generator and output type."""
+    axes: frozenset[str]
+    """Mesh axes (with degree > 1) this family can use."""
+    bench_kwargs: Callable[..., dict]
+    """(ModelInfo, text_tokens=, device=, dtype=) → pipeline kwargs with random embeddings of the
+    real shapes, for engine.bench (no text encoders)."""
+    presets: tuple[PresetSpec, ...] = ()
+    """Random-weight presets with the real configs, and their `-tiny` forms for CPU tests."""
+    denoiser: str = "transformer"
+    """Pipeline attribute holding the model the plan applies to."""
+    info_components: tuple[str, ...] = ()
+    """Components whose configs `read_info` reads; empty: (denoiser, "vae")."""
+    check_tp: Callable[[ModelInfo, int], None] = no_tp_check
+    """(ModelInfo, tp) → ValueError if the TP degree does not split the model evenly (before any collective)."""
+    uses_cfg: Callable[[dict], bool] = guidance_on
+    """Pipeline kwargs → whether that call runs two guidance branches (what --cfg 2 splits)."""
+    cfg_pairs: bool = False
+    """The pipeline runs the guidance branches as two sequential denoiser calls (Flux true CFG), not as
+    one batch: the engine applies the plan with `cfg_pairs` (see parallel/cfg_pairs.py)."""
+    refusals: Mapping[str, str] = field(default_factory=dict)
+    """Axis → why this family cannot use it (said to the user instead of a generic message)."""
+    layout: Callable[..., tuple] | None = None
+    """(world, EngineConfig, guided: list[bool] | None) → (ParallelConfig, why) for families whose
+    layout follows the batch of requests (UNets: CFG split or data parallel, engine/models/unet.py);
+    None: degrees from the config (resolve_degrees)."""
+    gpu_dtype: torch.dtype = torch.bfloat16
+    """What `--dtype auto` runs on GPUs. UNets: fp16, their published precision — in bf16, 30 guided
+    steps amplify rounding to 1.1–1.5% between two ways of computing one image, in fp16 to 0.13–0.20%
+    (BENCHMARKS.md)."""
+    token_counts: Callable[..., dict[str, int]] | None = None
+    """(ModelInfo, pipeline kwargs, height, width) → tokens of each group of the plan's sequence, so
+    that `--tp-comm sequence` can check its even split before any collective (the split itself checks
+    again, on the real inputs)."""
+
+    @property
+    def config_components(self) -> tuple[str, ...]:
+        return self.info_components or (self.denoiser, "vae")
+
+    @property
+    def pipeline_plan(self) -> ModelPlan:
+        """The plan as the engine applies it under this family's pipeline."""
+        return replace(self.plan, cfg_pairs=True) if self.cfg_pairs else self.plan
+
+    def check_cfg(self, degrees: dict[str, int], kwargs: dict) -> None:
+        if degrees.get("cfg", 1) > 1 and not self.uses_cfg(kwargs):
+            hint = ("true CFG: --negative-prompt and --true-cfg-scale > 1" if self.cfg_pairs
+                    else "--guidance > 1")
+            raise ValueError(
+                f"--cfg 2 puts the two classifier-free-guidance branches on different ranks, but this "
+                f"{self.name} request has guidance off (needs {hint}); drop --cfg or give those ranks "
+                + ("to --ulysses/--ring" if {"ulysses", "ring"} & self.axes else "to data parallel (--dp)")
+            )
+
+    def check_axes(self, degrees: dict[str, int]) -> None:
+        for a, d in degrees.items():
+            if d > 1 and a in self.refusals:
+                raise ValueError(f"{self.name} models cannot use --{a}: {self.refusals[a]}")
+        bad = [a for a, d in degrees.items() if d > 1 and a not in self.axes]
+        if bad:
+            raise ValueError(
+                f"{self.name} models do not support --{' / --'.join(bad)} yet; "
+                f"axes available for {self.name}: {', '.join('--' + a for a in sorted(self.axes))}"
+            )
+
+
+def prompt_kwargs(request) -> dict:
+    """The prompt arguments most diffusers pipelines share (SD3's names; Flux adds its true CFG)."""
+    kwargs = dict(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        guidance_scale=request.guidance,
+        num_images_per_prompt=request.num_images_per_prompt,
+    )
+    if request.max_sequence_length is not None:
+        kwargs["max_sequence_length"] = request.max_sequence_length
+    return kwargs
+
+
+def vae_scale(vae: dict, channels_key: str = "block_out_channels") -> int:
+    """Pixels per latent cell: 2^(levels - 1), as the pipelines compute it."""
+    return 2 ** (len(vae.get(channels_key, [0] * 4)) - 1)

@@ -1,0 +1,161 @@
+"""Flux (FluxPipeline, FluxTransformer2DModel): the family's plans, call, config reader and presets.
+
+Sequence parallelism splits the joint [text, image] stream (engine/models/flux/attention.py); TP's
+plans are in engine/models/flux/tp.py. CFG: FluxPipeline's true CFG (a negative prompt and
+true_cfg_scale > 1) calls the transformer twice per step, prompt then negative prompt, and combines
+the two predictions after the second call: the engine runs those two calls on the two cfg ranks at
+once (`cfg_pairs`, parallel/cfg_pairs.py). Flux-dev's embedded `guidance_scale` is not CFG
+(one call), so it does not count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.presets.components import CLIP_L, FLUX_VAE, T5_XXL, TINY_CLIP_L, TINY_KL, TINY_T5, clip_text, kl_vae, t5_encoder
+from engine.presets.spec import Component, PresetSpec
+from shardiff_parallel.plan import ModelPlan, SeqDim
+
+from ..family import Family, ModelInfo, prompt_kwargs, vae_scale
+from ..mmdit import check_tp_widths
+from .attention import FluxParallelAttnProcessor
+from .tp import FLUX_TP_PLAN, FLUX_TP_SEQUENCE_PLAN
+
+FLUX_PLAN = ModelPlan(
+    split_inputs={
+        "hidden_states": SeqDim("image", 1),
+        "img_ids": SeqDim("image", -2),
+        "encoder_hidden_states": SeqDim("text", 1),
+        "txt_ids": SeqDim("text", -2),
+    },
+    gather_output=SeqDim("image", 1),
+    attention={
+        "transformer_blocks.*.attn": FluxParallelAttnProcessor,
+        "single_transformer_blocks.*.attn": FluxParallelAttnProcessor,
+    },
+    batch_inputs={
+        "hidden_states": 0, "encoder_hidden_states": 0, "pooled_projections": 0, "timestep": 0, "guidance": 0,
+    },
+    tensor=FLUX_TP_PLAN,
+    tensor_sequence=FLUX_TP_SEQUENCE_PLAN,
+)
+
+# Where FluxPipeline's own default image size comes from when the VAE config has none.
+DEFAULT_SIZE = 1024
+
+
+def flux_call_kwargs(request) -> dict:
+    """FluxPipeline arguments that depend on the request beyond size, steps, seed and output type."""
+    return {**prompt_kwargs(request), "true_cfg_scale": request.true_cfg_scale}
+
+
+def flux_uses_cfg(kwargs: dict) -> bool:
+    has_negative = kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None
+    return kwargs.get("true_cfg_scale", 1.0) > 1 and has_negative
+
+
+def flux_token_counts(info, kwargs: dict, height: int, width: int) -> dict[str, int]:
+    """Tokens of each group that FluxPipeline gives the transformer: T5 pads the prompt to
+    max_sequence_length; one image token per 2×2 latent patch."""
+    import inspect
+
+    from diffusers import FluxPipeline
+
+    text = kwargs.get("max_sequence_length")
+    if text is None:
+        text = inspect.signature(FluxPipeline.__call__).parameters["max_sequence_length"].default
+    m = info.spatial_multiple
+    return {"text": text, "image": (height // m) * (width // m)}
+
+
+def flux_bench_kwargs(info, *, text_tokens: int, device, dtype) -> dict:
+    """Random prompt embeddings of the real shapes (no text encoders), as the anchors were measured."""
+    gen = torch.Generator("cpu").manual_seed(1234)
+    return dict(
+        prompt_embeds=torch.randn(1, text_tokens, info.joint_attention_dim, generator=gen).to(device, dtype),
+        pooled_prompt_embeds=torch.randn(1, info.pooled_projection_dim, generator=gen).to(device, dtype),
+        max_sequence_length=text_tokens,
+        guidance_scale=3.5,
+    )
+
+
+def read_flux_info(configs, *, source: str, pipeline_class: str, default_size: int | None) -> ModelInfo:
+    transformer, vae = configs["transformer"], configs["vae"]
+    scale = vae_scale(vae)
+    return ModelInfo(
+        source=source,
+        family="flux",
+        pipeline_class=pipeline_class,
+        num_heads=int(transformer.get("num_attention_heads", 24)),
+        head_dim=int(transformer.get("attention_head_dim", 128)),
+        num_layers=int(transformer.get("num_layers", 19)),
+        num_single_layers=int(transformer.get("num_single_layers", 38)),
+        in_channels=int(transformer.get("in_channels", 64)),
+        joint_attention_dim=int(transformer.get("joint_attention_dim", 4096)),
+        pooled_projection_dim=int(transformer.get("pooled_projection_dim", 768)),
+        vae_scale_factor=scale,
+        # Flux packs 2x2 latent cells into one token.
+        spatial_multiple=scale * 2,
+        default_size=int(default_size or vae.get("sample_size") or DEFAULT_SIZE),
+        uses_guidance_embeds=bool(transformer.get("guidance_embeds", False)),
+    )
+
+
+# ---------------------------------------------------------------- presets
+
+FLUX_DEV_SCHEDULER = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096,
+)
+# FLUX.1-schnell is timestep-distilled: fixed sigmas, no resolution-dependent shift.
+FLUX_SCHNELL_SCHEDULER = {**FLUX_DEV_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False}
+
+# black-forest-labs/FLUX.1-dev transformer/config.json (axes_dims_rope is the default).
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+    guidance_embeds=True, axes_dims_rope=[16, 56, 56],
+)
+FLUX_TINY_TRANSFORMER = dict(
+    patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+    num_attention_heads=8, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+    axes_dims_rope=[4, 6, 6],
+)
+
+
+def flux_preset(name: str, description: str, default_size: int, transformer: dict, vae: dict, clip: dict, t5: dict,
+                scheduler: dict = FLUX_DEV_SCHEDULER) -> PresetSpec:
+    return PresetSpec(
+        name=name, family="flux", pipeline_class="FluxPipeline", description=description, default_size=default_size,
+        components={
+            "transformer": Component("diffusers", "FluxTransformer2DModel", transformer),
+            "vae": kl_vae(vae),
+            "text_encoder": clip_text(clip),
+            "text_encoder_2": t5_encoder(t5),
+        },
+        tokenizers={"tokenizer": "clip", "tokenizer_2": "t5"},
+        scheduler=("FlowMatchEulerDiscreteScheduler", dict(scheduler)),
+    )
+
+
+PRESETS = (
+    flux_preset(
+        "flux-tiny", "tiny Flux for CPU tests: 2+2 blocks, 8 heads x 16, 4-level VAE (scale 8)", 128,
+        FLUX_TINY_TRANSFORMER,
+        # 4 latent channels x 2x2 packing = the transformer's 16 input channels.
+        {**FLUX_VAE, **TINY_KL, "latent_channels": 4, "sample_size": 128},
+        TINY_CLIP_L, {**TINY_T5, "d_model": 64},
+    ),
+    flux_preset("flux-dev", "FLUX.1-dev shapes (12B transformer, CLIP-L, T5-XXL), random weights", 1024,
+                FLUX_DEV_TRANSFORMER, FLUX_VAE, CLIP_L, T5_XXL),
+    flux_preset("flux-schnell", "FLUX.1-schnell shapes (no guidance embedding, unshifted scheduler), random weights",
+                1024, {**FLUX_DEV_TRANSFORMER, "guidance_embeds": False}, FLUX_VAE, CLIP_L, T5_XXL,
+                FLUX_SCHNELL_SCHEDULER),
+)
+
+FAMILY = Family(
+    name="flux", pipelines=("FluxPipeline",), plan=FLUX_PLAN, read_info=read_flux_info,
+    call_kwargs=flux_call_kwargs, bench_kwargs=flux_bench_kwargs, presets=PRESETS,
+    axes=frozenset({"ulysses", "ring", "tp", "cfg"}), check_tp=check_tp_widths,
+    uses_cfg=flux_uses_cfg, cfg_pairs=True, token_counts=flux_token_counts,
+)

@@ -1,0 +1,55 @@
+"""Tensor-parallel pieces shared by the transformer families: the MMDiT joint-block plan (Flux and
+SD3) and the check that a TP degree splits heads and MLP width evenly (Flux, SD3, PixArt).
+
+Megatron-style pairs: a column-split linear feeds a row-split one, with only elementwise work between
+them, so each pair costs one all-reduce. Attention heads follow the column split of Q/K/V (each rank
+computes H/T whole heads; the processors infer the head count from head_dim). The AdaLN modulation
+linears (a quarter of Flux's weights) and the embedders' output layers produce small vectors that
+replicated code consumes, so they are column-split and all-gathered.
+"""
+
+from __future__ import annotations
+
+from shardiff_parallel.tensor import Colwise, Rowwise
+
+# The MLP width is 4 × hidden in every model using these plans (Flux hard-codes it; SD3 and PixArt's
+# FeedForward default).
+MLP_RATIO = 4
+
+COL, GATHER, ROW = Colwise(), Colwise(gather=True), Rowwise()
+
+# Embedders and the double-stream (joint) blocks.
+MMDIT_TP_PLAN = {
+    # Embedders: timestep / guidance / pooled-text MLPs (col → row), T5 context projection (gathered).
+    "time_text_embed.*.linear_1": COL,
+    "time_text_embed.*.linear_2": ROW,
+    "context_embedder": GATHER,
+    # Double-stream blocks: AdaLN, image and text attention, image and text MLPs.
+    "transformer_blocks.*.norm1.linear": GATHER,
+    "transformer_blocks.*.norm1_context.linear": GATHER,
+    "transformer_blocks.*.attn.to_[qkv]": COL,
+    "transformer_blocks.*.attn.add_[qkv]_proj": COL,
+    "transformer_blocks.*.attn.to_out.0": ROW,
+    "transformer_blocks.*.attn.to_add_out": ROW,
+    "transformer_blocks.*.ff.net.0.proj": COL,
+    "transformer_blocks.*.ff.net.2": ROW,
+    "transformer_blocks.*.ff_context.net.0.proj": COL,
+    "transformer_blocks.*.ff_context.net.2": ROW,
+    # Output AdaLN (the final proj_out is replicated).
+    "norm_out.linear": GATHER,
+}
+
+
+def check_tp_widths(info, tp: int) -> None:
+    """ValueError unless --tp splits the heads and the (4 × hidden) MLP width evenly (from configs, no
+    weights)."""
+    if tp == 1:
+        return
+    hidden = info.num_heads * info.head_dim
+    for what, n in (("attention heads", info.num_heads), ("MLP width", hidden * MLP_RATIO)):
+        if n % tp:
+            ok = [d for d in range(2, 9) if info.num_heads % d == 0 and hidden * MLP_RATIO % d == 0]
+            raise ValueError(
+                f"--tp {tp} does not divide the model's {n} {what}; TP degrees that work for this model: "
+                + (", ".join(map(str, ok)) if ok else "none (use --ulysses / --ring)")
+            )
