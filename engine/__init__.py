@@ -7,7 +7,11 @@
         result.image.save("fox.png")
 """
 
-from .config import EngineConfig, GenerateRequest
-from .driver import Engine, GenerateResult
+from .runtime.quiet import drop_known_warnings
+
+drop_known_warnings()  # before any diffusers pipeline module is imported
+
+from .config import EngineConfig, GenerateRequest  # noqa: E402
+from .driver import Engine, GenerateResult  # noqa: E402
 
 __all__ = ["Engine", "EngineConfig", "GenerateRequest", "GenerateResult"]

@@ -28,6 +28,7 @@ from engine.loading.auto_tp import choose_tp
 from engine.loading.sharded import load_sharded_denoiser
 from engine.models import ModelInfo, check_tp_comm, family
 from engine.runtime.distributed import agree, init_distributed, launched_world_size, pick_device
+from engine.runtime.quiet import loading_bars
 
 from .config import EngineConfig, GenerateRequest
 from .data_parallel import choose_layout, generate_batch, use_layout
@@ -115,9 +116,10 @@ class Engine:
                 config.model, self.family, tp=parallel.tp, tp_rank=self.mesh.coord("tp"), dtype=self.dtype,
                 device=device, seed=config.weights_seed,
             )
-        self.pipe = load_pipeline(
-            config.model, dtype=self.dtype, device=device, seed=config.weights_seed, components=components
-        )
+        with loading_bars(show=self.mesh.is_first):
+            self.pipe = load_pipeline(
+                config.model, dtype=self.dtype, device=device, seed=config.weights_seed, components=components
+            )
         self.pipe.set_progress_bar_config(disable=not self.mesh.is_first, leave=False)
         self.attention = ParallelAttention(self.mesh, config.attention_backend)
         self.denoiser = getattr(self.pipe, self.family.denoiser)
