@@ -1,4 +1,4 @@
-"""Every 8-rank layout of the 8-GPU scaling run (issue 8), proven on 8 gloo processes with the tiny
+"""Every 8-rank layout of the 8-GPU scaling run, proven on 8 gloo processes with the tiny
 models: the same engine.bench command the GPU run uses, checked for parity with one rank.
 
 Uneven on purpose: 112×144 gives 63 image tokens, and 77 / 16 text tokens — none divide 8.
