@@ -2,7 +2,9 @@
 
 What a user of the Python API sees: the engine is built once (load + parallelize + compile set up),
 then each request runs text encoding, the denoising loop and the VAE decode to a PIL image. Reported
-separately: the build, the first (cold) request — which compiles — and the median of the warm ones.
+separately: the build, the first (cold) request — which compiles — and the median of the warm ones, each
+split into its phases (engine/bench/phases.py), and per rank the weights each component holds and each
+phase's peak memory.
 One layout per launch (the engine holds one layout's processes); layout names as in engine.bench.
 
     torchrun --nproc-per-node 4 -m engine.bench.e2e --model flux-dev --size 1024 --steps 28 --layout u4:compile
@@ -21,6 +23,7 @@ from engine.config import EngineConfig, GenerateRequest
 from engine.runtime.distributed import run_main
 
 from .layouts import parse_layout
+from .phases import PHASES, PhaseTimer, weight_gib
 
 
 def parse_args(argv=None):
@@ -33,6 +36,17 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="a red fox in the snow, photograph")
     p.add_argument("--json", default=None, help="append the record to this file (first rank)")
     return p.parse_args(argv)
+
+
+def _gather(mine: dict) -> list[dict]:
+    """Every rank's record, in rank order (on every rank)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [mine]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
 
 
 def main(argv=None) -> None:
@@ -48,18 +62,33 @@ def main(argv=None) -> None:
     engine = Engine(EngineConfig(model=args.model, compile=layout.compile, cuda_graphs=layout.graphs), parallel=layout.config)
     build_s = time.perf_counter() - start
     request = GenerateRequest(prompt=args.prompt, height=args.size, width=args.size, steps=args.steps, seed=0)
-    runs = [engine.generate(request).seconds for _ in range(1 + args.repeats)]
+    timer = PhaseTimer(engine.pipe, engine.device)
+    runs, phases = [], []
+    for _ in range(1 + args.repeats):
+        timer.start()
+        runs.append(engine.generate(request).seconds)
+        phases.append(timer.finish())
+    timer.remove()
+    warm = phases[1:]
+    per_rank = _gather({"weights_gib": weight_gib(engine.pipe), "phase_peak_gib": warm[-1]["peak_gib"],
+                        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if engine.device.type == "cuda" else 0.0})
     record = dict(
         model=args.model, size=args.size, steps=args.steps, layout=args.layout,
         ranks=layout.config.world_size, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
         build_s=round(build_s, 2), first_s=round(runs[0], 3), warm_s=round(statistics.median(runs[1:]), 3),
         warm_runs_s=[round(r, 3) for r in runs[1:]],
-        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if engine.device.type == "cuda" else 0.0,
+        # Median over the warm requests of each phase's seconds.
+        warm_phase_s={p: round(statistics.median(ph["seconds"][p] for ph in warm), 3) for p in PHASES},
+        first_phase_s=phases[0]["seconds"], per_rank=per_rank,
     )
     if engine.is_first:
         print(json.dumps(record), flush=True)
+        ph = record["warm_phase_s"]
         print(f"{args.model} {args.size}² {args.steps} steps, layout {args.layout}: build {build_s:.1f} s, "
-              f"first request {runs[0]:.2f} s, warm {record['warm_s']:.2f} s (text encoders + denoiser + VAE)")
+              f"first request {runs[0]:.2f} s, warm {record['warm_s']:.2f} s = text {ph['text']:.3f} + denoise "
+              f"{ph['denoise']:.3f} + VAE {ph['vae']:.3f}")
+        for rank, r in enumerate(per_rank):
+            print(f"  rank {rank}: weights {r['weights_gib']} GiB, phase peaks {r['phase_peak_gib']}, peak {r['peak_gib']} GiB")
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(record) + "\n")

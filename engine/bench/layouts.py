@@ -9,14 +9,18 @@ from dataclasses import dataclass
 from shardiff_parallel.config import ParallelConfig
 
 AXIS_LETTERS = {"c": "cfg", "u": "ulysses", "r": "ring", "t": "tp", "d": "dp"}
-BASELINES = ("diffusers-cp", "xfuser")
+# Longest first: "cache-dit-db-u4" must not read as cache-dit with degrees "db-u4".
+BASELINES = ("cache-dit-db", "cache-dit", "diffusers-cp", "xfuser")
+APPROXIMATE = ("cache-dit-db",)
+"""Baselines that skip work (cache-dit's DBCache reuses block residuals across steps): their figures are
+not exact work against exact work, and the table says so beside their fidelity."""
 
 
 @dataclass(frozen=True)
 class Layout:
     name: str
     system: str
-    """shardiff, diffusers, diffusers-cp or xfuser."""
+    """shardiff, diffusers, or one of BASELINES."""
     config: ParallelConfig
     compile: bool
     graphs: bool = False

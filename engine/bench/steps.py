@@ -16,7 +16,9 @@ Layout names:
   of TP (reduce-scatter / all-gather, `--tp-comm sequence`): `t4s`, `t2su2`, `t4s:compile`; an `o`
   its overlapped form (collectives fused with their matmuls, `--tp-comm overlap`): `t4o:compile`;
 - baselines: `diffusers` (plain, one GPU), `diffusers-cp-<degrees>` (diffusers' context
-  parallelism, cuDNN attention), `xfuser-<degrees>` (xDiT USP);
+  parallelism, cuDNN attention), `xfuser-<degrees>` (xDiT USP), `cache-dit-<degrees>` (cache-dit's
+  context / tensor parallelism with its caching off: exact work), `cache-dit-db-<degrees>` (the same
+  with its DBCache on: approximate, marked so in the output);
 - `h<n>` after our degrees pipelines the Ulysses all-to-alls over n head chunks (`u4h2`);
 - a `:compile` suffix compiles the repeated blocks (regional torch.compile) for that layout;
   `:graphs` also replays each denoiser call as one CUDA graph.
@@ -40,7 +42,7 @@ from shardiff_parallel.attention import ParallelAttention
 from shardiff_parallel.mesh import Mesh
 from shardiff_parallel.plan import apply_plan
 
-from .layouts import BASELINES, Layout, parse_layout
+from .layouts import APPROXIMATE, BASELINES, Layout, parse_layout
 from .sharded import cap_memory, install_sharded_denoiser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,7 +233,7 @@ class _Runner:
         per_step = statistics.median(times) / args.steps
         return {
             "model": args.model, "height": height, "width": width, "layout": self.lay.name,
-            "system": self.lay.system, "compile": self.lay.compile, "cuda_graphs": self.lay.graphs, "head_chunks": self.lay.head_chunks, "ranks": self.lay.config.world_size,
+            "system": self.lay.system, "approximate": self.lay.system in APPROXIMATE, "compile": self.lay.compile, "cuda_graphs": self.lay.graphs, "head_chunks": self.lay.head_chunks, "ranks": self.lay.config.world_size,
             "tp_comm": self.lay.config.tp_comm if self.lay.config.tp > 1 else None,
             "steps": args.steps, "per_step_ms": round(per_step * 1e3, 2),
             "runs_ms": [round(t / args.steps * 1e3, 2) for t in times], "first_call_s": round(first_s, 2),
@@ -309,7 +311,8 @@ def _print_table(results: list[dict]) -> None:
     print(f"\n{'size':>10} {'layout':>18} {'ranks':>5} {'ms/step':>9} {'first s':>8} {'rel L2':>9} {'peak GiB':>9}  kernel")
     for r in results:
         peak = max(r["peak_gib_per_rank"]) if r["peak_gib_per_rank"] else float("nan")
+        note = "  (approximate: skips work)" if r.get("approximate") else ""
         print(f"{r['height']}x{r['width']:<5} {r['layout']:>18} {r['ranks']:>5} {r['per_step_ms']:>9.2f} "
-              f"{r['first_call_s']:>8.2f} {r['rel_l2_vs_first']:>9.2e} {peak:>9.2f}  {r['kernel']}")
+              f"{r['first_call_s']:>8.2f} {r['rel_l2_vs_first']:>9.2e} {peak:>9.2f}  {r['kernel']}{note}")
     sys.stdout.flush()
 
