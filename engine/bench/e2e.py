@@ -31,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--layout", default="1", help="one of our layouts (engine.bench names), e.g. u4:compile")
     p.add_argument("--repeats", type=int, default=3, help="warm requests after the cold one")
     p.add_argument("--prompt", default="a red fox in the snow, photograph")
+    p.add_argument("--vae-parallel", choices=("auto", "on", "off"), default="auto",
+                   help="split the VAE decode by rows over the ranks of the image (engine/vae_parallel.py)")
     p.add_argument("--json", default=None, help="append the record to this file (first rank)")
     return p.parse_args(argv)
 
@@ -45,15 +47,18 @@ def main(argv=None) -> None:
     from engine import Engine
 
     start = time.perf_counter()
-    engine = Engine(EngineConfig(model=args.model, compile=layout.compile, cuda_graphs=layout.graphs), parallel=layout.config)
+    engine = Engine(EngineConfig(model=args.model, compile=layout.compile, cuda_graphs=layout.graphs,
+                                 vae_parallel=args.vae_parallel), parallel=layout.config)
     build_s = time.perf_counter() - start
     request = GenerateRequest(prompt=args.prompt, height=args.size, width=args.size, steps=args.steps, seed=0)
-    runs = [engine.generate(request).seconds for _ in range(1 + args.repeats)]
+    results = [engine.generate(request) for _ in range(1 + args.repeats)]
+    runs = [r.seconds for r in results]
     record = dict(
         model=args.model, size=args.size, steps=args.steps, layout=args.layout,
         ranks=layout.config.world_size, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
         build_s=round(build_s, 2), first_s=round(runs[0], 3), warm_s=round(statistics.median(runs[1:]), 3),
         warm_runs_s=[round(r, 3) for r in runs[1:]],
+        vae_parallel=args.vae_parallel, vae_split=results[-1].params.get("vae_split"),
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if engine.device.type == "cuda" else 0.0,
     )
     if engine.is_first:

@@ -95,7 +95,7 @@ def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def _one(mode: str, vae, z, device, repeats: int, whole, n: int = 1, world=None) -> dict:
+def _one(mode: str, vae, z, device, repeats: int, whole, n: int = 1) -> dict:
     from engine.models.vae import vae_plan
     from shardiff_parallel.vae import apply_vae_plan
 
