@@ -14,6 +14,8 @@ from shardiff_parallel.config import check_tp_comm
 # The trained toy text-to-image model (engine/toy, weights in engine/assets/shapes): a tiny Flux that
 # draws the coloured shape a prompt asks for at 64², on any CPU in seconds, through the parallel path.
 DEFAULT_MODEL = "shapes"
+# --vae-parallel: split the VAE decode / encode by rows over the ranks that share one image (engine/models/vae).
+VAE_PARALLEL = ("auto", "on", "off")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 
@@ -60,6 +62,11 @@ class EngineConfig:
     """Seed of a preset's random weights (identical on every rank)."""
     timeout_s: float = 600.0
     """Timeout of every process group: a dead peer ends the job after this long, not NCCL's 30 min."""
+    vae_parallel: str = "auto"
+    """Split the VAE decode (and encode) by rows over the ranks that share one image (every axis but
+    dp), exactly: "on" (refused where the VAE has no row-split plan or an image has fewer latent rows
+    than those ranks), "off" (every rank decodes the whole image, as diffusers does), or "auto": on
+    from the image size where it pays (engine.models.vae.auto_splits)."""
 
     def __post_init__(self):
         check_tp_comm(self.tp_comm)
@@ -67,6 +74,9 @@ class EngineConfig:
             raise ValueError(f"--parallel must be auto, cfg or dp, got {self.parallel!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.vae_parallel not in VAE_PARALLEL:
+            raise ValueError(f"--vae-parallel must be {', '.join(VAE_PARALLEL[:-1])} or {VAE_PARALLEL[-1]}, "
+                             f"got {self.vae_parallel!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout_s}")
 

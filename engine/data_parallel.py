@@ -64,6 +64,7 @@ def use_layout(engine, parallel: ParallelConfig) -> None:
     engine.attention = ParallelAttention(mesh, engine.config.attention_backend)
     engine.plan = apply_plan(engine.denoiser, engine.family.pipeline_plan, mesh, engine.attention)
     engine.capture_graphs()
+    engine.install_vae_split()
     engine.pipe.set_progress_bar_config(disable=not mesh.is_first, leave=False)
 
 

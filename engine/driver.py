@@ -1,7 +1,8 @@
 """The engine: load a pipeline once, parallelize its denoiser, serve many generate() calls.
 
 Every rank runs the same diffusers pipeline call (text encoding, scheduler, VAE are diffusers' own
-code, unchanged); only the denoiser is split over the mesh, by the plan of its model family. Each
+code, unchanged); the denoiser is split over the mesh, by the plan of its model family, and — with
+`--vae-parallel` — the VAE decode by rows over the ranks of one image (engine/vae_parallel.py). Each
 rank ends up with the same latents, so the image equals the single-device image up to rounding.
 
 The API is SPMD: in a multi-process job every rank constructs the Engine and calls generate() with
@@ -30,6 +31,7 @@ from engine.models import ModelInfo, check_tp_comm, family
 from engine.runtime.distributed import agree, init_distributed, launched_world_size, pick_device
 from engine.runtime.quiet import loading_bars
 
+from . import vae_parallel
 from .config import EngineConfig, GenerateRequest
 from .data_parallel import choose_layout, generate_batch, use_layout
 
@@ -95,6 +97,7 @@ class Engine:
             choose_kernel(config.attention_backend, device, self.dtype, need_lse=parallel.ring > 1)
             if config.cuda_graphs and device.type != "cuda":
                 raise ValueError("--cuda-graphs needs CUDA GPUs; none is visible to this process")
+            vae_parallel.preflight(config)
         except ValueError as e:
             error = str(e)
         timeout = timedelta(seconds=config.timeout_s)
@@ -131,6 +134,23 @@ class Engine:
         self.graphs = None
         """The CUDA-graphed denoiser forward (config.cuda_graphs), or None."""
         self.capture_graphs()
+        self.vae_split = None
+        """The VAE's applied row-split plan over the mesh's image ranks (engine/vae_parallel.py), or None."""
+        self.install_vae_split()
+
+    def install_vae_split(self) -> None:
+        """(Re)install the VAE's row split on the current mesh (its image group changes with the layout)."""
+        if self.vae_split is not None:
+            self.vae_split.remove()
+            self.vae_split = None
+        error = None
+        try:
+            self.vae_split = vae_parallel.install(self)
+        except ValueError as e:
+            error = str(e)
+        if self.config.vae_parallel == "on":
+            # Every rank applies the same plan to the same model; one message if it cannot.
+            agree("VAE row split", None, error)
 
     def capture_graphs(self) -> None:
         """(Re)install the CUDA-graphed forward: graphs captured on one plan replay its collectives,
@@ -166,6 +186,7 @@ class Engine:
             raise ValueError("--true-cfg-scale > 1 needs a --negative-prompt")
         family_kwargs = self.family.call_kwargs(request)
         self.family.check_cfg(parallel.degrees(), family_kwargs)
+        vae_parallel.check_request(self, parallel.world_size // parallel.dp, height, width)
         if parallel.tp_sequence and self.family.token_counts is not None:
             # Even TP pieces of every sp piece, checked here so that the mistake is reported once, up front.
             counts = self.family.token_counts(self.info, family_kwargs, height, width)
@@ -206,6 +227,8 @@ class Engine:
             generator=torch.Generator("cpu").manual_seed(request.seed),
             output_type=output_type,
         )
+        if self.vae_split is not None:
+            self.vae_split.last.clear()
         _sync(self.device)
         start = time.perf_counter()
         out = self.pipe(**kwargs)
@@ -222,17 +245,30 @@ class Engine:
             "tp_comm": self.parallel.tp_comm,
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention_backend": self.attention.kernel_for(self.device, self.dtype).name,
+            "vae_parallel": self.config.vae_parallel,
             "seconds": round(seconds, 3),
         }
+        if output_type != "latent":
+            # Ranks the decode was split over by rows (1: whole on every rank).
+            params["vae_split"] = self.vae_split.last.get("decode", 1) if self.vae_split is not None else 1
         images = out.images
         if output_type == "latent":
             return GenerateResult(None, images, params, seconds)
         return GenerateResult(images[0], None, params, seconds, images=list(images))
 
+    def describe_vae(self, request: GenerateRequest, layout: ParallelConfig | None = None) -> str:
+        """What the VAE decode of `request` will do on `layout` (default: the current one), for the layout line."""
+        layout = layout or self.parallel
+        height, width = self.resolve_size(request)
+        return vae_parallel.describe(self, layout.world_size // layout.dp, height, width)
+
     def close(self) -> None:
         if self.graphs is not None:
             self.graphs.remove()
             self.graphs = None
+        if self.vae_split is not None:
+            self.vae_split.remove()
+            self.vae_split = None
         self.plan.remove()
 
 

@@ -13,7 +13,7 @@ from shardiff_parallel.config import TP_COMMS
 
 from . import batch_cli
 from .batch_cli import DEFAULT_PROMPT, auto_or_positive_int, positive_int
-from .config import DEFAULT_MODEL, EngineConfig
+from .config import DEFAULT_MODEL, VAE_PARALLEL, EngineConfig
 from engine.runtime.distributed import UserError, agree
 
 
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (slower first call, faster steps)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay each denoiser call as one CUDA graph (CUDA only; use with --compile for the fastest steps)")
+    p.add_argument("--vae-parallel", choices=VAE_PARALLEL, default="auto",
+                   help="split the VAE decode by rows over the ranks sharing the image (exact): on, off, or auto "
+                        "(on for large images)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a stuck collective ends the job")
     batch_cli.add_arguments(p)
     return p
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         config = EngineConfig(
             model=args.model, ulysses=args.ulysses, ring=args.ring, tp=args.tp, cfg=args.cfg, dp=args.dp,
             tp_comm=args.tp_comm, dtype=args.dtype, device=args.device, compile=args.compile,
-            cuda_graphs=args.cuda_graphs,
+            cuda_graphs=args.cuda_graphs, vae_parallel=args.vae_parallel,
             attention_backend=args.attention_backend, timeout_s=args.timeout, parallel=args.parallel,
         )
         # One request per image, image i seeded with --seed + i (engine/batch_cli.py).
@@ -95,12 +98,13 @@ def main(argv: list[str] | None = None) -> None:
             outputs = [resolve_output_path(o, overwrite=args.overwrite)
                        for o in batch_cli.output_names(args.output, len(requests))]
             layout, why = engine.choose_layout(requests)
+            vae_line = engine.describe_vae(requests[0], layout)
         except ValueError as e:
             error = str(e)
     agree("output", None, error)
     if engine.is_first:
         print(f"shardiff: {config.model} on {layout.world_size} process(es), layout {layout.describe()} ({why}), "
-              f"{len(requests)} image(s), {engine.dtype}, {engine.device.type}", file=sys.stderr, flush=True)
+              f"{len(requests)} image(s), {engine.dtype}, {engine.device.type}; {vae_line}", file=sys.stderr, flush=True)
     results = engine.generate_batch(requests)
     if engine.is_first:
         for output, result in zip(outputs, results, strict=True):

@@ -1,10 +1,13 @@
 """One named mesh of process groups, built once and passed around explicitly.
 
-`Mesh` owns one process group per axis (and the flattened sequence-parallel axis "sp" = ring ×
-ulysses). Groups are created here with an explicit timeout: `DeviceMesh` and `new_group` otherwise
-fall back to the backend's default (up to 30 min for a stuck NCCL collective), which is exactly the
-hang users complain about. A `DeviceMesh` view for `parallelize_module` is built on demand from the
-same groups.
+`Mesh` owns one process group per axis, and two flattened ones: the sequence-parallel axis "sp" =
+ring × ulysses, and "image" = every axis but dp (cfg × ring × ulysses × tp): the ranks that hold the
+same image, which share its VAE decode. "image" reuses the group of an axis with exactly its ranks
+(image = ulysses when only Ulysses is > 1) rather than opening another communicator: the decode
+runs after the denoiser, never beside it. Groups are created here with an explicit timeout:
+`DeviceMesh` and `new_group` otherwise fall back to the backend's default (up to 30 min for a stuck
+NCCL collective), which is exactly the hang users complain about. A `DeviceMesh` view for
+`parallelize_module` is built on demand from the same groups.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from .config import AXES, ParallelConfig
 # The flattened sequence axis: piece index of a rank = ring_coord * ulysses + ulysses_coord, so the
 # ranks of one Ulysses group hold consecutive pieces and a ring member's block is contiguous.
 SP_AXES = ("ring", "ulysses")
+# The ranks of one image: all but dp, in mesh order (piece index = row-major coordinate over these).
+IMAGE_AXES = ("cfg", "ring", "ulysses", "tp")
+FLAT_AXES = {"sp": SP_AXES, "image": IMAGE_AXES}
 
 
 @dataclass(eq=False)
@@ -36,13 +42,16 @@ class Mesh:
     """Axis name → group holding this rank (None where the axis has size 1: no communication)."""
 
     def size(self, axis: str) -> int:
-        if axis == "sp":
-            return self.config.sp
+        if axis in FLAT_AXES:
+            return math.prod(getattr(self.config, a) for a in FLAT_AXES[axis])
         return getattr(self.config, axis)
 
     def coord(self, axis: str) -> int:
-        if axis == "sp":
-            return self.coords["ring"] * self.config.ulysses + self.coords["ulysses"]
+        if axis in FLAT_AXES:
+            index = 0
+            for a in FLAT_AXES[axis]:
+                index = index * getattr(self.config, a) + self.coords[a]
+            return index
         return self.coords[axis]
 
     def group(self, axis: str) -> dist.ProcessGroup | None:
@@ -56,7 +65,7 @@ class Mesh:
     @classmethod
     def single(cls, device: torch.device) -> "Mesh":
         cfg = ParallelConfig()
-        return cls(cfg, (0,), 0, device, {a: 0 for a in AXES}, {a: None for a in (*AXES, "sp")})
+        return cls(cfg, (0,), 0, device, {a: 0 for a in AXES}, {a: None for a in (*AXES, *FLAT_AXES)})
 
     @classmethod
     def build(
@@ -81,11 +90,18 @@ class Mesh:
         grid = torch.tensor(ranks).reshape(shape)
         me = dist.get_rank()
         groups: dict[str, dist.ProcessGroup | None] = {}
-        for name, axes in [(a, (a,)) for a in AXES] + [("sp", SP_AXES)]:
+        made: dict[tuple[int, ...], str] = {}
+        """Dims of size > 1 → the axis whose group spans exactly them."""
+        for name, axes in [(a, (a,)) for a in AXES] + list(FLAT_AXES.items()):
             dims = [AXES.index(a) for a in axes]
             if all(shape[d] == 1 for d in dims):
                 groups[name] = None
                 continue
+            key = tuple(d for d in dims if shape[d] > 1)
+            if name == "image" and key in made:  # the same ranks as an axis made above: same slices, same order
+                groups[name] = groups[made[key]]
+                continue
+            made.setdefault(key, name)
             groups[name] = None
             other = [d for d in range(len(AXES)) if d not in dims]
             # Move the axis dims last and enumerate every slice: all processes create every group in the

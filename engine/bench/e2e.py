@@ -34,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--layout", default="1", help="one of our layouts (engine.bench names), e.g. u4:compile")
     p.add_argument("--repeats", type=int, default=3, help="warm requests after the cold one")
     p.add_argument("--prompt", default="a red fox in the snow, photograph")
+    p.add_argument("--vae-parallel", choices=("auto", "on", "off"), default="auto",
+                   help="split the VAE decode by rows over the ranks of the image (engine/vae_parallel.py)")
     p.add_argument("--json", default=None, help="append the record to this file (first rank)")
     return p.parse_args(argv)
 
@@ -59,19 +61,21 @@ def main(argv=None) -> None:
     from engine import Engine
 
     start = time.perf_counter()
-    engine = Engine(EngineConfig(model=args.model, compile=layout.compile, cuda_graphs=layout.graphs), parallel=layout.config)
+    engine = Engine(EngineConfig(model=args.model, compile=layout.compile, cuda_graphs=layout.graphs,
+                                 vae_parallel=args.vae_parallel), parallel=layout.config)
     build_s = time.perf_counter() - start
     request = GenerateRequest(prompt=args.prompt, height=args.size, width=args.size, steps=args.steps, seed=0)
     timer = PhaseTimer(engine.pipe, engine.device)
-    runs, phases = [], []
+    results, phases = [], []
     for _ in range(1 + args.repeats):
         timer.start()
-        runs.append(engine.generate(request).seconds)
+        results.append(engine.generate(request))
         phases.append(timer.finish())
     timer.remove()
     warm = phases[1:]
     per_rank = _gather({"weights_gib": weight_gib(engine.pipe), "phase_peak_gib": warm[-1]["peak_gib"],
                         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if engine.device.type == "cuda" else 0.0})
+    runs = [r.seconds for r in results]
     record = dict(
         model=args.model, size=args.size, steps=args.steps, layout=args.layout,
         ranks=layout.config.world_size, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
@@ -80,6 +84,7 @@ def main(argv=None) -> None:
         # Median over the warm requests of each phase's seconds.
         warm_phase_s={p: round(statistics.median(ph["seconds"][p] for ph in warm), 3) for p in PHASES},
         first_phase_s=phases[0]["seconds"], per_rank=per_rank,
+        vae_parallel=args.vae_parallel, vae_split=results[-1].params.get("vae_split"),
     )
     if engine.is_first:
         print(json.dumps(record), flush=True)

@@ -32,3 +32,12 @@ def inspect_model(model: str | Path) -> ModelInfo:
     fam = family_of_pipeline(cls_name, str(path))
     configs = {n: read_json(path / n / "config.json", f"model directory {path}") for n in fam.config_components}
     return fam.read_info(configs, source="directory", pipeline_class=cls_name, default_size=None)
+
+
+def component_class(model: str | Path, name: str) -> str | None:
+    """The class of pipeline component `name` ("vae": "AutoencoderKL"), from the preset or model_index.json."""
+    if is_preset(model):
+        c = PRESETS[model].components.get(name)
+        return c.cls if c is not None else None
+    entry = read_model_index(model_dir(model)).get(name)
+    return entry[1] if isinstance(entry, list) and len(entry) == 2 else None
