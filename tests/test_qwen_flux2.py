@@ -234,3 +234,30 @@ def test_released_configs_and_bad_layouts():
         klein.call_kwargs(GenerateRequest(prompt=PROMPT, negative_prompt=NEGATIVE))
     with pytest.raises(ValueError, match="true CFG"):
         family("qwen-image").check_cfg(dict(cfg=2), family("qwen-image").call_kwargs(GenerateRequest(prompt=PROMPT)))
+
+
+def test_tp_auto_follows_the_text_encoder_placement():
+    """FLUX.2-dev (60.0 GiB transformer + 44.7 GiB Mistral in bf16) on H200s: --tp auto per placement."""
+    from engine.loading import inspect_model
+    from engine.loading.auto_tp import choose_tp, weight_bytes_by_rank
+    from engine.models import family
+
+    info, fam, gib = inspect_model("flux2-dev"), family("flux2"), 2**30
+
+    def choose(world, placement):
+        return choose_tp("flux2-dev", info, fam, world_size=world, dp=1, cfg=1, dtype=torch.bfloat16,
+                         gpu_bytes=int(139.8 * gib), text_encoders=placement)[0]
+
+    with pytest.raises(ValueError, match=r"104\.9 GiB per rank without TP.*or give --tp 1"):
+        choose(1, "replicated")
+    assert [choose(2, p) for p in ("replicated", "first", "sharded")] == [2, 2, 1]
+    first = weight_bytes_by_rank("flux2-dev", fam, 2, torch.bfloat16, text_encoders="first", world_size=4)
+    assert [round(b / gib, 1) for b in first] == [74.9, 30.2, 30.2, 30.2]
+    sharded = weight_bytes_by_rank("flux2-dev", fam, 1, torch.bfloat16, text_encoders="sharded", world_size=4)
+    assert round(max(sharded) / gib, 1) == 71.4
+    # Qwen-Image (38.0 + 15.4 GiB) fits one H200 (or 80 GB card) whole; 48 GB cards need TP-2 (34.7 GiB per rank).
+    q = inspect_model("qwen-image")
+    assert choose_tp("qwen-image", q, family("qwen-image"), world_size=2, dp=1, cfg=1, dtype=torch.bfloat16,
+                     gpu_bytes=int(139.8 * gib))[0] == 1
+    assert choose_tp("qwen-image", q, family("qwen-image"), world_size=2, dp=1, cfg=1, dtype=torch.bfloat16,
+                     gpu_bytes=int(47.5 * gib))[0] == 2
