@@ -35,6 +35,8 @@ from .slices import stored_numel
 
 WEIGHT_SHARE = 0.75
 """Weights may take this share of a GPU's memory; the rest is for activations and the allocator."""
+H200_GIB = 143771 / 1024
+"""An H200's total memory as the driver reports it (143771 MiB)."""
 
 
 def _directory_numel(folder: Path) -> int:
@@ -193,11 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.loading.auto_tp", description=main.__doc__)
     p.add_argument("--model", action="append", required=True, help="preset or diffusers directory (repeatable)")
     p.add_argument("--world", type=int, nargs="+", default=[1, 2, 4, 8], help="numbers of GPUs")
-    p.add_argument("--gpu-gib", type=float, default=139.8, help="one GPU's memory (H200: 139.8 GiB)")
+    p.add_argument("--gpu-gib", type=float, default=None,
+                   help=f"one GPU's memory; default: this machine's GPU 0, else an H200's {H200_GIB:.1f} GiB")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--cfg", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
+    if args.gpu_gib is None:
+        cuda = torch.cuda.is_available()
+        args.gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else H200_GIB
     dtype = DTYPES[args.dtype]
     rows = []
     for model in args.model:
@@ -205,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{model}: " + ", ".join(f"{n} {g:.1f} GiB" for n, g in sizes.items())
               + f"  ({args.dtype}; weights may take {WEIGHT_SHARE:.0%} of {args.gpu_gib:.1f} GiB = "
               f"{WEIGHT_SHARE * args.gpu_gib:.1f} GiB)")
-        print(f"{'GPUs':>4} {'text encoders':>13} {'tp':>3} {'max GiB/rank':>12} {'min GiB/rank':>12} {'fits':>5} {'--tp auto':>9}")
+        print(f"{'GPUs':>4} {'text encoders':>13} {'tp':>3} {'max GiB/rank':>12} {'min GiB/rank':>12} {'fits':>5} "
+              f"{'--tp auto':>9}")
         for world in args.world:
             if world % args.cfg:
                 continue

@@ -53,8 +53,8 @@ QWEN25_VL_7B = dict(
     ),
     vision_config=dict(
         depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_chans=3, out_hidden_size=3584,
-        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
-        tokens_per_second=2, hidden_act="silu",
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu",
     ),
     tie_word_embeddings=False,
 )
@@ -100,8 +100,8 @@ TINY_QWEN25_VL = dict(
     text_config={**QWEN25_VL_7B["text_config"], **_TINY_LM, "num_hidden_layers": 2, "max_window_layers": 2,
                  # M-RoPE sections: head_dim / 2 rotary pairs, split over time, height, width.
                  "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
-    vision_config={**QWEN25_VL_7B["vision_config"], "depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
-                   "out_hidden_size": 32, "fullatt_block_indexes": [0]},
+    vision_config={**QWEN25_VL_7B["vision_config"], "depth": 1, "hidden_size": 16, "intermediate_size": 32,
+                   "num_heads": 2, "out_hidden_size": 32, "fullatt_block_indexes": [0]},
     tie_word_embeddings=False,
 )
 TINY_MISTRAL3 = {
@@ -159,7 +159,8 @@ QWEN_IMAGE_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_bloc
                       temperal_downsample=[False, True, True], dropout=0.0)
 # Same levels (scale 8), narrow, 4 latent channels (the statistics of the first four).
 TINY_QWEN_IMAGE_VAE = {**QWEN_IMAGE_VAE, "base_dim": 8, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1,
-                       "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075], "latents_std": [2.8184, 1.4541, 2.3275, 2.6558]}
+                       "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075],
+                       "latents_std": [2.8184, 1.4541, 2.3275, 2.6558]}
 # black-forest-labs/FLUX.2-dev vae: AutoencoderKLFlux2 as diffusers' scripts/convert_flux2_to_diffusers.py
 # builds it (the class defaults): 32 latent channels, 2×2-patchified and batch-normalised (128 per token).
 FLUX2_VAE = dict(

@@ -40,7 +40,8 @@ class QwenImageParallelAttnProcessor:
         if encoder_hidden_states is None:
             raise ValueError("Qwen-Image's joint attention needs encoder_hidden_states (the text stream)")
         if attention_mask is not None:
-            raise ValueError("Qwen-Image's attention takes no external attention_mask (only encoder_hidden_states_mask)")
+            raise ValueError("Qwen-Image's attention takes no external attention_mask "
+                             "(only encoder_hidden_states_mask)")
         # The unsharded width per head: under TP each rank's Q/K/V hold H/T whole heads.
         head_dim = attn.inner_dim // attn.heads
         q_BSHD, k_BSHD, v_BSHD = project_qkv(hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q,
