@@ -54,8 +54,9 @@ class Colwise:
 class Rowwise:
     """Input features split (the input arrives split from `Colwise` layers); partial products are
     reduced. `blocks`: proportions of F_in that are split separately, for an input concatenated
-    from several split tensors (Flux single blocks: [attention (1), MLP (4)]). The bias (F_out values)
-    is replicated and joins the sum once (`RowParallelLinear`)."""
+    from several split tensors (Flux single blocks: [attention (1), MLP (4)]; `PACKED`: the block
+    sizes the Linear carries). The bias (F_out values) is replicated and joins the sum once
+    (`RowParallelLinear`)."""
 
     blocks: tuple[int, ...] | str = (1,)
 
