@@ -185,7 +185,7 @@ class Engine:
         if request.negative_prompt is None and request.true_cfg_scale > 1:
             raise ValueError("--true-cfg-scale > 1 needs a --negative-prompt")
         family_kwargs = self.family.call_kwargs(request)
-        self.family.check_cfg(parallel.degrees(), family_kwargs)
+        self.family.check_cfg(parallel.degrees(), family_kwargs, self.info)
         vae_parallel.check_request(self, parallel.world_size // parallel.dp, height, width)
         if parallel.tp_sequence and self.family.token_counts is not None:
             # Even TP pieces of every sp piece, checked here so that the mistake is reported once, up front.

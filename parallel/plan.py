@@ -20,7 +20,7 @@ from .attention import ParallelAttention
 from .mesh import Mesh
 from .sharding import gather_pieces, split_sizes, take_piece
 from .tensor import Style, shard_model
-from .tensor_seq import SequenceTP, SequenceTPPlan
+from .tensor_seq import SequenceTP, SequenceTPPlan, segment_glob
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,16 @@ class ModelPlan:
     every tensor in it split along that dim."""
     output_batch_dim: int = 0
     """Batch dim of the first output (gathered back over the cfg axis)."""
-    split_modules: Mapping[str, SeqDim] = field(default_factory=dict)
+    split_modules: Mapping[str, SeqDim | tuple[SeqDim | None, ...]] = field(default_factory=dict)
     """Submodule name → where the tokens of its output are; split over sp. For models that make their
-    token sequence inside forward (SD3, PixArt patchify the latent image in `pos_embed`)."""
+    token sequence inside forward (SD3, PixArt patchify the latent image in `pos_embed`). A module
+    returning a tuple gets one entry per element (None: left whole), e.g. Qwen-Image's rotary module,
+    which returns (image table, text table)."""
+    split_module_inputs: Mapping[str, Mapping[str, SeqDim]] = field(default_factory=dict)
+    """Module-name glob → {keyword argument → where its tokens are}: split over sp when the module is
+    called (a forward pre-hook). For per-token inputs the model builds whole inside forward from
+    whole-sequence lengths and passes to its blocks (Qwen-Image's text stream after its rotary tables
+    are computed, its `modulate_index`); a module matching several globs gets all their entries."""
     gather_modules: Mapping[str, SeqDim] = field(default_factory=dict)
     """Submodule name → where the tokens of its output are; gathered back over sp (the last per-token
     layer before the model's own unpatchify)."""
@@ -154,22 +161,58 @@ def apply_plan(model: torch.nn.Module, plan: ModelPlan, mesh: Mesh, attention: P
         for name, where in plan.split_modules.items():
             hook = _module_split_hook(ctx, where, name)
             applied._handles.append(model.get_submodule(name).register_forward_hook(hook))
+        for name, inputs in _module_inputs(model, plan.split_module_inputs).items():
+            hook = _module_input_split_hook(ctx, inputs, name)
+            applied._handles.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
         for name, where in plan.gather_modules.items():
             hook = _module_gather_hook(ctx, where)
             applied._handles.append(model.get_submodule(name).register_forward_hook(hook))
     return applied
 
 
-def _module_split_hook(ctx: SeqContext, where: SeqDim, name: str):
-    P, me = ctx.mesh.size("sp"), ctx.mesh.coord("sp")
+def _split_tokens(ctx: SeqContext, x: torch.Tensor, where: SeqDim, what: str) -> torch.Tensor:
+    """This sp rank's piece of `x`, recording (or checking against) its token group's split."""
+    dim = where.dim % x.ndim
+    sizes = split_sizes(x.shape[dim], ctx.mesh.size("sp"))
+    if ctx.sizes.setdefault(where.tokens, sizes) != sizes:
+        raise ValueError(f"inputs of token group {where.tokens!r} disagree in length ({x.shape[dim]} tokens {what})")
+    return take_piece(x, dim, sizes, ctx.mesh.coord("sp"))
 
+
+def _module_split_hook(ctx: SeqContext, where, name: str):
     def hook(module, args, output):
-        assert isinstance(output, torch.Tensor), f"{name} must return a tensor to be split"
-        dim = where.dim % output.ndim
-        sizes = split_sizes(output.shape[dim], P)
-        if ctx.sizes.setdefault(where.tokens, sizes) != sizes:
-            raise ValueError(f"inputs of token group {where.tokens!r} disagree in length ({output.shape[dim]} tokens from {name!r})")
-        return take_piece(output, dim, sizes, me)
+        if isinstance(where, SeqDim):
+            assert isinstance(output, torch.Tensor), f"{name} must return a tensor to be split"
+            return _split_tokens(ctx, output, where, f"from {name!r}")
+        assert isinstance(output, tuple) and len(output) == len(where), f"{name} must return a {len(where)}-tuple"
+        return tuple(x if w is None else _split_tokens(ctx, x, w, f"from {name!r}") for x, w in zip(output, where))
+
+    return hook
+
+
+def _module_inputs(model: torch.nn.Module, globs: Mapping[str, Mapping[str, SeqDim]]) -> dict[str, dict[str, SeqDim]]:
+    """Module name → the keyword inputs it splits (from every glob it matches, segment by segment:
+    `blocks.*` names the blocks, not their submodules); every glob matches something."""
+    out, used = {}, set()
+    for name, _ in model.named_modules():
+        for pattern, inputs in globs.items():
+            if segment_glob(name, pattern):
+                out.setdefault(name, {}).update(inputs)
+                used.add(pattern)
+    unused = [p for p in globs if p not in used]
+    assert not unused, f"split_module_inputs {unused} matched no module of {type(model).__name__}"
+    return out
+
+
+def _module_input_split_hook(ctx: SeqContext, inputs: Mapping[str, SeqDim], name: str):
+    def hook(module, args, kwargs):
+        for key, where in inputs.items():
+            x = kwargs.get(key)
+            if isinstance(x, torch.Tensor):
+                kwargs[key] = _split_tokens(ctx, x, where, f"in {name}({key}=...)")
+            else:
+                assert x is None, f"{name} must get {key} as a keyword tensor to split it"
+        return args, kwargs
 
     return hook
 
@@ -196,7 +239,6 @@ def _batch_piece(x, dim: int, parts: int, index: int, name: str):
 
 def _split_hook(plan: ModelPlan, ctx: SeqContext, sig: inspect.Signature, *, split_seq: bool, split_batch: bool):
     mesh = ctx.mesh
-    P, me = mesh.size("sp"), mesh.coord("sp")
 
     def hook(module, args, kwargs):
         if ctx.skip:
@@ -213,15 +255,8 @@ def _split_hook(plan: ModelPlan, ctx: SeqContext, sig: inspect.Signature, *, spl
             ctx.sizes = {}
             for name, where in plan.split_inputs.items():
                 x = bound.arguments.get(name)
-                if x is None:
-                    continue
-                dim = where.dim % x.ndim
-                sizes = split_sizes(x.shape[dim], P)
-                if ctx.sizes.setdefault(where.tokens, sizes) != sizes:
-                    raise ValueError(
-                        f"inputs of token group {where.tokens!r} disagree in length ({x.shape[dim]} tokens in {name!r})"
-                    )
-                bound.arguments[name] = take_piece(x, dim, sizes, me)
+                if x is not None:
+                    bound.arguments[name] = _split_tokens(ctx, x, where, f"in {name!r}")
         return bound.args, bound.kwargs
 
     return hook

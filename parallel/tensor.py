@@ -29,23 +29,36 @@ from .collective_matmul import gather_dim0
 from .mesh import Mesh
 
 
+PACKED = "packed"
+"""`blocks` of a fused linear whose block sizes diffusers records on the Linear itself
+(`_tp_packed_col_blocks` / `_tp_packed_row_blocks`: FLUX.2's single-stream [Q, K, V, gate, up] and
+[attention, MLP]), so the split follows the model's own config (any MLP ratio)."""
+
+
 @dataclass(frozen=True)
 class Colwise:
     """Output features split over TP ranks (weight rows, bias). The output stays split — it feeds
     head-split attention or a `Rowwise` layer — unless `gather`: then it is all-gathered back to all
-    features (small outputs consumed by replicated code, e.g. AdaLN modulation vectors)."""
+    features (small outputs consumed by replicated code, e.g. AdaLN modulation vectors).
+
+    `blocks`: proportions of F_out that are split separately, for an output that the model splits
+    into parts afterwards (a fused [gate, up] SwiGLU projection: (1, 1)); each rank keeps its share of
+    every block, in block order, so the model's own split of the local output finds its parts.
+    `PACKED`: the block sizes the Linear carries."""
 
     gather: bool = False
+    blocks: tuple[int, ...] | str = (1,)
 
 
 @dataclass(frozen=True)
 class Rowwise:
     """Input features split (the input arrives split from `Colwise` layers); partial products are
     reduced. `blocks`: proportions of F_in that are split separately, for an input concatenated
-    from several split tensors (Flux single blocks: [attention (1), MLP (4)]). The bias (F_out values)
-    is replicated and joins the sum once (`RowParallelLinear`)."""
+    from several split tensors (Flux single blocks: [attention (1), MLP (4)]; `PACKED`: the block
+    sizes the Linear carries). The bias (F_out values) is replicated and joins the sum once
+    (`RowParallelLinear`)."""
 
-    blocks: tuple[int, ...] = (1,)
+    blocks: tuple[int, ...] | str = (1,)
 
 
 Style = Colwise | Rowwise
@@ -85,19 +98,28 @@ def module_shards(name: str, module: torch.nn.Module, style: Style, tp: int, t: 
     """Parameter name (relative to `module`) → what TP rank `t` of `tp` keeps (unlisted: all of it)."""
     assert isinstance(module, torch.nn.Linear), f"TP plan matched {name} ({type(module).__name__}), not a Linear"
     if isinstance(style, Colwise):
-        n = _even(module.out_features, tp, f"the output width of {name}")
-        out = {"weight": Slice(0, ((t * n, n),))}
+        runs = _block_runs(name, module, style.blocks, module.out_features, tp, t, "_tp_packed_col_blocks", "output")
+        out = {"weight": Slice(0, runs)}
         if module.bias is not None:
-            out["bias"] = Slice(0, ((t * n, n),))
+            out["bias"] = Slice(0, runs)
         return out
     assert isinstance(style, Rowwise)
-    unit = _even(module.in_features, sum(style.blocks), f"the input width of {name} (blocks {style.blocks})")
+    return {"weight": Slice(1, _block_runs(name, module, style.blocks, module.in_features, tp, t,
+                                           "_tp_packed_row_blocks", "input"))}
+
+
+def _block_runs(name: str, module, blocks, width: int, tp: int, t: int, packed_attr: str, what: str):
+    """(start, length) of rank t's share of each block of a `width`-wide dimension."""
+    if blocks == PACKED:
+        blocks = tuple(getattr(module, packed_attr, None) or ())
+        assert blocks and sum(blocks) == width, f"{name} carries no {packed_attr} summing to its {what} width {width}"
+    unit = _even(width, sum(blocks), f"the {what} width of {name} (blocks {blocks})")
     runs, start = [], 0
-    for b in style.blocks:
-        n = _even(unit * b, tp, f"an input block of {name}")
+    for b in blocks:
+        n = _even(unit * b, tp, f"the {what} width of {name}" if len(blocks) == 1 else f"an {what} block of {name}")
         runs.append((start + t * n, n))
         start += unit * b
-    return {"weight": Slice(1, tuple(runs))}
+    return tuple(runs)
 
 
 def local_shards(model: torch.nn.Module, plan: Mapping[str, Style], tp: int, t: int) -> dict[str, Slice]:

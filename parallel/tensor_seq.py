@@ -170,7 +170,7 @@ def _first(output, fn: Callable[[torch.Tensor], torch.Tensor]):
     return output
 
 
-def _glob(name: str, pattern: str) -> bool:
+def segment_glob(name: str, pattern: str) -> bool:
     """Module-name glob matched segment by segment: `*` never crosses a dot, so `blocks.*.norm` names
     each block's norm and not the LayerNorm inside it (`blocks.0.norm.norm`), which a gather would
     otherwise hit twice."""
@@ -183,7 +183,7 @@ def _matches(model: torch.nn.Module, globs: Mapping[str, object], what: str) -> 
     out, used = {}, set()
     for name, _ in model.named_modules():
         for pattern, spec in globs.items():
-            if _glob(name, pattern):
+            if segment_glob(name, pattern):
                 out[name] = spec
                 used.add(pattern)
                 break

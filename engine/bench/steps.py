@@ -143,7 +143,7 @@ def main(argv=None) -> None:
                 if lay.system == "shardiff":  # the family's refusal (Sana sp, CFG off), not a wrong number
                     fam.check_axes(lay.config.degrees())
                     check_tp_comm(fam, lay.config)
-                    fam.check_cfg(lay.config.degrees(), inputs)
+                    fam.check_cfg(lay.config.degrees(), inputs, info)
                 runner = _prepare(lay, shared, make_pipe, meshes.get(lay.name), fam, args, dtype, device)
             except Exception as e:  # a baseline that cannot be built is reported, the run goes on
                 prep_error = f"{type(e).__name__}: {e}"[:500]

@@ -3,9 +3,13 @@
 Measured on 4×H200 (BENCHMARKS.md): on NVLinked GPUs TP is never faster than Ulysses for the
 same GPUs (Flux 2048² compiled: TP-4 225 ms, Ulysses-4 206 ms per step), but it divides the
 denoiser's weights by T. So the automatic rule is about memory: the smallest TP degree (1 first) that
-splits the model evenly, divides the ranks left after dp × cfg, and makes one rank's weights — every
-pipeline component, with the denoiser's split linears divided by T — fit in WEIGHT_SHARE of the GPU,
-the rest being left for activations (Flux 2048² eager needs ~1 GiB of them, 4096² several).
+splits the model evenly, divides the ranks left after dp × cfg, and makes the most loaded rank's
+weights — every pipeline component, with the denoiser's split linears divided by T and the text
+encoders where their placement puts them — fit in WEIGHT_SHARE of the GPU, the rest being left for
+activations (Flux 2048² eager needs ~1 GiB of them, 4096² several).
+
+`python -m engine.loading.auto_tp --model flux2-dev --world 1 2 4 --gpu-gib 139.8` prints, for each
+text-encoder placement and TP degree, what one rank holds and what `--tp auto` picks.
 
 Counted from configs and safetensors headers only (meta-device models; nothing is read or allocated),
 from the GPU's total memory — the same on every rank of a homogeneous node, so every rank decides the
@@ -20,16 +24,19 @@ from pathlib import Path
 
 import torch
 
+from engine.models import family as get_family
 from engine.models import get_preset
 from shardiff_parallel.tensor import local_numel
 
-from .inspect import is_preset
+from .inspect import inspect_model, is_preset
 from .safety import model_dir
 from .sharded import empty_model
 from .slices import stored_numel
 
 WEIGHT_SHARE = 0.75
 """Weights may take this share of a GPU's memory; the rest is for activations and the allocator."""
+H200_GIB = 143771 / 1024
+"""An H200's total memory as the driver reports it (143771 MiB)."""
 
 
 def _directory_numel(folder: Path) -> int:
@@ -48,36 +55,72 @@ def _components(model: str) -> tuple[list[str], object]:
     return names, folder
 
 
+TEXT_ENCODER_PLACEMENTS = ("replicated", "first", "sharded")
+"""Where the text encoders' weights live (components named text_encoder*): on every rank (today's
+engine), on the first rank only (it encodes, the others receive the embeddings), or split over all
+ranks of the job. The counts below take the placement as a parameter, so `--tp auto` can follow
+whichever the engine is asked for."""
+
+
 @functools.lru_cache(maxsize=8)
-def _parts(model: str, denoiser: str) -> tuple[torch.nn.Module, int]:
-    """(the denoiser on the meta device, parameters of every other component). Cached: building
+def _parts(model: str, denoiser: str) -> tuple[torch.nn.Module, dict[str, int]]:
+    """(the denoiser on the meta device, parameters of every other component by name). Cached: building
     T5-XXL on the meta device takes seconds, and choose_tp asks for several TP degrees."""
     names, source = _components(model)
     assert denoiser in names, f"{model} has no {denoiser}"
     from_dir = isinstance(source, Path)
     empty = empty_model(model, denoiser)
-    others = sum(
-        _directory_numel(source / n) if from_dir else sum(p.numel() for p in source.empty_model(n).parameters())
+    others = {
+        # Distinct tensors only: tied weights (Qwen3-4B's lm_head) are held once.
+        n: _directory_numel(source / n) if from_dir else sum(p.numel() for p in source.empty_model(n).parameters())
         for n in names
         if n != denoiser
-    )
+    }
     return empty, others
 
 
-def weight_bytes_per_rank(model: str, family, tp: int, dtype: torch.dtype) -> int:
-    """Bytes of weights one rank holds on `tp` TP ranks: the denoiser's shard plus every other component."""
+def is_text_encoder(component: str) -> bool:
+    return component.startswith("text_encoder")
+
+
+def weight_bytes_by_rank(model: str, family, tp: int, dtype: torch.dtype, *, text_encoders: str = "replicated",
+                         world_size: int = 1) -> list[int]:
+    """Bytes of weights each of `world_size` ranks holds: the denoiser's TP shard (TP rank 0's, the
+    largest: it keeps the row-split biases), the other components, and the text encoders as placed."""
+    if text_encoders not in TEXT_ENCODER_PLACEMENTS:
+        raise ValueError(f"text-encoder placement must be one of {', '.join(TEXT_ENCODER_PLACEMENTS)}, "
+                         f"got {text_encoders!r}")
     empty, others = _parts(model, family.denoiser)
-    # TP rank 0 holds the most: it keeps the row-split biases.
-    return (local_numel(empty, family.plan.tensor, tp, 0) + others) * dtype.itemsize
+    shard = local_numel(empty, family.plan.tensor, tp, 0)
+    text = sum(n for c, n in others.items() if is_text_encoder(c))
+    rest = sum(others.values()) - text
+    if text_encoders == "replicated":
+        per_rank = [text] * world_size
+    elif text_encoders == "first":
+        per_rank = [text] + [0] * (world_size - 1)
+    else:
+        per_rank = [-(-text // world_size)] * world_size  # an even split, rounded up
+    return [(shard + rest + t) * dtype.itemsize for t in per_rank]
+
+
+def weight_bytes_per_rank(model: str, family, tp: int, dtype: torch.dtype, *, text_encoders: str = "replicated",
+                          world_size: int = 1) -> int:
+    """Bytes of weights the most loaded rank holds on `tp` TP ranks (see `weight_bytes_by_rank`)."""
+    return max(weight_bytes_by_rank(model, family, tp, dtype, text_encoders=text_encoders, world_size=world_size))
 
 
 def choose_tp(model: str, info, family, *, world_size: int, dp: int, cfg: int, dtype: torch.dtype,
-              gpu_bytes: int | None) -> tuple[int, str]:
-    """(TP degree, why) for `--tp auto`. `gpu_bytes`: one GPU's total memory; None (CPU): no TP."""
+              gpu_bytes: int | None, text_encoders: str = "replicated") -> tuple[int, str]:
+    """(TP degree, why) for `--tp auto`. `gpu_bytes`: one GPU's total memory; None (CPU): no TP.
+    `text_encoders`: their placement (`TEXT_ENCODER_PLACEMENTS`); the most loaded rank must fit."""
     if gpu_bytes is None or not family.plan.tensor or world_size % (dp * cfg):
         return 1, ""
     budget = WEIGHT_SHARE * gpu_bytes
-    need_1 = weight_bytes_per_rank(model, family, 1, dtype)
+
+    def need(tp: int) -> int:
+        return weight_bytes_per_rank(model, family, tp, dtype, text_encoders=text_encoders, world_size=world_size)
+
+    need_1 = need(1)
     if need_1 <= budget:
         return 1, ""
     ranks = world_size // (dp * cfg)
@@ -89,15 +132,102 @@ def choose_tp(model: str, info, family, *, world_size: int, dp: int, cfg: int, d
             family.check_tp(info, tp)
         except ValueError:
             continue
-        need = weight_bytes_per_rank(model, family, tp, dtype)
-        tried.append(f"tp{tp}: {need / 2**30:.1f} GiB")
-        if need <= budget:
+        need_tp = need(tp)
+        tried.append(f"tp{tp}: {need_tp / 2**30:.1f} GiB")
+        if need_tp <= budget:
             return tp, (f"tp{tp} chosen: {need_1 / 2**30:.1f} GiB of weights do not fit {WEIGHT_SHARE:.0%} of one "
-                        f"GPU's {gpu_bytes / 2**30:.1f} GiB; with --tp {tp} each rank holds {need / 2**30:.1f} GiB")
+                        f"GPU's {gpu_bytes / 2**30:.1f} GiB; with --tp {tp} each rank holds {need_tp / 2**30:.1f} GiB")
     raise ValueError(
         f"the model's weights ({need_1 / 2**30:.1f} GiB per rank without TP"
         + (f"; {', '.join(tried)}" if tried else "")
         + f") do not fit {WEIGHT_SHARE:.0%} of one GPU's {gpu_bytes / 2**30:.1f} GiB with any TP degree over the "
         f"{ranks} rank(s) left after --dp {dp} × --cfg {cfg} (a TP degree must divide those ranks, the heads and "
-        f"the MLP width); launch more GPUs or use --dtype bf16/fp16"
+        f"the MLP width); launch more GPUs, use --dtype bf16/fp16, or give --tp 1 to load them with less headroom"
     )
+
+
+def placement_table(model: str, *, world_size: int, gpu_gib: float, dtype: torch.dtype = torch.bfloat16,
+                    dp: int = 1, cfg: int = 1) -> list[dict]:
+    """For each text-encoder placement and each TP degree that splits the model and divides the ranks
+    left after dp × cfg: GiB of weights on the most and least loaded rank, whether that fits
+    WEIGHT_SHARE of a `gpu_gib` GPU, and what `--tp auto` would choose (counted from configs alone)."""
+    info = inspect_model(model)
+    fam = get_family(info.family)
+    ranks = world_size // (dp * cfg)
+    degrees = [1]
+    for tp in range(2, ranks + 1):
+        try:
+            fam.check_tp(info, tp)
+        except ValueError:
+            continue
+        if ranks % tp == 0 and fam.plan.tensor:
+            degrees.append(tp)
+    rows = []
+    for placement in TEXT_ENCODER_PLACEMENTS:
+        try:
+            auto, _ = choose_tp(model, info, fam, world_size=world_size, dp=dp, cfg=cfg, dtype=dtype,
+                                gpu_bytes=int(gpu_gib * 2**30), text_encoders=placement)
+        except ValueError:
+            auto = None
+        for tp in degrees:
+            by_rank = weight_bytes_by_rank(model, fam, tp, dtype, text_encoders=placement, world_size=world_size)
+            rows.append(dict(model=model, text_encoders=placement, tp=tp, world_size=world_size,
+                             max_gib=round(max(by_rank) / 2**30, 2), min_gib=round(min(by_rank) / 2**30, 2),
+                             fits=max(by_rank) <= WEIGHT_SHARE * gpu_gib * 2**30, tp_auto=auto))
+    return rows
+
+
+def component_gib(model: str, family, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """GiB of each component (the denoiser whole), from configs / headers."""
+    empty, others = _parts(model, family.denoiser)
+    out = {family.denoiser: local_numel(empty, family.plan.tensor, 1, 0)} | others
+    return {n: round(v * dtype.itemsize / 2**30, 2) for n, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m engine.loading.auto_tp --model flux2-dev --world 4 --gpu-gib 141`: what fits per
+    text-encoder placement and TP degree, and what --tp auto picks."""
+    import argparse
+    import sys
+
+    from engine.config import DTYPES
+
+    p = argparse.ArgumentParser(prog="python -m engine.loading.auto_tp", description=main.__doc__)
+    p.add_argument("--model", action="append", required=True, help="preset or diffusers directory (repeatable)")
+    p.add_argument("--world", type=int, nargs="+", default=[1, 2, 4, 8], help="numbers of GPUs")
+    p.add_argument("--gpu-gib", type=float, default=None,
+                   help=f"one GPU's memory; default: this machine's GPU 0, else an H200's {H200_GIB:.1f} GiB")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--cfg", type=int, default=1)
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    args = p.parse_args(argv)
+    if args.gpu_gib is None:
+        cuda = torch.cuda.is_available()
+        args.gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else H200_GIB
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for model in args.model:
+        sizes = component_gib(model, get_family(inspect_model(model).family), dtype)
+        print(f"\n{model}: " + ", ".join(f"{n} {g:.1f} GiB" for n, g in sizes.items())
+              + f"  ({args.dtype}; weights may take {WEIGHT_SHARE:.0%} of {args.gpu_gib:.1f} GiB = "
+              f"{WEIGHT_SHARE * args.gpu_gib:.1f} GiB)")
+        print(f"{'GPUs':>4} {'text encoders':>13} {'tp':>3} {'max GiB/rank':>12} {'min GiB/rank':>12} {'fits':>5} "
+              f"{'--tp auto':>9}")
+        for world in args.world:
+            if world % args.cfg:
+                continue
+            for r in placement_table(model, world_size=world, gpu_gib=args.gpu_gib, dtype=dtype, cfg=args.cfg):
+                rows.append(r)
+                print(f"{world:>4} {r['text_encoders']:>13} {r['tp']:>3} {r['max_gib']:>12.1f} {r['min_gib']:>12.1f} "
+                      f"{'yes' if r['fits'] else 'no':>5} {('tp' + str(r['tp_auto'])) if r['tp_auto'] else 'none':>9}")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -25,12 +25,16 @@ def inspect_model(model: str | Path) -> ModelInfo:
         spec = PRESETS[model]
         fam = family(spec.family)
         configs = {n: spec.config(n) for n in fam.config_components}
+        configs["pipeline"] = {k: v for k, v in spec.extra.items() if _is_setting(v)}
         return fam.read_info(configs, source="preset", pipeline_class=spec.pipeline_class,
                              default_size=spec.default_size)
     path = model_dir(model)
-    cls_name = read_model_index(path)["_class_name"]
+    index = read_model_index(path)
+    cls_name = index["_class_name"]
     fam = family_of_pipeline(cls_name, str(path))
     configs = {n: read_json(path / n / "config.json", f"model directory {path}") for n in fam.config_components}
+    # The pipeline's own settings (FLUX.2-klein's is_distilled), beside its components' configs.
+    configs["pipeline"] = {k: v for k, v in index.items() if not k.startswith("_") and _is_setting(v)}
     return fam.read_info(configs, source="directory", pipeline_class=cls_name, default_size=None)
 
 
@@ -41,3 +45,8 @@ def component_class(model: str | Path, name: str) -> str | None:
         return c.cls if c is not None else None
     entry = read_model_index(model_dir(model)).get(name)
     return entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+
+
+def _is_setting(value) -> bool:
+    """A pipeline setting (is_distilled, requires_safety_checker, …), not a component entry."""
+    return isinstance(value, (bool, int, float, str))

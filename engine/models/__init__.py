@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from engine.presets.spec import PresetSpec
 
-from . import flux, pixart, sana, sd3, unet
+from . import flux, flux2, pixart, qwen_image, sana, sd3, unet
 from .family import Family, ModelInfo
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     flux.FAMILY,
+    *flux2.FAMILIES,
+    qwen_image.FAMILY,
     sd3.FAMILY,
     pixart.FAMILY,
     sana.FAMILY,

@@ -45,10 +45,17 @@ class ModelInfo:
     """Pixels."""
     uses_guidance_embeds: bool
     """The guidance scale is an input of the denoiser (Flux-dev, LCM UNets), not two branches."""
+    mlp_hidden: int = 0
+    """Hidden width of the denoiser's MLPs, which TP splits; 0: 4 × heads × head_dim (the MMDiT default)."""
+    guidance_distilled: bool = False
+    """The pipeline never runs two guidance branches, whatever the guidance scale (step-distilled
+    FLUX.2-klein: `is_distilled` in its model_index.json), so there is nothing for --cfg 2 to split."""
 
 
 ConfigReader = Callable[..., ModelInfo]
-"""(configs: component → config dict, *, source, pipeline_class, default_size) → ModelInfo."""
+"""(configs: component → config dict, *, source, pipeline_class, default_size) → ModelInfo. `configs`
+also holds "pipeline": the pipeline's own settings (model_index.json's non-component entries, or a
+preset's `extra`), e.g. FLUX.2-klein's `is_distilled`."""
 
 
 def guidance_on(kwargs: dict) -> bool:
@@ -89,6 +96,9 @@ class Family:
     cfg_pairs: bool = False
     """The pipeline runs the guidance branches as two sequential denoiser calls (Flux true CFG), not as
     one batch: the engine applies the plan with `cfg_pairs` (see parallel/cfg_pairs.py)."""
+    cfg_hint: str = ""
+    """What turns guidance on for this family's pipelines, said when --cfg 2 meets a request without
+    it; empty: the cfg_pairs / batched default."""
     refusals: Mapping[str, str] = field(default_factory=dict)
     """Axis → why this family cannot use it (said to the user instead of a generic message)."""
     layout: Callable[..., tuple] | None = None
@@ -113,10 +123,16 @@ class Family:
         """The plan as the engine applies it under this family's pipeline."""
         return replace(self.plan, cfg_pairs=True) if self.cfg_pairs else self.plan
 
-    def check_cfg(self, degrees: dict[str, int], kwargs: dict) -> None:
+    def check_cfg(self, degrees: dict[str, int], kwargs: dict, info: ModelInfo | None = None) -> None:
+        if degrees.get("cfg", 1) > 1 and info is not None and info.guidance_distilled:
+            raise ValueError(
+                f"--cfg 2 puts the two classifier-free-guidance branches on different ranks, but this "
+                f"{info.pipeline_class} model is guidance-distilled (is_distilled): it runs one transformer call per "
+                f"step at any guidance scale; drop --cfg or give those ranks to --ulysses/--ring"
+            )
         if degrees.get("cfg", 1) > 1 and not self.uses_cfg(kwargs):
-            hint = ("true CFG: --negative-prompt and --true-cfg-scale > 1" if self.cfg_pairs
-                    else "--guidance > 1")
+            hint = self.cfg_hint or ("true CFG: --negative-prompt and --true-cfg-scale > 1" if self.cfg_pairs
+                                     else "--guidance > 1")
             raise ValueError(
                 f"--cfg 2 puts the two classifier-free-guidance branches on different ranks, but this "
                 f"{self.name} request has guidance off (needs {hint}); drop --cfg or give those ranks "

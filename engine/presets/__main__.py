@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "list":
         for spec in PRESETS.values():
-            print(f"{spec.name:14s} {spec.description}")
+            print(f"{spec.name:18s} {spec.description}")
         return 0
     try:
         out = get_preset(args.preset).save(args.dir, dtype=getattr(torch, args.dtype), seed=args.seed)

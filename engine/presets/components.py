@@ -42,6 +42,47 @@ GEMMA2_2B = dict(
     rms_norm_eps=1e-6, **TOKEN_IDS,
 )
 
+# Qwen/Qwen-Image text_encoder/config.json: Qwen2.5-VL-7B-Instruct (28 layers × 3584, GQA 28/4 heads,
+# M-RoPE sections 16/24/24; its 32-block 1280-wide vision tower is loaded though text prompts never use it).
+QWEN25_VL_7B = dict(
+    text_config=dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, hidden_act="silu", max_position_embeddings=128000, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, sliding_window=32768,
+        use_sliding_window=False, max_window_layers=28,
+    ),
+    vision_config=dict(
+        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_chans=3, out_hidden_size=3584,
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu",
+    ),
+    tie_word_embeddings=False,
+)
+# black-forest-labs/FLUX.2-dev text_encoder: Mistral-Small-3.2-24B-Instruct-2506 (Mistral3ForConditionalGeneration,
+# the config of Mistral-Small-3.1-24B-Instruct-2503: 40 layers × 5120, GQA 32/8 heads of 128, 24-layer Pixtral
+# vision tower; its lm_head is a separate 131072 × 5120 matrix).
+MISTRAL_SMALL_3_24B = dict(
+    text_config=dict(
+        model_type="mistral", vocab_size=131072, hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_act="silu", max_position_embeddings=131072,
+        rms_norm_eps=1e-5, rope_theta=1000000000.0, sliding_window=None,
+    ),
+    vision_config=dict(
+        model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        head_dim=64, hidden_act="silu", image_size=1540, patch_size=14, num_channels=3, rope_theta=10000.0,
+    ),
+    image_token_index=10, multimodal_projector_bias=False, projector_hidden_act="gelu", spatial_merge_size=2,
+    vision_feature_layer=-1, tie_word_embeddings=False,
+)
+# Qwen/Qwen3-4B (FLUX.2-klein-4B's text encoder, Qwen3ForCausalLM: 36 layers × 2560, embeddings tied) and
+# Qwen/Qwen3-8B (FLUX.2-klein-9B's: 36 × 4096, untied).
+QWEN3_4B = dict(
+    vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, hidden_act="silu", max_position_embeddings=40960, rms_norm_eps=1e-6,
+    rope_theta=1000000.0, attention_bias=False, tie_word_embeddings=True,
+)
+QWEN3_8B = {**QWEN3_4B, "hidden_size": 4096, "intermediate_size": 12288, "tie_word_embeddings": False}
+
 TINY_CLIP_L = {**CLIP_L, "vocab_size": TINY_VOCAB, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32,
                "num_hidden_layers": 2, "num_attention_heads": 2}
 TINY_CLIP_G = {**CLIP_G, "vocab_size": TINY_VOCAB, "hidden_size": 48, "intermediate_size": 96, "projection_dim": 48,
@@ -50,6 +91,26 @@ TINY_T5 = {**T5_XXL, "vocab_size": TINY_VOCAB, "d_model": 96, "d_ff": 128, "d_kv
 TINY_GEMMA2 = {**GEMMA2_2B, "vocab_size": TINY_VOCAB, "hidden_size": 32, "intermediate_size": 64,
                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
                "query_pre_attn_scalar": 16}
+
+_TINY_LM = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, **TOKEN_IDS)
+# The LLM encoders' tiny forms keep enough layers for the layer indices their pipelines read at their
+# defaults (FLUX.2: hidden states 10/20/30, klein 9/18/27, all of them inner layers as in the real ones).
+TINY_QWEN25_VL = dict(
+    text_config={**QWEN25_VL_7B["text_config"], **_TINY_LM, "num_hidden_layers": 2, "max_window_layers": 2,
+                 # M-RoPE sections: head_dim / 2 rotary pairs, split over time, height, width.
+                 "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
+    vision_config={**QWEN25_VL_7B["vision_config"], "depth": 1, "hidden_size": 16, "intermediate_size": 32,
+                   "num_heads": 2, "out_hidden_size": 32, "fullatt_block_indexes": [0]},
+    tie_word_embeddings=False,
+)
+TINY_MISTRAL3 = {
+    **MISTRAL_SMALL_3_24B,
+    "text_config": {**MISTRAL_SMALL_3_24B["text_config"], **_TINY_LM, "num_hidden_layers": 31},
+    "vision_config": {**MISTRAL_SMALL_3_24B["vision_config"], "hidden_size": 16, "intermediate_size": 32,
+                      "num_hidden_layers": 1, "num_attention_heads": 2, "head_dim": 8, "image_size": 28},
+}
+TINY_QWEN3 = {**QWEN3_4B, **_TINY_LM, "num_hidden_layers": 28}
 
 # ---------------------------------------------------------------- VAEs
 
@@ -92,6 +153,24 @@ TINY_DC_AE = {**DC_AE_F32C32, "latent_channels": 8, "attention_head_dim": 4,
               "encoder_layers_per_block": [1, 1, 1], "decoder_layers_per_block": [1, 1, 1],
               "encoder_qkv_multiscales": [[], [], [5]], "decoder_qkv_multiscales": [[], [], [5]]}
 
+# Qwen/Qwen-Image vae/config.json (AutoencoderKLQwenImage, a causal 3D VAE, 8× spatial; its per-channel
+# latent statistics are the class defaults, which are the released ones).
+QWEN_IMAGE_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                      temperal_downsample=[False, True, True], dropout=0.0)
+# Same levels (scale 8), narrow, 4 latent channels (the statistics of the first four).
+TINY_QWEN_IMAGE_VAE = {**QWEN_IMAGE_VAE, "base_dim": 8, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1,
+                       "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075],
+                       "latents_std": [2.8184, 1.4541, 2.3275, 2.6558]}
+# black-forest-labs/FLUX.2-dev vae: AutoencoderKLFlux2 as diffusers' scripts/convert_flux2_to_diffusers.py
+# builds it (the class defaults): 32 latent channels, 2×2-patchified and batch-normalised (128 per token).
+FLUX2_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, act_fn="silu", latent_channels=32, norm_num_groups=32,
+    sample_size=1024, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
+    batch_norm_eps=1e-4, batch_norm_momentum=0.1, patch_size=[2, 2],
+)
+TINY_FLUX2_VAE = {**FLUX2_VAE, **TINY_KL, "latent_channels": 4, "sample_size": 128}
+
 # ---------------------------------------------------------------- as pipeline components
 
 
@@ -114,3 +193,23 @@ def kl_vae(config: dict) -> Component:
 
 def dc_ae(config: dict) -> Component:
     return Component("diffusers", "AutoencoderDC", config)
+
+
+def qwen25_vl(config: dict) -> Component:
+    return Component("transformers", "Qwen2_5_VLForConditionalGeneration", config, "Qwen2_5_VLConfig")
+
+
+def mistral3(config: dict) -> Component:
+    return Component("transformers", "Mistral3ForConditionalGeneration", config, "Mistral3Config")
+
+
+def qwen3_lm(config: dict) -> Component:
+    return Component("transformers", "Qwen3ForCausalLM", config, "Qwen3Config")
+
+
+def qwen_image_vae(config: dict) -> Component:
+    return Component("diffusers", "AutoencoderKLQwenImage", config)
+
+
+def flux2_vae(config: dict) -> Component:
+    return Component("diffusers", "AutoencoderKLFlux2", config)

@@ -71,11 +71,12 @@ class PresetSpec:
         # include_buffers=False: buffers such as CLIP's position_ids hold real values.
         with init_empty_weights(include_buffers=False):
             model = cls(getattr(module, c.config_cls)(**c.config)) if c.config_cls else cls(**c.config)
-        if c.cls == "T5EncoderModel":
+        if c.library == "transformers":
             # init_empty_weights re-creates every registered parameter, which undoes transformers' tying
-            # of shared / encoder.embed_tokens (tied in real T5 and in a from_pretrained load): tie again,
-            # outside the context, so both get one value.
-            model.encoder.embed_tokens.weight = model.shared.weight
+            # (T5's shared / encoder.embed_tokens, Qwen3-4B's lm_head / embed_tokens; tied in the real
+            # checkpoints and in a from_pretrained load): tie again, outside the context, so both get one
+            # value and are counted once.
+            model.tie_weights()
         return model
 
     def build_component(self, name: str, *, dtype: torch.dtype, device, seed: int = 0) -> torch.nn.Module:

@@ -6,13 +6,21 @@ every run must turn the same prompt into the same ids. So we build one small,
 deterministic vocabulary in code and wrap it as a `PreTrainedTokenizerFast`,
 which diffusers pipelines accept and which `save_pretrained` writes as plain
 `tokenizer.json` (no custom code needed to load it back).
+
+The chat kinds ("qwen2.5-vl", "qwen3", "mistral3") stand in for the tokenizers of the LLM text
+encoders (Qwen-Image, FLUX.2-klein, FLUX.2-dev): they add the real chat-format special tokens and a
+newline token (byte-level BPEs keep newlines, and prompt templates count on them: Qwen-Image drops
+the first 34 tokens of its template, exactly its system prefix in our tokenizer too) and carry a
+chat template in the real format, which FLUX.2's pipelines apply (`apply_chat_template`, batched,
+with content given as a string or as a list of {"type": "text"} parts). No token is added
+automatically: the templates write what the real ones write.
 """
 
 from __future__ import annotations
 
 import string
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "<bos>", "<eos>"
@@ -75,16 +83,52 @@ def _backend(*, add_bos: bool) -> Tokenizer:
     return tok
 
 
+# A message's text, whether given as a string or as a list of {"type": "text", "text": ...} parts
+# (FLUX.2's format_input), as the real templates accept both.
+_CONTENT = ("{% if m.content is string %}{{ m.content }}{% else %}{% for p in m.content %}"
+            "{% if p.type == 'text' %}{{ p.text }}{% endif %}{% endfor %}{% endif %}")
+# Qwen2.5 / Qwen3 ChatML; Qwen3's generation prompt with enable_thinking=False adds an empty think block.
+_CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n" + _CONTENT + "<|im_end|>\n{% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not "
+           "enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+# Mistral-Small-3.x: <s>[SYSTEM_PROMPT]…[/SYSTEM_PROMPT][INST]…[/INST].
+_MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}[SYSTEM_PROMPT]" + _CONTENT +
+            "[/SYSTEM_PROMPT]{% elif m.role == 'user' %}[INST]" + _CONTENT + "[/INST]{% else %}" + _CONTENT +
+            "{{ eos_token }}{% endif %}{% endfor %}")
+NEWLINE = "\n"
+CHAT_KINDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "qwen2.5-vl": (("<|im_start|>", "<|im_end|>"), _CHATML),
+    "qwen3": (("<|im_start|>", "<|im_end|>", "<think>", "</think>"), _CHATML),
+    "mistral3": (("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"), _MISTRAL),
+}
+"""Chat tokenizer kind → (its chat-format special tokens, its chat template)."""
+CHAT_MAX_LENGTH = 4096
+KINDS = ("clip", "t5", *CHAT_KINDS)
+CHAT_VOCAB_SIZE = VOCAB_SIZE + 1 + max(len(t) for t, _ in CHAT_KINDS.values())
+"""Ids a chat tokenizer can produce: the words, the newline token and its special tokens."""
+
+
+def _chat_backend(specials: tuple[str, ...]) -> Tokenizer:
+    tok = _backend(add_bos=False)
+    tok.post_processor = None  # the chat template writes every token itself
+    # Matched in the raw text before normalisation and splitting, so they survive as single tokens.
+    tok.add_tokens([AddedToken(NEWLINE, normalized=False)])
+    tok.add_special_tokens([AddedToken(t, normalized=False) for t in specials])
+    return tok
+
+
 def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:
-    """`kind` is "clip" (77 tokens, <bos>..<eos>) or "t5" (512 tokens, ..<eos>)."""
-    if kind not in ("clip", "t5"):
-        raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'clip' or 't5'")
+    """`kind` is "clip" (77 tokens, <bos>..<eos>), "t5" (512 tokens, ..<eos>) or a chat kind
+    (`CHAT_KINDS`)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
+    common = dict(pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS, padding_side="right")
+    if kind in CHAT_KINDS:
+        specials, template = CHAT_KINDS[kind]
+        return PreTrainedTokenizerFast(tokenizer_object=_chat_backend(specials), model_max_length=CHAT_MAX_LENGTH,
+                                       chat_template=template, **common)
     return PreTrainedTokenizerFast(
         tokenizer_object=_backend(add_bos=kind == "clip"),
         model_max_length=CLIP_MAX_LENGTH if kind == "clip" else T5_MAX_LENGTH,
-        pad_token=PAD,
-        unk_token=UNK,
-        bos_token=BOS,
-        eos_token=EOS,
-        padding_side="right",
+        **common,
     )

@@ -51,8 +51,9 @@ def init_parameter(
 
 
 def is_norm_module(module: torch.nn.Module) -> bool:
-    # LayerNorm, GroupNorm, diffusers' RMSNorm, T5LayerNorm, ...
-    return "Norm" in type(module).__name__
+    # LayerNorm, GroupNorm, diffusers' RMSNorm, T5LayerNorm, ..., Qwen-Image's VAE's QwenImageRMS_norm.
+    name = type(module).__name__
+    return "Norm" in name or name.endswith("_norm")
 
 
 def materialize_(model: torch.nn.Module, *, prefix: str, seed: int, device: torch.device | str,
