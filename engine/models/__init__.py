@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from engine.presets.spec import PresetSpec
 
-from . import flux, pixart, sana, sd3, unet
+from . import flux, lumina2, pixart, sana, sd3, unet, zimage
 from .family import Family, ModelInfo
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -19,6 +19,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     sd3.FAMILY,
     pixart.FAMILY,
     sana.FAMILY,
+    lumina2.FAMILY,
+    zimage.FAMILY,
     unet.SD,
     unet.SDXL,
 )}

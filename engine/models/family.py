@@ -45,6 +45,10 @@ class ModelInfo:
     """Pixels."""
     uses_guidance_embeds: bool
     """The guidance scale is an input of the denoiser (Flux-dev, LCM UNets), not two branches."""
+    num_kv_heads: int = 0
+    """Key/value heads of grouped-query attention (Lumina2: 8 for 24 query heads); 0: as num_heads."""
+    mlp_width: int = 0
+    """Hidden width of the blocks' MLP, which TP splits; 0: 4 × the model width (mmdit.MLP_RATIO)."""
 
 
 ConfigReader = Callable[..., ModelInfo]
@@ -89,6 +93,9 @@ class Family:
     cfg_pairs: bool = False
     """The pipeline runs the guidance branches as two sequential denoiser calls (Flux true CFG), not as
     one batch: the engine applies the plan with `cfg_pairs` (see parallel/cfg_pairs.py)."""
+    cfg_hint: str = ""
+    """What turns guidance on, for the message refusing --cfg 2 without it; empty: "--guidance > 1"
+    (or Flux's true CFG with `cfg_pairs`)."""
     refusals: Mapping[str, str] = field(default_factory=dict)
     """Axis → why this family cannot use it (said to the user instead of a generic message)."""
     layout: Callable[..., tuple] | None = None
@@ -115,8 +122,8 @@ class Family:
 
     def check_cfg(self, degrees: dict[str, int], kwargs: dict) -> None:
         if degrees.get("cfg", 1) > 1 and not self.uses_cfg(kwargs):
-            hint = ("true CFG: --negative-prompt and --true-cfg-scale > 1" if self.cfg_pairs
-                    else "--guidance > 1")
+            hint = self.cfg_hint or ("true CFG: --negative-prompt and --true-cfg-scale > 1" if self.cfg_pairs
+                                     else "--guidance > 1")
             raise ValueError(
                 f"--cfg 2 puts the two classifier-free-guidance branches on different ranks, but this "
                 f"{self.name} request has guidance off (needs {hint}); drop --cfg or give those ranks "

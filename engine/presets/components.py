@@ -12,8 +12,8 @@ from . import tokenizer as tok
 from .spec import Component
 
 TOKEN_IDS = dict(pad_token_id=tok.PAD_ID, bos_token_id=tok.BOS_ID, eos_token_id=tok.EOS_ID)
-TINY_VOCAB = 1024  # > tok.VOCAB_SIZE, so every tokenizer id has an embedding row
-assert tok.VOCAB_SIZE < TINY_VOCAB
+TINY_VOCAB = 1024  # > every tokenizer id (the chat kind's role tokens follow the vocabulary), so each has a row
+assert tok.VOCAB_SIZE + len(tok.CHAT_SPECIAL_TOKENS) < TINY_VOCAB
 
 # ---------------------------------------------------------------- text encoders
 
@@ -42,6 +42,14 @@ GEMMA2_2B = dict(
     rms_norm_eps=1e-6, **TOKEN_IDS,
 )
 
+# Tongyi-MAI/Z-Image-Turbo text_encoder/config.json: Qwen3-4B (Z-Image conditions on its second-to-last
+# hidden states; the model is loaded as the bare Qwen3Model).
+QWEN3_4B = dict(
+    vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, hidden_act="silu", max_position_embeddings=40960, rms_norm_eps=1e-6,
+    rope_theta=1000000.0, attention_bias=False, tie_word_embeddings=True, use_sliding_window=False, **TOKEN_IDS,
+)
+
 TINY_CLIP_L = {**CLIP_L, "vocab_size": TINY_VOCAB, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32,
                "num_hidden_layers": 2, "num_attention_heads": 2}
 TINY_CLIP_G = {**CLIP_G, "vocab_size": TINY_VOCAB, "hidden_size": 48, "intermediate_size": 96, "projection_dim": 48,
@@ -50,6 +58,8 @@ TINY_T5 = {**T5_XXL, "vocab_size": TINY_VOCAB, "d_model": 96, "d_ff": 128, "d_kv
 TINY_GEMMA2 = {**GEMMA2_2B, "vocab_size": TINY_VOCAB, "hidden_size": 32, "intermediate_size": 64,
                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
                "query_pre_attn_scalar": 16}
+TINY_QWEN3 = {**QWEN3_4B, "vocab_size": TINY_VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
 
 # ---------------------------------------------------------------- VAEs
 
@@ -106,6 +116,10 @@ def t5_encoder(config: dict) -> Component:
 
 def gemma2(config: dict) -> Component:
     return Component("transformers", "Gemma2Model", config, "Gemma2Config")
+
+
+def qwen3(config: dict) -> Component:
+    return Component("transformers", "Qwen3Model", config, "Qwen3Config")
 
 
 def kl_vae(config: dict) -> Component:

@@ -24,6 +24,20 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 512
 
+# The "chat" kind (Z-Image's Qwen3 prompt): the role markers of Qwen's chat template are single
+# special tokens, ids right after the vocabulary (the other kinds' ids are unchanged).
+CHAT_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
+# Qwen3's chat template, reduced to what a text-to-image prompt uses: one user turn, the assistant
+# turn opened, and the empty thinking block when thinking is switched off.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
 _WORDS = """
 a an the this that these those some any each every all no one two three four five six seven eight nine ten
 of in on at by to from with without into onto over under above below behind beside between near far inside
@@ -61,30 +75,39 @@ def vocabulary() -> dict[str, int]:
 VOCAB_SIZE = len(vocabulary())
 
 
-def _backend(*, add_bos: bool) -> Tokenizer:
+def _backend(*, add_bos: bool, add_eos: bool = True) -> Tokenizer:
     tok = Tokenizer(models.WordLevel(vocab=vocabulary(), unk_token=UNK))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     # Numbers become single digits so that every number is in the vocabulary.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)]
     )
-    # CLIP wraps prompts in <bos> ... <eos>; T5 only appends </s> (our <eos>).
-    single = f"{BOS} $A {EOS}" if add_bos else f"$A {EOS}"
-    special = [(BOS, BOS_ID), (EOS, EOS_ID)] if add_bos else [(EOS, EOS_ID)]
-    tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=special)
+    # CLIP wraps prompts in <bos> ... <eos>; T5 only appends </s> (our <eos>); Qwen's adds nothing.
+    if add_bos or add_eos:
+        single = f"{BOS} $A {EOS}" if add_bos else f"$A {EOS}"
+        special = [(BOS, BOS_ID), (EOS, EOS_ID)] if add_bos else [(EOS, EOS_ID)]
+        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=special)
     return tok
 
 
 def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:
-    """`kind` is "clip" (77 tokens, <bos>..<eos>) or "t5" (512 tokens, ..<eos>)."""
-    if kind not in ("clip", "t5"):
-        raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'clip' or 't5'")
+    """`kind` is "clip" (77 tokens, <bos>..<eos>), "t5" (512 tokens, ..<eos>) or "chat" (512 tokens,
+    nothing added, Qwen's chat template and role tokens: what ZImagePipeline asks of its tokenizer)."""
+    if kind not in ("clip", "t5", "chat"):
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'clip', 't5' or 'chat'")
+    if kind == "chat":
+        backend = _backend(add_bos=False, add_eos=False)
+        backend.add_special_tokens(list(CHAT_SPECIAL_TOKENS))
+        extra = dict(chat_template=CHAT_TEMPLATE)
+    else:
+        backend, extra = _backend(add_bos=kind == "clip"), {}
     return PreTrainedTokenizerFast(
-        tokenizer_object=_backend(add_bos=kind == "clip"),
+        tokenizer_object=backend,
         model_max_length=CLIP_MAX_LENGTH if kind == "clip" else T5_MAX_LENGTH,
         pad_token=PAD,
         unk_token=UNK,
         bos_token=BOS,
         eos_token=EOS,
         padding_side="right",
+        **extra,
     )
