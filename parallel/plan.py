@@ -225,39 +225,66 @@ def prefix_lengths(mask: torch.Tensor) -> list[int]:
     return lengths.tolist()
 
 
+class _Arg:
+    """One forward argument of a block, found by name in (args, kwargs) without binding the whole
+    signature at every call (the hooks run inside each compiled block: plain tuple/dict access traces)."""
+
+    def __init__(self, sig: inspect.Signature, name: str):
+        assert name in sig.parameters, f"the blocks take no argument {name!r}"
+        self.name = name
+        self.index = list(sig.parameters).index(name)
+
+    def get(self, args, kwargs):
+        if self.name in kwargs:
+            return kwargs[self.name]
+        return args[self.index] if self.index < len(args) else None
+
+    def set(self, args, kwargs, value):
+        if self.name in kwargs or self.index >= len(args):
+            return args, {**kwargs, self.name: value}
+        return (*args[: self.index], value, *args[self.index + 1 :]), kwargs
+
+
 def _install_run(model: torch.nn.Module, run: LayerRun, ctx: SeqContext, *, split: bool) -> list:
     blocks = list(model.get_submodule(run.layers))
     assert blocks, f"{run.layers} of {type(model).__name__} is empty"
     P, me = ctx.mesh.size("sp"), ctx.mesh.coord("sp")
     sig = inspect.signature(blocks[0].forward)
+    stream = _Arg(sig, run.stream)
+    mask = _Arg(sig, run.key_mask) if run.key_mask else None
+    per_token = [(_Arg(sig, name), d) for name, d in run.per_token.items()]
     handles = []
 
-    def pre(first: bool):
+    def read_mask(module, args, kwargs):
+        m = mask.get(args, kwargs)
+        ctx.key_lengths[run.tokens] = None if m is None else prefix_lengths(m)
+
+    def split_inputs(first: bool):
         def hook(module, args, kwargs):
-            bound = sig.bind_partial(*args, **kwargs)
-            if first:
-                mask = bound.arguments.get(run.key_mask) if run.key_mask else None
-                ctx.key_lengths[run.tokens] = None if mask is None else prefix_lengths(mask)
-            if not split:
-                return None
-            x = bound.arguments[run.stream]
+            if first and mask is not None:
+                read_mask(module, args, kwargs)
+            x = stream.get(args, kwargs)
             dim = run.dim % x.ndim
             if first:
                 ctx.sizes[run.tokens] = split_sizes(x.shape[dim], P)
-                bound.arguments[run.stream] = take_piece(x, dim, ctx.sizes[run.tokens], me)
+                args, kwargs = stream.set(args, kwargs, take_piece(x, dim, ctx.sizes[run.tokens], me))
             sizes = ctx.sizes[run.tokens]
-            assert bound.arguments[run.stream].shape[dim] == sizes[me], f"{run.layers}: the stream arrived whole"
-            for name, d in run.per_token.items():
-                t = bound.arguments.get(name)
+            assert stream.get(args, kwargs).shape[dim] == sizes[me], f"{run.layers}: the stream arrived whole"
+            for arg, d in per_token:
+                t = arg.get(args, kwargs)
                 if t is not None:
-                    assert t.shape[d % t.ndim] == sum(sizes), f"{run.layers}: {name} is not per token"
-                    bound.arguments[name] = take_piece(t, d % t.ndim, sizes, me)
-            return bound.args, bound.kwargs
+                    assert t.shape[d % t.ndim] == sum(sizes), f"{run.layers}: {arg.name} is not per token"
+                    args, kwargs = arg.set(args, kwargs, take_piece(t, d % t.ndim, sizes, me))
+            return args, kwargs
 
         return hook
 
-    for i, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(pre(i == 0), with_kwargs=True))
+    if split:
+        for i, block in enumerate(blocks):
+            handles.append(block.register_forward_pre_hook(split_inputs(i == 0), with_kwargs=True))
+    elif mask is not None:
+        # One process: only the key lengths, read where the stack starts.
+        handles.append(blocks[0].register_forward_pre_hook(read_mask, with_kwargs=True))
     if split and run.gather:
         def post(module, args, output):
             assert isinstance(output, torch.Tensor), f"{run.layers} blocks must return the stream"
