@@ -99,6 +99,16 @@ class ParallelConfig:
         """Whether Ulysses shares the heads of a TP rank unevenly (the busiest rank holds one more)."""
         return self.ulysses > 1 and (num_heads // self.tp) % self.ulysses != 0
 
+    def heads_note(self, num_heads: int, num_kv_heads: int = 0) -> str:
+        """For the layout line: which query heads each Ulysses rank holds when not an equal share."""
+        if not self.uneven_heads(num_heads):
+            return ""
+        from .heads import head_split
+
+        local = num_heads // self.tp
+        split = head_split(local, max(1, (num_kv_heads or num_heads) // self.tp), self.ulysses)
+        return f"uneven heads: {'/'.join(map(str, split.q))} of {local} per Ulysses rank"
+
     def _cfg_hint(self, num_heads: int) -> str:
         """With guidance on, half the ranks can go to the cfg axis instead."""
         if self.cfg > 1 or self.sp % 2:

@@ -97,3 +97,7 @@ def test_layouts_that_remain_impossible_say_what_works():
     with pytest.raises(ValueError, match=r"\(3 per TP rank of --tp 2\), fewer than --ulysses 4.*--ulysses 2 --ring 2"):
         ParallelConfig(ulysses=4, tp=2).check_heads(6)
     assert ParallelConfig(ulysses=4).uneven_heads(30) and not ParallelConfig(ulysses=2).uneven_heads(30)
+    assert ParallelConfig(ulysses=4).heads_note(38) == "uneven heads: 10/10/9/9 of 38 per Ulysses rank"
+    assert ParallelConfig(ulysses=2, tp=2).heads_note(30) == "uneven heads: 8/7 of 15 per Ulysses rank"
+    assert ParallelConfig(ulysses=16).heads_note(24, 8) == f"uneven heads: {'/'.join(['2'] * 8 + ['1'] * 8)} of 24 per Ulysses rank"
+    assert ParallelConfig(ulysses=8).heads_note(24, 8) == ""
