@@ -42,7 +42,8 @@ def choose_layout(engine, requests) -> tuple[ParallelConfig, str]:
             raise ValueError(f"--parallel {engine.config.parallel} is for UNet models; {fam.name} models take "
                              f"explicit degrees (--cfg, --ulysses, --ring, --tp)")
         why = f"{engine.parallel.describe()}, every image split over all processes"
-        return engine.parallel, why + (f"; {engine.tp_note}" if engine.tp_note else "")
+        notes = [engine.tp_note, engine.parallel.heads_note(engine.info.num_heads, engine.info.num_kv_heads)]
+        return engine.parallel, "; ".join([why, *filter(None, notes)])
     guided = [fam.uses_cfg(fam.call_kwargs(r)) and not engine.info.uses_guidance_embeds for r in requests]
     return fam.layout(launched_world_size(), engine.config, guided)
 

@@ -6,6 +6,14 @@ Inputs are this rank's piece of the sequence. `seq_sizes[i]` is the length held 
 rank i (i = ring_coord · U + ulysses_coord); the caller knows them because it made the split. Token
 order across ranks does not matter to attention (no mask, no causality): any permutation of the keys
 gives the same softmax, which is why Flux's [text, image] pieces can be interleaved across ranks.
+
+Heads that U does not divide, and K/V with fewer heads than Q (grouped-query attention), go through
+the general exchange: per-rank head counts from parallel/heads.py, one all-to-all for Q, K and V
+(parallel/ulysses.seq_to_heads). Padding: `key_lengths[b]` says that only the first key_lengths[b]
+keys of sample b are real — positions in the whole sequence, the concatenation of every rank's piece
+in sp order, so it is meant for one token group split contiguously (Lumina2's and Z-Image's streams);
+padded keys are never attended (parallel/blocks.py). Padded queries are computed like any other, as
+the models' own attention does, and the models drop them.
 """
 
 from __future__ import annotations
@@ -14,9 +22,14 @@ import torch
 
 from shardiff_kernels.registry import choose_kernel
 
+from .blocks import attend, valid_counts
+from .heads import head_split
 from .mesh import Mesh
 from .ring import ring_attention
-from .ulysses import head_to_seq, head_to_seq_finish, head_to_seq_start, seq_to_head, seq_to_head_finish, seq_to_head_start
+from .ulysses import (
+    head_to_seq, head_to_seq_finish, head_to_seq_start, heads_to_seq, seq_to_head, seq_to_head_finish, seq_to_head_start,
+    seq_to_heads,
+)
 
 
 class ParallelAttention:
@@ -46,32 +59,53 @@ class ParallelAttention:
         seq_sizes: list[int] | None = None,
         *,
         scale: float | None = None,
+        key_lengths: list[int] | None = None,
     ) -> torch.Tensor:
+        """Attention of this rank's queries over the whole sequence's keys, for this rank's tokens.
+        K and V may have fewer heads than Q (they must divide its heads)."""
         mesh = self.mesh
         U, R = mesh.size("ulysses"), mesh.size("ring")
         kernel = self.kernel_for(q_BSHD.device, q_BSHD.dtype)
         if seq_sizes is None:
             seq_sizes = [q_BSHD.shape[1]] * (U * R)
         assert len(seq_sizes) == U * R and seq_sizes[mesh.coord("sp")] == q_BSHD.shape[1]
+        Hq, Hkv = q_BSHD.shape[2], k_BSHD.shape[2]
+        assert k_BSHD.shape == v_BSHD.shape and Hq % Hkv == 0, (tuple(q_BSHD.shape), tuple(k_BSHD.shape))
         ring_r = mesh.coord("ring")
         group_sizes = seq_sizes[ring_r * U : (ring_r + 1) * U]
         C = self.head_chunks
-        if U > 1 and R == 1 and C > 1 and q_BSHD.shape[2] % (C * U) == 0:
+        plain = Hkv == Hq and Hq % U == 0
+        if U > 1 and R == 1 and C > 1 and plain and key_lengths is None and Hq % (C * U) == 0:
             return self._chunked_ulysses(q_BSHD, k_BSHD, v_BSHD, group_sizes, kernel, scale)
-        if U > 1:
+        heads = None
+        if U > 1 and plain:
             # One exchange for Q, K and V together.
             qkv = seq_to_head(torch.stack([q_BSHD, k_BSHD, v_BSHD]), mesh.group("ulysses"), group_sizes)
             q_BSHD, k_BSHD, v_BSHD = qkv.unbind(0)
+        elif U > 1:
+            split = head_split(Hq, Hkv, U)
+            if split.kv_repeat > 1:
+                k_BSHD, v_BSHD = (t.repeat_interleave(split.kv_repeat, dim=2) for t in (k_BSHD, v_BSHD))
+            q_BSHD, k_BSHD, v_BSHD = seq_to_heads(
+                [q_BSHD, k_BSHD, v_BSHD], [split.q, split.kv, split.kv], mesh.group("ulysses"), group_sizes
+            )
+            heads = split.q
         q_BHSD, k_BHSD, v_BHSD = (t.transpose(1, 2) for t in (q_BSHD, k_BSHD, v_BSHD))
         if R > 1:
             blocks = [sum(seq_sizes[j * U : (j + 1) * U]) for j in range(R)]
             out_BHSD = ring_attention(
-                q_BHSD, k_BHSD, v_BHSD, group=mesh.group("ring"), block_sizes=blocks, kernel=kernel, scale=scale
+                q_BHSD, k_BHSD, v_BHSD, group=mesh.group("ring"), block_sizes=blocks, kernel=kernel, scale=scale,
+                key_lengths=key_lengths,
             )
         else:
-            out_BHSD, _ = kernel(q_BHSD, k_BHSD, v_BHSD, scale=scale, return_lse=False)
+            got = attend(kernel, q_BHSD, k_BHSD, v_BHSD, scale=scale,
+                         valid=valid_counts(key_lengths, 0, k_BHSD.shape[2]), return_lse=False)
+            # No real key for any sample (never from a model: each has text or image tokens): zeros.
+            out_BHSD = q_BHSD.new_zeros(q_BHSD.shape) if got is None else got[0]
         out_BSHD = out_BHSD.transpose(1, 2)
-        if U > 1:
+        if heads is not None:
+            out_BSHD = heads_to_seq(out_BSHD, heads, mesh.group("ulysses"), group_sizes)
+        elif U > 1:
             out_BSHD = head_to_seq(out_BSHD, mesh.group("ulysses"), group_sizes)
         return out_BSHD
 

@@ -74,26 +74,47 @@ class ParallelConfig:
             )
 
     def check_heads(self, num_heads: int) -> None:
-        """Ulysses × TP split attention heads: they must divide the head count."""
-        split = self.ulysses * self.tp
-        if num_heads % split:
-            sp_options = [
-                f"--ulysses {u} --ring {self.sp // u}" for u in _divisors(self.sp) if num_heads % (u * self.tp) == 0
-            ]
+        """TP splits the heads evenly (each TP rank holds H/T whole heads, and its linears H/T of the
+        width); Ulysses then shares a TP rank's H/T heads among its ranks, unevenly when it does not
+        divide them (parallel/heads.py: 38 heads on --ulysses 4 → 10, 10, 9, 9), as long as every
+        Ulysses rank gets at least one head."""
+        if num_heads % self.tp:
+            ok = [t for t in range(2, 9) if num_heads % t == 0]
             raise ValueError(
-                f"the model has {num_heads} attention heads, which --ulysses {self.ulysses}"
-                + (f" × --tp {self.tp}" if self.tp > 1 else "")
-                + f" = {split} does not divide; layouts over the same {self.sp} sequence-parallel ranks that work: "
-                + (", ".join(sp_options) if sp_options else "none")
+                f"the model has {num_heads} attention heads, which --tp {self.tp} does not divide (TP splits heads "
+                f"evenly); TP degrees that divide them: {', '.join(map(str, ok)) or 'none'}"
+            )
+        local = num_heads // self.tp
+        if self.ulysses > local:
+            sp_options = [f"--ulysses {u} --ring {self.sp // u}" for u in _divisors(self.sp) if u <= local]
+            raise ValueError(
+                f"the model has {num_heads} attention heads"
+                + (f" ({local} per TP rank of --tp {self.tp})" if self.tp > 1 else "")
+                + f", fewer than --ulysses {self.ulysses}: every Ulysses rank needs at least one head; layouts over "
+                f"the same {self.sp} sequence-parallel ranks that work: " + ", ".join(sp_options)
                 + self._cfg_hint(num_heads)
             )
 
+    def uneven_heads(self, num_heads: int) -> bool:
+        """Whether Ulysses shares the heads of a TP rank unevenly (the busiest rank holds one more)."""
+        return self.ulysses > 1 and (num_heads // self.tp) % self.ulysses != 0
+
+    def heads_note(self, num_heads: int, num_kv_heads: int = 0) -> str:
+        """For the layout line: which query heads each Ulysses rank holds when not an equal share."""
+        if not self.uneven_heads(num_heads):
+            return ""
+        from .heads import head_split
+
+        local = num_heads // self.tp
+        split = head_split(local, max(1, (num_kv_heads or num_heads) // self.tp), self.ulysses)
+        return f"uneven heads: {'/'.join(map(str, split.q))} of {local} per Ulysses rank"
+
     def _cfg_hint(self, num_heads: int) -> str:
-        """With guidance on, half the ranks can go to the cfg axis instead (SD3.5-large: 38 heads on 4 GPUs)."""
+        """With guidance on, half the ranks can go to the cfg axis instead."""
         if self.cfg > 1 or self.sp % 2:
             return ""
         half = self.sp // 2
-        options = [f"--cfg 2 --ulysses {u} --ring {half // u}" for u in _divisors(half) if num_heads % (u * self.tp) == 0]
+        options = [f"--cfg 2 --ulysses {u} --ring {half // u}" for u in _divisors(half) if u <= num_heads // self.tp]
         return "; with classifier-free guidance on, also " + ", ".join(options) if options else ""
 
 
@@ -131,7 +152,10 @@ def resolve_degrees(
     The rule (documented in the README): the ranks left after dp × cfg × tp form the sequence-parallel
     group. If neither --ulysses nor --ring is given, Ulysses takes the largest share that divides the
     heads (its all-to-all is cheaper than passing K/V around a ring on one node) and Ring takes the
-    rest. If only one is given, the other takes what is left.
+    rest. If only one is given, the other takes what is left. An explicit Ulysses degree that does not
+    divide the heads is used as asked, with uneven heads per rank (`check_heads`); the automatic rule
+    does not choose it, because whether the busiest rank's extra head costs more than Ring's K/V
+    passing depends on the model, size and links (measure with engine.bench: `u4` vs `u2r2`).
     """
     fixed = dp * cfg * tp
     if world_size % fixed:

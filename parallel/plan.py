@@ -5,6 +5,13 @@ which token group the output belongs to, and which attention modules get a seque
 processor. `apply_plan` turns that into a forward pre-hook (split the inputs into this rank's piece),
 a forward hook (gather the output piece back into the whole sequence) and processors set through
 diffusers' own `set_processor` API — no forked model code, and adding a model is writing its plan.
+
+Models that build their token sequences inside forward, between stacks of blocks (Lumina2 and
+Z-Image: a text stream and an image stream refined apart, then joined into one stream), are split
+per stack instead (`LayerRun`): hooks on the blocks of one ModuleList split the stream where it
+enters the first block, split every block's per-token inputs (rotary tables), read the key-padding
+mask once, and gather the stream where it leaves the last block, so the model's own code between
+the stacks sees whole sequences.
 """
 
 from __future__ import annotations
@@ -29,6 +36,34 @@ class SeqDim:
 
     tokens: str
     dim: int
+
+
+@dataclass(kw_only=True, frozen=True)
+class LayerRun:
+    """The blocks of one ModuleList, which the model calls in order over one token group.
+
+    The pre-hook of the first block splits its `stream` input (this rank keeps its piece) and reads
+    `key_mask`; every block's `per_token` inputs (one entry per token along the given dim: rotary
+    tables, per-token modulation masks) arrive whole from the model's forward and are split the same
+    way. The last block's output is gathered back (`gather`), unless the stream stays split past the
+    run and a `gather_modules` entry gathers it later (after the final per-token layer, whose output
+    is narrower)."""
+
+    layers: str
+    """Name of the ModuleList (`noise_refiner`, `layers`)."""
+    tokens: str
+    """Token group; processors of these blocks read its sizes from the SeqContext."""
+    stream: str
+    """Argument of each block (forward parameter name) carrying the token stream."""
+    per_token: Mapping[str, int] = field(default_factory=dict)
+    """Other arguments of each block with one entry per token → their token dim."""
+    key_mask: str | None = None
+    """Argument holding a (B, S) key-padding mask (True / 1: a real token, which must come first):
+    read once per call into `SeqContext.key_lengths[tokens]` (one host sync, as the models' own
+    length computations), then passed on unchanged; the processors attend real keys only."""
+    gather: bool = True
+    dim: int = 1
+    """Token dim of the stream."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -58,7 +93,10 @@ class ModelPlan:
     are computed, its `modulate_index`); a module matching several globs gets all their entries."""
     gather_modules: Mapping[str, SeqDim] = field(default_factory=dict)
     """Submodule name → where the tokens of its output are; gathered back over sp (the last per-token
-    layer before the model's own unpatchify)."""
+    layer before the model's own unpatchify). A name may be a glob over modules of its depth
+    (`all_final_layer.*`: the one of a ModuleDict that the model's config uses)."""
+    runs: tuple[LayerRun, ...] = ()
+    """Stacks of blocks split where they start and gathered where they end (see LayerRun)."""
     cfg_pairs: bool = False
     """The pipeline runs the two guidance branches as two sequential calls (Flux true CFG: cond, then
     negative) instead of one batch: cfg rank i computes call i of each pair, and the results are
@@ -80,6 +118,9 @@ class SeqContext:
 
     mesh: Mesh
     sizes: dict[str, list[int]] = field(default_factory=dict)
+    key_lengths: dict[str, list[int] | None] = field(default_factory=dict)
+    """Token group → real tokens per sample (padding after them), or None where nothing is padded;
+    set by a LayerRun from its key mask on every call."""
     skip: bool = False
     """This call is computed by the other cfg rank (cfg_pairs): no split, no gather."""
 
@@ -133,7 +174,7 @@ def apply_plan(model: torch.nn.Module, plan: ModelPlan, mesh: Mesh, attention: P
             seq_tp.install()
     split_seq = mesh.size("sp") > 1
     split_batch = mesh.size("cfg") > 1
-    assert not split_seq or plan.gather_output is not None or plan.gather_modules, (
+    assert not split_seq or plan.gather_output is not None or plan.gather_modules or plan.runs, (
         "a sequence-parallel plan must say what to gather"
     )
     pairs = None
@@ -157,6 +198,9 @@ def apply_plan(model: torch.nn.Module, plan: ModelPlan, mesh: Mesh, attention: P
         applied._handles.append(model.register_forward_hook(post))
     if pairs is not None:
         applied._handles.append(model.register_forward_hook(pairs.post_hook))
+    # Runs are hooked on one process too: their key mask becomes key lengths for the processors.
+    for run in plan.runs:
+        applied._handles.extend(_install_run(model, run, ctx, split=split_seq))
     if split_seq:
         for name, where in plan.split_modules.items():
             hook = _module_split_hook(ctx, where, name)
@@ -166,7 +210,8 @@ def apply_plan(model: torch.nn.Module, plan: ModelPlan, mesh: Mesh, attention: P
             applied._handles.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
         for name, where in plan.gather_modules.items():
             hook = _module_gather_hook(ctx, where)
-            applied._handles.append(model.get_submodule(name).register_forward_hook(hook))
+            for module in _modules(model, name):
+                applied._handles.append(module.register_forward_hook(hook))
     return applied
 
 
@@ -177,6 +222,95 @@ def _split_tokens(ctx: SeqContext, x: torch.Tensor, where: SeqDim, what: str) ->
     if ctx.sizes.setdefault(where.tokens, sizes) != sizes:
         raise ValueError(f"inputs of token group {where.tokens!r} disagree in length ({x.shape[dim]} tokens {what})")
     return take_piece(x, dim, sizes, ctx.mesh.coord("sp"))
+
+
+def _modules(model: torch.nn.Module, name: str) -> list[torch.nn.Module]:
+    """The submodule `name`, or the modules matching the glob `name` at its depth."""
+    if not any(c in name for c in "*?["):
+        return [model.get_submodule(name)]
+    depth = name.count(".")
+    found = [m for n, m in model.named_modules() if n.count(".") == depth and fnmatch.fnmatchcase(n, name)]
+    assert found, f"{name!r} matches no module of {type(model).__name__}"
+    return found
+
+
+def prefix_lengths(mask: torch.Tensor) -> list[int]:
+    """Real tokens per sample of a (B, S) key-padding mask whose real tokens come first."""
+    real_BS = mask.bool()
+    lengths = real_BS.sum(dim=1)
+    prefix_BS = torch.arange(real_BS.shape[1], device=real_BS.device)[None, :] < lengths[:, None]
+    if not torch.equal(real_BS, prefix_BS):
+        raise ValueError("a key-padding mask must have each sample's real tokens first and its padding after them")
+    return lengths.tolist()
+
+
+class _Arg:
+    """One forward argument of a block, found by name in (args, kwargs) without binding the whole
+    signature at every call (the hooks run inside each compiled block: plain tuple/dict access traces)."""
+
+    def __init__(self, sig: inspect.Signature, name: str):
+        assert name in sig.parameters, f"the blocks take no argument {name!r}"
+        self.name = name
+        self.index = list(sig.parameters).index(name)
+
+    def get(self, args, kwargs):
+        if self.name in kwargs:
+            return kwargs[self.name]
+        return args[self.index] if self.index < len(args) else None
+
+    def set(self, args, kwargs, value):
+        if self.name in kwargs or self.index >= len(args):
+            return args, {**kwargs, self.name: value}
+        return (*args[: self.index], value, *args[self.index + 1 :]), kwargs
+
+
+def _install_run(model: torch.nn.Module, run: LayerRun, ctx: SeqContext, *, split: bool) -> list:
+    blocks = list(model.get_submodule(run.layers))
+    assert blocks, f"{run.layers} of {type(model).__name__} is empty"
+    P, me = ctx.mesh.size("sp"), ctx.mesh.coord("sp")
+    sig = inspect.signature(blocks[0].forward)
+    stream = _Arg(sig, run.stream)
+    mask = _Arg(sig, run.key_mask) if run.key_mask else None
+    per_token = [(_Arg(sig, name), d) for name, d in run.per_token.items()]
+    handles = []
+
+    def read_mask(module, args, kwargs):
+        m = mask.get(args, kwargs)
+        ctx.key_lengths[run.tokens] = None if m is None else prefix_lengths(m)
+
+    def split_inputs(first: bool):
+        def hook(module, args, kwargs):
+            if first and mask is not None:
+                read_mask(module, args, kwargs)
+            x = stream.get(args, kwargs)
+            dim = run.dim % x.ndim
+            if first:
+                ctx.sizes[run.tokens] = split_sizes(x.shape[dim], P)
+                args, kwargs = stream.set(args, kwargs, take_piece(x, dim, ctx.sizes[run.tokens], me))
+            sizes = ctx.sizes[run.tokens]
+            assert stream.get(args, kwargs).shape[dim] == sizes[me], f"{run.layers}: the stream arrived whole"
+            for arg, d in per_token:
+                t = arg.get(args, kwargs)
+                if t is not None:
+                    assert t.shape[d % t.ndim] == sum(sizes), f"{run.layers}: {arg.name} is not per token"
+                    args, kwargs = arg.set(args, kwargs, take_piece(t, d % t.ndim, sizes, me))
+            return args, kwargs
+
+        return hook
+
+    if split:
+        for i, block in enumerate(blocks):
+            handles.append(block.register_forward_pre_hook(split_inputs(i == 0), with_kwargs=True))
+    elif mask is not None:
+        # One process: only the key lengths, read where the stack starts.
+        handles.append(blocks[0].register_forward_pre_hook(read_mask, with_kwargs=True))
+    if split and run.gather:
+        def post(module, args, output):
+            assert isinstance(output, torch.Tensor), f"{run.layers} blocks must return the stream"
+            return gather_pieces(output, run.dim % output.ndim, ctx.sizes[run.tokens], ctx.mesh.group("sp"))
+
+        handles.append(blocks[-1].register_forward_hook(post))
+    return handles
 
 
 def _module_split_hook(ctx: SeqContext, where, name: str):
@@ -227,6 +361,13 @@ def _module_gather_hook(ctx: SeqContext, where: SeqDim):
 def _batch_piece(x, dim: int, parts: int, index: int, name: str):
     if isinstance(x, dict):
         return {k: _batch_piece(v, dim, parts, index, f"{name}.{k}") for k, v in x.items()}
+    if isinstance(x, list):
+        # A list of per-sample tensors (Z-Image takes its latents and captions so): the list is the batch.
+        if len(x) % parts:
+            raise ValueError(f"{name} holds {len(x)} samples, which the cfg degree {parts} does not divide: CFG "
+                             "parallelism needs guidance on (the pipeline must batch both branches)")
+        n = len(x) // parts
+        return x[index * n : (index + 1) * n]
     if not isinstance(x, torch.Tensor) or x.ndim == 0:
         return x  # a scalar timestep or flag: the same for both branches
     if x.shape[dim] % parts:
@@ -265,7 +406,13 @@ def _split_hook(plan: ModelPlan, ctx: SeqContext, sig: inspect.Signature, *, spl
 def _gather_hook(plan: ModelPlan, ctx: SeqContext, *, split_seq: bool, split_batch: bool):
     mesh = ctx.mesh
 
-    def gather(x: torch.Tensor) -> torch.Tensor:
+    def gather(x):
+        if isinstance(x, list):
+            # Per-sample outputs (Z-Image): the list is the batch; gathered over cfg as one stacked tensor.
+            assert plan.gather_output is None, "per-sample list outputs are gathered over the batch only"
+            if not split_batch or plan.cfg_pairs:
+                return x
+            return list(gather(torch.stack(x)).unbind(0))
         if split_seq and plan.gather_output is not None:
             where = plan.gather_output
             x = gather_pieces(x, where.dim % x.ndim, ctx.sizes[where.tokens], mesh.group("sp"))

@@ -7,12 +7,19 @@ next block is already in flight (batch_isend_irecv posted before the local atten
 transfer hides behind the compute. Partial results are merged with their log-sum-exps in float32,
 which makes the result the exact softmax over the whole sequence up to rounding. Blocks may differ in
 length (uneven splits): every rank knows all lengths, so receive buffers are sized exactly.
+
+K/V may have fewer heads than Q (grouped-query attention): the blocks travel with their K/V heads
+only and are repeated for the kernel (parallel/blocks.py). `key_lengths` marks padded keys (a suffix
+of each sample's whole sequence): each block is attended over its real keys only, a block that is
+all padding is skipped, and the merge keeps -inf log-sum-exps from turning into NaN.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from .blocks import attend, merge_partial_masked, valid_counts
 
 
 def merge_partial(
@@ -35,7 +42,10 @@ def ring_attention(
     block_sizes: list[int],
     kernel,
     scale: float | None = None,
+    key_lengths: list[int] | None = None,
 ) -> torch.Tensor:
+    """Attention of the local queries over every ring rank's K/V block. `key_lengths[b]`: sample b's
+    real keys are the first key_lengths[b] of the whole sequence (blocks in ring order)."""
     R = len(block_sizes)
     r = dist.get_rank(group)
     assert k_BHSD.shape[2] == block_sizes[r]
@@ -44,6 +54,8 @@ def ring_attention(
     B, H, _, D = k_BHSD.shape
     # K and V in one buffer: one send and one receive per step instead of two of each.
     kv = torch.stack([k_BHSD, v_BHSD]).contiguous()
+    if key_lengths is not None or H != q_BHSD.shape[1]:
+        return _ring_general(q_BHSD, kv, group, block_sizes, kernel, scale, key_lengths, send_to, recv_from)
     out = lse = None
     for step in range(R):
         reqs = []
@@ -58,6 +70,34 @@ def ring_attention(
             out, lse = blk_out.float(), blk_lse
         else:
             out, lse = merge_partial(out, lse, blk_out, blk_lse)
+        for req in reqs:
+            req.wait()
+        if reqs:
+            kv = nxt
+    return out.to(q_BHSD.dtype)
+
+
+def _ring_general(q_BHSD, kv, group, block_sizes, kernel, scale, key_lengths, send_to, recv_from) -> torch.Tensor:
+    """The ring with padded keys and/or grouped K/V heads: same exchange, blocks through `attend`."""
+    R, r = len(block_sizes), dist.get_rank(group)
+    _, B, H, _, D = kv.shape
+    offsets = [sum(block_sizes[:j]) for j in range(R)]
+    Bq, Hq, Sq, _ = q_BHSD.shape
+    out = torch.zeros(Bq, Hq, Sq, D, dtype=torch.float32, device=q_BHSD.device)
+    lse = torch.full((Bq, Hq, Sq), float("-inf"), device=q_BHSD.device)
+    for step in range(R):
+        reqs = []
+        src_now = (r - step) % R  # whose block is in `kv` now
+        if step < R - 1:
+            src = (r - step - 1) % R
+            nxt = kv.new_empty((2, B, H, block_sizes[src], D))
+            reqs = dist.batch_isend_irecv(
+                [dist.P2POp(dist.isend, kv, send_to, group), dist.P2POp(dist.irecv, nxt, recv_from, group)]
+            )
+        valid = valid_counts(key_lengths, offsets[src_now], block_sizes[src_now])
+        blk = attend(kernel, q_BHSD, kv[0], kv[1], scale=scale, valid=valid, return_lse=True)
+        if blk is not None:
+            out, lse = merge_partial_masked(out, lse, *blk)
         for req in reqs:
             req.wait()
         if reqs:

@@ -114,8 +114,11 @@ def test_invalid_layouts_are_refused_with_what_works():
 
     heads = inspect_model("sd3.5-large").num_heads
     assert heads == 38
-    with pytest.raises(ValueError, match=r"38 attention heads.*--ulysses 2 --ring 2.*--cfg 2 --ulysses 2 --ring 1.*--cfg 2 --ulysses 1 --ring 2"):
-        resolve_degrees(4, heads, ulysses=4)
+    # Ulysses-4 runs with uneven heads (10, 10, 9, 9) when asked; the automatic layout keeps a divisor.
+    assert resolve_degrees(4, heads, ulysses=4).degrees() == dict(dp=1, cfg=1, ring=1, ulysses=4, tp=1)
+    assert resolve_degrees(4, heads).degrees() == dict(dp=1, cfg=1, ring=2, ulysses=2, tp=1)
+    with pytest.raises(ValueError, match=r"38 attention heads, which --tp 4 does not divide"):
+        resolve_degrees(4, heads, tp=4)
     assert resolve_degrees(4, heads, cfg=2).degrees() == dict(dp=1, cfg=2, ring=1, ulysses=2, tp=1)
     assert resolve_degrees(4, heads, cfg=2, ring=2).degrees() == dict(dp=1, cfg=2, ring=2, ulysses=1, tp=1)
 

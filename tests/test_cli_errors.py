@@ -76,9 +76,10 @@ def test_degrees_not_matching_world_size(tmp_path):
 
 
 def test_heads_not_divisible_suggests_a_working_layout(tmp_path):
-    r = _run([*FAST, "--ulysses", "3", "--output", str(tmp_path / "x.png")], nproc=3)
-    line = _assert_user_error(r, "8 attention heads", "--ulysses 3")
-    assert "--ulysses 1 --ring 3" in line, line  # the only layout of 3 ranks that splits 8 heads
+    # Ulysses shares heads unevenly (--ulysses 3 on 8 heads runs); TP must split them evenly.
+    r = _run([*FAST, "--tp", "3", "--output", str(tmp_path / "x.png")], nproc=3)
+    line = _assert_user_error(r, "8 attention heads", "--tp 3")
+    assert "2, 4, 8" in line, line  # the TP degrees that split 8 heads
 
 
 def test_missing_model_directory(tmp_path):

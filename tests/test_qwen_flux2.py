@@ -219,7 +219,7 @@ def test_released_configs_and_bad_layouts():
     with pytest.raises(ValueError, match=r"--tp 5 does not divide the model's 32 attention heads.*: 2, 4, 8"):
         family("flux2-klein").check_tp(inspect_model("flux2-klein-9b"), 5)
     family("qwen-image").check_tp(inspect_model("qwen-image"), 8)
-    assert inspect_model("flux2-dev").mlp_hidden == 18432 and inspect_model("qwen-image").spatial_multiple == 16
+    assert inspect_model("flux2-dev").mlp_width == 18432 and inspect_model("qwen-image").spatial_multiple == 16
     # CFG: FLUX.2-dev has one call per step; the released klein models are step-distilled.
     with pytest.raises(ValueError, match="cannot use --cfg: Flux2Pipeline runs one transformer call per step"):
         family("flux2").check_axes(dict(cfg=2, ulysses=2))

@@ -76,12 +76,15 @@ def _sizes(spec: str) -> list[tuple[int, int]]:
     return out
 
 
-def _check_layouts(layouts: list[Layout], info, world_size: int, speaks: bool, missing) -> list[Layout]:
-    """The layouts this launch can run: ValueError for a mistake; a baseline not installed is skipped."""
+def _check_layouts(layouts: list[Layout], info, fam, world_size: int, speaks: bool, missing) -> list[Layout]:
+    """The layouts this launch can run: ValueError for a mistake; a baseline not installed is skipped.
+    Ulysses degrees that do not divide the heads run with uneven heads (`u4` on 38 or 30 heads)."""
     runnable = []
     for lay in layouts:
         if lay.config.world_size > world_size:
             raise ValueError(f"layout {lay.name} needs {lay.config.world_size} ranks, {world_size} launched")
+        if lay.system == "shardiff":
+            fam.check_tp(info, lay.config.tp)  # the family's own reason (key/value heads, MLP width)
         lay.config.check_heads(info.num_heads)
         if lay.system in BASELINES and lay.config.world_size != world_size:
             raise ValueError(f"baseline {lay.name} must use all {world_size} launched ranks")
@@ -109,7 +112,7 @@ def main(argv=None) -> None:
         layouts = [parse_layout(n) for n in names]
         info = inspect_model(args.model)
         fam = family(info.family)
-        runnable = _check_layouts(layouts, info, env.world_size, env.rank == 0, missing)
+        runnable = _check_layouts(layouts, info, fam, env.world_size, env.rank == 0, missing)
     except ValueError as e:
         raise UserError(str(e)) from None
     dtype = EngineConfig(dtype=args.dtype).torch_dtype(device, fam.gpu_dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from engine.presets.spec import PresetSpec
 
-from . import flux, flux2, pixart, qwen_image, sana, sd3, unet
+from . import flux, flux2, lumina2, pixart, qwen_image, sana, sd3, unet, zimage
 from .family import Family, ModelInfo
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -21,6 +21,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     sd3.FAMILY,
     pixart.FAMILY,
     sana.FAMILY,
+    lumina2.FAMILY,
+    zimage.FAMILY,
     unet.SD,
     unet.SDXL,
 )}

@@ -45,8 +45,10 @@ class ModelInfo:
     """Pixels."""
     uses_guidance_embeds: bool
     """The guidance scale is an input of the denoiser (Flux-dev, LCM UNets), not two branches."""
-    mlp_hidden: int = 0
-    """Hidden width of the denoiser's MLPs, which TP splits; 0: 4 × heads × head_dim (the MMDiT default)."""
+    num_kv_heads: int = 0
+    """Key/value heads of grouped-query attention (Lumina2: 8 for 24 query heads); 0: as num_heads."""
+    mlp_width: int = 0
+    """Hidden width of the blocks' MLP, which TP splits; 0: 4 × the model width (mmdit.MLP_RATIO)."""
     guidance_distilled: bool = False
     """The pipeline never runs two guidance branches, whatever the guidance scale (step-distilled
     FLUX.2-klein: `is_distilled` in its model_index.json), so there is nothing for --cfg 2 to split."""
@@ -97,8 +99,8 @@ class Family:
     """The pipeline runs the guidance branches as two sequential denoiser calls (Flux true CFG), not as
     one batch: the engine applies the plan with `cfg_pairs` (see parallel/cfg_pairs.py)."""
     cfg_hint: str = ""
-    """What turns guidance on for this family's pipelines, said when --cfg 2 meets a request without
-    it; empty: the cfg_pairs / batched default."""
+    """What turns guidance on, for the message refusing --cfg 2 without it; empty: "--guidance > 1"
+    (or Flux's true CFG with `cfg_pairs`)."""
     refusals: Mapping[str, str] = field(default_factory=dict)
     """Axis → why this family cannot use it (said to the user instead of a generic message)."""
     layout: Callable[..., tuple] | None = None

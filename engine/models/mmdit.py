@@ -41,14 +41,17 @@ MMDIT_TP_PLAN = {
 
 
 def check_tp_widths(info, tp: int) -> None:
-    """ValueError unless --tp splits the heads and the MLP width (4 × hidden unless the model says
-    otherwise) evenly (from configs, no weights)."""
+    """ValueError unless --tp splits the heads, the key/value heads (grouped-query attention) and the
+    MLP width evenly (from configs, no weights)."""
     if tp == 1:
         return
-    mlp = info.mlp_hidden or info.num_heads * info.head_dim * MLP_RATIO
-    for what, n in (("attention heads", info.num_heads), ("MLP width", mlp)):
+    mlp = info.mlp_width or info.num_heads * info.head_dim * MLP_RATIO
+    widths = [("attention heads", info.num_heads), ("MLP width", mlp)]
+    if info.num_kv_heads and info.num_kv_heads != info.num_heads:
+        widths.insert(1, ("key/value heads", info.num_kv_heads))
+    for what, n in widths:
         if n % tp:
-            ok = [d for d in range(2, 9) if info.num_heads % d == 0 and mlp % d == 0]
+            ok = [d for d in range(2, 9) if all(m % d == 0 for _, m in widths)]
             raise ValueError(
                 f"--tp {tp} does not divide the model's {n} {what}; TP degrees that work for this model: "
                 + (", ".join(map(str, ok)) if ok else "none (use --ulysses / --ring)")

@@ -12,8 +12,8 @@ from . import tokenizer as tok
 from .spec import Component
 
 TOKEN_IDS = dict(pad_token_id=tok.PAD_ID, bos_token_id=tok.BOS_ID, eos_token_id=tok.EOS_ID)
-TINY_VOCAB = 1024  # > tok.VOCAB_SIZE, so every tokenizer id has an embedding row
-assert tok.VOCAB_SIZE < TINY_VOCAB
+TINY_VOCAB = 1024  # > every tokenizer id (the chat kinds' tokens follow the vocabulary), so each has a row
+assert tok.CHAT_VOCAB_SIZE < TINY_VOCAB
 
 # ---------------------------------------------------------------- text encoders
 
@@ -74,12 +74,13 @@ MISTRAL_SMALL_3_24B = dict(
     image_token_index=10, multimodal_projector_bias=False, projector_hidden_act="gelu", spatial_merge_size=2,
     vision_feature_layer=-1, tie_word_embeddings=False,
 )
-# Qwen/Qwen3-4B (FLUX.2-klein-4B's text encoder, Qwen3ForCausalLM: 36 layers × 2560, embeddings tied) and
-# Qwen/Qwen3-8B (FLUX.2-klein-9B's: 36 × 4096, untied).
+# Qwen/Qwen3-4B (FLUX.2-klein-4B's text encoder as Qwen3ForCausalLM; Z-Image's as the bare Qwen3Model, which
+# conditions on its second-to-last hidden states — Tongyi-MAI/Z-Image-Turbo text_encoder/config.json: 36 layers
+# × 2560, embeddings tied) and Qwen/Qwen3-8B (FLUX.2-klein-9B's: 36 × 4096, untied).
 QWEN3_4B = dict(
     vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
     num_key_value_heads=8, head_dim=128, hidden_act="silu", max_position_embeddings=40960, rms_norm_eps=1e-6,
-    rope_theta=1000000.0, attention_bias=False, tie_word_embeddings=True,
+    rope_theta=1000000.0, attention_bias=False, tie_word_embeddings=True, use_sliding_window=False, **TOKEN_IDS,
 )
 QWEN3_8B = {**QWEN3_4B, "hidden_size": 4096, "intermediate_size": 12288, "tie_word_embeddings": False}
 
@@ -91,6 +92,9 @@ TINY_T5 = {**T5_XXL, "vocab_size": TINY_VOCAB, "d_model": 96, "d_ff": 128, "d_kv
 TINY_GEMMA2 = {**GEMMA2_2B, "vocab_size": TINY_VOCAB, "hidden_size": 32, "intermediate_size": 64,
                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
                "query_pre_attn_scalar": 16}
+# Two layers suffice where a pipeline reads the second-to-last hidden states (Z-Image).
+TINY_QWEN3_2L = {**QWEN3_4B, "vocab_size": TINY_VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
 
 _TINY_LM = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                 num_key_value_heads=1, head_dim=16, **TOKEN_IDS)
@@ -185,6 +189,10 @@ def t5_encoder(config: dict) -> Component:
 
 def gemma2(config: dict) -> Component:
     return Component("transformers", "Gemma2Model", config, "Gemma2Config")
+
+
+def qwen3(config: dict) -> Component:
+    return Component("transformers", "Qwen3Model", config, "Qwen3Config")
 
 
 def kl_vae(config: dict) -> Component:

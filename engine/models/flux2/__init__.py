@@ -144,7 +144,7 @@ def read_flux2_info(configs, *, family: str, source: str, pipeline_class: str, d
         # 2×2 latent cells per token (the pipelines' patchify).
         spatial_multiple=scale * 2, default_size=int(default_size or DEFAULT_SAMPLE_SIZE * scale),
         uses_guidance_embeds=bool(t.get("guidance_embeds", True)),
-        mlp_hidden=int(heads * head_dim * float(t.get("mlp_ratio", 3.0))),
+        mlp_width=int(heads * head_dim * float(t.get("mlp_ratio", 3.0))),
         guidance_distilled=bool(configs.get("pipeline", {}).get("is_distilled", False)),
     )
 
