@@ -2,7 +2,8 @@
 the single-process image, and the single-process image is diffusers' own FluxPipeline image.
 
 Sizes cover the even case (128², 512 text tokens) and the uneven one (112×144 → 63 image tokens,
-77 text tokens: neither divides 2 or 4).
+77 text tokens: neither divides 2 or 4). Layouts also place the text encoders (--text-encoders): on the
+first rank, broadcast, or sharded (read in slices from the directory's safetensors).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 from tests.harness import run_distributed
 
 CASES = [dict(height=128, width=128, max_sequence_length=512), dict(height=112, width=144, max_sequence_length=77)]
-LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2)], 4: [(2, 2), (4, 1), (1, 4)]}
+# (ulysses, ring, text encoders)
+LAYOUTS = {1: [(1, 1, "auto")], 2: [(2, 1, "first"), (1, 2, "sharded")],
+           4: [(2, 2, "sharded"), (4, 1, "first"), (1, 4, "auto")]}
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +30,8 @@ def _generate_all(world: int, model_dir: str):
     from engine import Engine, EngineConfig, GenerateRequest
 
     out = {}
-    for ulysses, ring in LAYOUTS[world]:
-        engine = Engine(EngineConfig(model=model_dir, ulysses=ulysses, ring=ring))
+    for ulysses, ring, text_encoders in LAYOUTS[world]:
+        engine = Engine(EngineConfig(model=model_dir, ulysses=ulysses, ring=ring, text_encoders=text_encoders))
         for i, case in enumerate(CASES):
             req = GenerateRequest(prompt="a small red circle top left", steps=3, seed=7, **case)
             latents = engine.generate(req, output_type="latent").latents
