@@ -11,6 +11,8 @@ import torch
 
 from shardiff_parallel.config import check_tp_comm
 
+from engine.text_encoders.names import check_placement
+
 # The trained toy text-to-image model (engine/toy, weights in engine/assets/shapes): a tiny Flux that
 # draws the coloured shape a prompt asks for at 64², on any CPU in seconds, through the parallel path.
 DEFAULT_MODEL = "shapes"
@@ -58,6 +60,11 @@ class EngineConfig:
     launching ~thousands of kernels per step, which matters when a step is short (1024² over 4 GPUs)
     or the host work per collective is high (--tp-comm overlap). The first call per input shape
     captures (after two warm-up calls)."""
+    text_encoders: str = "auto"
+    """Where the text encoders live (engine/text_encoders/placement.py): "replicated" (every rank);
+    "first" (the first rank of each image encodes, the others receive the embeddings and never load
+    an encoder); "sharded" (each encoder split over the ranks of the image, 1/N of its weights each);
+    "auto": replicated where it fits beside the other weights (always on CPU), sharded otherwise."""
     weights_seed: int = 0
     """Seed of a preset's random weights (identical on every rank)."""
     timeout_s: float = 600.0
@@ -70,6 +77,7 @@ class EngineConfig:
 
     def __post_init__(self):
         check_tp_comm(self.tp_comm)
+        check_placement(self.text_encoders)
         if self.parallel not in ("auto", "cfg", "dp"):
             raise ValueError(f"--parallel must be auto, cfg or dp, got {self.parallel!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:

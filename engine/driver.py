@@ -30,6 +30,7 @@ from engine.loading.sharded import load_sharded_denoiser
 from engine.models import ModelInfo, check_tp_comm, family
 from engine.runtime.distributed import agree, init_distributed, launched_world_size, pick_device
 from engine.runtime.quiet import loading_bars
+from engine.text_encoders.encoders import TextEncoders
 
 from . import vae_parallel
 from .config import EngineConfig, GenerateRequest
@@ -78,6 +79,7 @@ class Engine:
                 tp, self.tp_note = choose_tp(
                     config.model, self.info, self.family, world_size=world, dp=config.dp, cfg=config.cfg,
                     dtype=self.dtype, gpu_bytes=_gpu_bytes(device),
+                    text_bytes=TextEncoders.bytes_for_room(config, ranks=world // config.dp, dtype=self.dtype),
                 )
             tp = tp or 1
             self.family.check_tp(self.info, parallel.tp if parallel is not None else tp)
@@ -98,13 +100,18 @@ class Engine:
             if config.cuda_graphs and device.type != "cuda":
                 raise ValueError("--cuda-graphs needs CUDA GPUs; none is visible to this process")
             vae_parallel.preflight(config)
+            self.text_encoders = TextEncoders.preflight(
+                config, self.family, parallel, world=world, explicit_layout=self.explicit_layout, dtype=self.dtype,
+                gpu_bytes=_gpu_bytes(device))
         except ValueError as e:
             error = str(e)
         timeout = timedelta(seconds=config.timeout_s)
         self.env = init_distributed(device, timeout)
         # The first collective: everyone's preflight errors and configuration, compared.
         # The resolved degrees are compared too: `--tp auto` is decided on each rank from its GPU.
-        agree("engine configuration", {**asdict(config), "degrees": parallel.degrees() if error is None else None}, error)
+        agree("engine configuration", {**asdict(config), "degrees": parallel.degrees() if error is None else None,
+                                       "text_encoders": (self.text_encoders.plan.placement, self.text_encoders.plan.degrees)
+                                       if error is None else None}, error)
         self.parallel = parallel
         self.device = device
         self.mesh = Mesh.build(parallel, device, timeout=timeout)
@@ -112,7 +119,9 @@ class Engine:
         """Layout → its mesh, built once (engine/data_parallel.py switches between them)."""
         if not self.mesh.is_first:
             _quiet_libraries()
-        components = {}
+        # Collective: the text encoders' groups; then what each rank loads of them (none, a shard, all).
+        self.text_encoders.setup(self.mesh, timeout)
+        components = self.text_encoders.components(dtype=self.dtype, device=device, seed=config.weights_seed)
         if parallel.tp > 1:
             # Each rank reads / initialises only its TP shard of the denoiser (never the full weights).
             components[self.family.denoiser] = load_sharded_denoiser(
@@ -124,6 +133,7 @@ class Engine:
                 config.model, dtype=self.dtype, device=device, seed=config.weights_seed, components=components
             )
         self.pipe.set_progress_bar_config(disable=not self.mesh.is_first, leave=False)
+        self.text_encoders.install(self.pipe)
         self.attention = ParallelAttention(self.mesh, config.attention_backend)
         self.denoiser = getattr(self.pipe, self.family.denoiser)
         self.plan = apply_plan(self.denoiser, self.family.pipeline_plan, self.mesh, self.attention)
@@ -243,6 +253,7 @@ class Engine:
             "size": [width, height],
             "parallel": self.parallel.degrees(),
             "tp_comm": self.parallel.tp_comm,
+            "text_encoders": self.text_encoders.plan.placement,
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention_backend": self.attention.kernel_for(self.device, self.dtype).name,
             "vae_parallel": self.config.vae_parallel,
@@ -270,6 +281,7 @@ class Engine:
             self.vae_split.remove()
             self.vae_split = None
         self.plan.remove()
+        self.text_encoders.remove()
 
 
 def _gpu_bytes(device: torch.device) -> int | None:

@@ -14,6 +14,7 @@ from shardiff_parallel.config import TP_COMMS
 from . import batch_cli
 from .batch_cli import DEFAULT_PROMPT, auto_or_positive_int, positive_int
 from .config import DEFAULT_MODEL, VAE_PARALLEL, EngineConfig
+from engine.text_encoders.names import PLACEMENTS
 from engine.runtime.distributed import UserError, agree
 
 
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "collectives fused with their matmuls, hidden behind them on CUDA GPUs)")
     p.add_argument("--cfg", type=positive_int, default=1, help="CFG-parallel degree (2: cond/uncond branches on different ranks)")
     p.add_argument("--dp", type=positive_int, default=1, help="data-parallel degree (independent images)")
+    p.add_argument("--text-encoders", choices=PLACEMENTS, default="auto",
+                   help="where the text encoders live: replicated (every rank), first (one rank per image encodes "
+                        "and broadcasts the embeddings; the others never load them), sharded (split over the ranks "
+                        "of the image, 1/N of the weights each), auto (replicated where it fits, else sharded)")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU; on GPU bf16, fp16 for the SD1.5/SDXL UNets), bf16, fp16, fp32")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--attention-backend", default="auto", help="auto or a kernel name (sdpa-cudnn, sdpa-flash, sdpa-cpu-flash, math, flash-attn, ...)")
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         config = EngineConfig(
             model=args.model, ulysses=args.ulysses, ring=args.ring, tp=args.tp, cfg=args.cfg, dp=args.dp,
             tp_comm=args.tp_comm, dtype=args.dtype, device=args.device, compile=args.compile,
-            cuda_graphs=args.cuda_graphs, vae_parallel=args.vae_parallel,
+            cuda_graphs=args.cuda_graphs, vae_parallel=args.vae_parallel, text_encoders=args.text_encoders,
             attention_backend=args.attention_backend, timeout_s=args.timeout, parallel=args.parallel,
         )
         # One request per image, image i seeded with --seed + i (engine/batch_cli.py).
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     agree("output", None, error)
     if engine.is_first:
         print(f"shardiff: {config.model} on {layout.world_size} process(es), layout {layout.describe()} ({why}), "
-              f"{len(requests)} image(s), {engine.dtype}, {engine.device.type}; {vae_line}", file=sys.stderr, flush=True)
+              f"{engine.text_encoders.plan.describe()}, {len(requests)} image(s), {engine.dtype}, {engine.device.type}; {vae_line}", file=sys.stderr, flush=True)
     results = engine.generate_batch(requests)
     if engine.is_first:
         for output, result in zip(outputs, results, strict=True):

@@ -3,7 +3,7 @@
 Every layout gives the single-process latents (and images, for a batch of prompts with
 num_images_per_prompt = 2), and the single-process result is diffusers' own pipeline result for the
 same seed. Flux's true CFG (two sequential transformer calls per step) runs its two calls on the two
-cfg ranks. Sizes make uneven splits: SD3 80×48 → 15 image tokens, 77 + 24 text tokens.
+cfg ranks. Layouts also place the text encoders (--text-encoders first / sharded). Sizes make uneven splits: SD3 80×48 → 15 image tokens, 77 + 24 text tokens.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ MODELS = ("sd3-tiny", "pixart-tiny", "sana-tiny", "flux-tiny")
 SIZE = {"sd3-tiny": (80, 48), "pixart-tiny": (80, 48), "sana-tiny": (64, 32), "flux-tiny": (48, 80)}
 PROMPT = "a small red circle top left"
 NEGATIVE = "blue stripes"
-# Layouts per world size: (model, degrees).
+# Layouts per world size: (model, degrees and text-encoder placement).
 LAYOUTS = {
-    2: [("sd3-tiny", dict(cfg=2)), ("pixart-tiny", dict(cfg=2)), ("sana-tiny", dict(cfg=2)), ("flux-tiny", dict(cfg=2))],
-    4: [("sd3-tiny", dict(cfg=2, ulysses=2)), ("sd3-tiny", dict(cfg=2, ring=2)),
-        ("pixart-tiny", dict(cfg=2, ulysses=2)), ("pixart-tiny", dict(cfg=2, ring=2)),
-        ("flux-tiny", dict(cfg=2, ulysses=2))],
+    2: [("sd3-tiny", dict(cfg=2, text_encoders="sharded")), ("pixart-tiny", dict(cfg=2, text_encoders="first")),
+        ("sana-tiny", dict(cfg=2, text_encoders="sharded")), ("flux-tiny", dict(cfg=2, text_encoders="first"))],
+    4: [("sd3-tiny", dict(cfg=2, ulysses=2, text_encoders="first")), ("sd3-tiny", dict(cfg=2, ring=2)),
+        ("pixart-tiny", dict(cfg=2, ulysses=2, text_encoders="sharded")), ("pixart-tiny", dict(cfg=2, ring=2)),
+        ("flux-tiny", dict(cfg=2, ulysses=2, text_encoders="sharded"))],
 }
 
 

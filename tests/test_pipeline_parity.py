@@ -3,7 +3,8 @@ the single-process image, and the single-process image is diffusers' own FluxPip
 
 Sizes cover the even case (128², 512 text tokens) and the uneven one (112×144 → 63 image tokens,
 77 text tokens: neither divides 2 or 4). One 4-rank layout also splits the VAE decode by rows
-(`--vae-parallel on`: 16 and 14 latent rows over 4 ranks).
+(`--vae-parallel on`: 16 and 14 latent rows over 4 ranks). Layouts also place the text encoders (--text-encoders): on the
+first rank, broadcast, or sharded (read in slices from the directory's safetensors).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import torch
 from tests.harness import run_distributed
 
 CASES = [dict(height=128, width=128, max_sequence_length=512), dict(height=112, width=144, max_sequence_length=77)]
-# (ulysses, ring, vae_parallel)
-LAYOUTS = {1: [(1, 1, "auto")], 2: [(2, 1, "auto"), (1, 2, "auto")],
-           4: [(2, 2, "auto"), (4, 1, "auto"), (1, 4, "auto"), (2, 2, "on")]}
+# (ulysses, ring, vae_parallel, text encoders)
+LAYOUTS = {1: [(1, 1, "auto", "auto")], 2: [(2, 1, "auto", "first"), (1, 2, "auto", "sharded")],
+           4: [(2, 2, "auto", "sharded"), (4, 1, "auto", "first"), (1, 4, "auto", "auto"), (2, 2, "on", "auto")]}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,9 @@ def _generate_all(world: int, model_dir: str):
     from engine import Engine, EngineConfig, GenerateRequest
 
     out = {}
-    for ulysses, ring, vae in LAYOUTS[world]:
-        engine = Engine(EngineConfig(model=model_dir, ulysses=ulysses, ring=ring, vae_parallel=vae))
+    for ulysses, ring, vae, text_encoders in LAYOUTS[world]:
+        engine = Engine(EngineConfig(model=model_dir, ulysses=ulysses, ring=ring, vae_parallel=vae,
+                                     text_encoders=text_encoders))
         for i, case in enumerate(CASES):
             req = GenerateRequest(prompt="a small red circle top left", steps=3, seed=7, **case)
             latents = engine.generate(req, output_type="latent").latents

@@ -8,6 +8,9 @@ phase's peak memory.
 One layout per launch (the engine holds one layout's processes); layout names as in engine.bench.
 
     torchrun --nproc-per-node 4 -m engine.bench.e2e --model flux-dev --size 1024 --steps 28 --layout u4:compile
+
+`--text-encoders replicated|first|sharded|auto` places the text encoders (engine/text_encoders); each
+rank's line then shows what it holds of them, beside the layout's own choice.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import torch
 from engine.config import EngineConfig, GenerateRequest
 from engine.runtime.distributed import run_main
 
+from engine.text_encoders.names import PLACEMENTS
+
 from .layouts import parse_layout
 from .phases import PHASES, PhaseTimer, weight_gib
 
@@ -32,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--layout", default="1", help="one of our layouts (engine.bench names), e.g. u4:compile")
+    p.add_argument("--text-encoders", default="auto", choices=PLACEMENTS,
+                   help="where the text encoders live (engine/text_encoders/placement.py)")
     p.add_argument("--repeats", type=int, default=3, help="warm requests after the cold one")
     p.add_argument("--prompt", default="a red fox in the snow, photograph")
     p.add_argument("--vae-parallel", choices=("auto", "on", "off"), default="auto",
@@ -62,7 +69,7 @@ def main(argv=None) -> None:
 
     start = time.perf_counter()
     engine = Engine(EngineConfig(model=args.model, compile=layout.compile, cuda_graphs=layout.graphs,
-                                 vae_parallel=args.vae_parallel), parallel=layout.config)
+                                 vae_parallel=args.vae_parallel, text_encoders=args.text_encoders), parallel=layout.config)
     build_s = time.perf_counter() - start
     request = GenerateRequest(prompt=args.prompt, height=args.size, width=args.size, steps=args.steps, seed=0)
     timer = PhaseTimer(engine.pipe, engine.device)
@@ -73,11 +80,15 @@ def main(argv=None) -> None:
         phases.append(timer.finish())
     timer.remove()
     warm = phases[1:]
-    per_rank = _gather({"weights_gib": weight_gib(engine.pipe), "phase_peak_gib": warm[-1]["peak_gib"],
+    weights = weight_gib(engine.pipe)
+    text_gib = round(sum(v for k, v in weights.items() if k in engine.text_encoders.plan.classes), 3)
+    per_rank = _gather({"weights_gib": weights, "text_encoders_gib": text_gib, "phase_peak_gib": warm[-1]["peak_gib"],
                         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if engine.device.type == "cuda" else 0.0})
     runs = [r.seconds for r in results]
     record = dict(
         model=args.model, size=args.size, steps=args.steps, layout=args.layout,
+        text_encoders=engine.text_encoders.plan.placement, text_encoders_asked=args.text_encoders,
+        text_encoders_layout=engine.text_encoders.plan.describe(),
         ranks=layout.config.world_size, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
         build_s=round(build_s, 2), first_s=round(runs[0], 3), warm_s=round(statistics.median(runs[1:]), 3),
         warm_runs_s=[round(r, 3) for r in runs[1:]],
@@ -92,8 +103,9 @@ def main(argv=None) -> None:
         print(f"{args.model} {args.size}² {args.steps} steps, layout {args.layout}: build {build_s:.1f} s, "
               f"first request {runs[0]:.2f} s, warm {record['warm_s']:.2f} s = text {ph['text']:.3f} + denoise "
               f"{ph['denoise']:.3f} + VAE {ph['vae']:.3f}")
+        print(f"  {record['text_encoders_layout']}")
         for rank, r in enumerate(per_rank):
-            print(f"  rank {rank}: weights {r['weights_gib']} GiB, phase peaks {r['phase_peak_gib']}, peak {r['peak_gib']} GiB")
+            print(f"  rank {rank}: text encoders {r['text_encoders_gib']} GiB, weights {r['weights_gib']} GiB, phase peaks {r['phase_peak_gib']}, peak {r['peak_gib']} GiB")
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(record) + "\n")

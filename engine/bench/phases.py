@@ -77,9 +77,15 @@ class PhaseTimer:
 
 
 def weight_gib(pipe) -> dict[str, float]:
-    """GiB of weights this rank holds per pipeline component (a TP shard counts as what it holds)."""
+    """GiB of weights this rank holds per pipeline component (a TP shard counts as what it holds, a
+    DTensor as its local part; a component this rank does not load counts 0)."""
+    from torch.distributed.tensor import DTensor
+
     out = {}
     for name, part in pipe.components.items():
         if isinstance(part, torch.nn.Module):
-            out[name] = round(sum(p.numel() * p.element_size() for p in part.parameters()) / 2**30, 3)
+            local = (p.to_local() if isinstance(p, DTensor) else p for p in part.parameters())
+            out[name] = round(sum(t.numel() * t.element_size() for t in local) / 2**30, 3)
+        elif part is None and name.startswith("text_encoder"):
+            out[name] = 0.0
     return out

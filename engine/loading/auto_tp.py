@@ -6,7 +6,9 @@ denoiser's weights by T. So the automatic rule is about memory: the smallest TP 
 splits the model evenly, divides the ranks left after dp × cfg, and makes the most loaded rank's
 weights — every pipeline component, with the denoiser's split linears divided by T and the text
 encoders where their placement puts them — fit in WEIGHT_SHARE of the GPU, the rest being left for
-activations (Flux 2048² eager needs ~1 GiB of them, 4096² several).
+activations (Flux 2048² eager needs ~1 GiB of them, 4096² several). With `--text-encoders auto` the
+text encoders are sharded (engine/text_encoders/placement.py) before TP is tried, since they run once
+per request where TP costs every step.
 
 `python -m engine.loading.auto_tp --model flux2-dev --world 1 2 4 --gpu-gib 139.8` prints, for each
 text-encoder placement and TP degree, what one rank holds and what `--tp auto` picks.
@@ -37,6 +39,7 @@ WEIGHT_SHARE = 0.75
 """Weights may take this share of a GPU's memory; the rest is for activations and the allocator."""
 H200_GIB = 143771 / 1024
 """An H200's total memory as the driver reports it (143771 MiB)."""
+TEXT_ENCODER_PLACEMENTS = ("replicated", "first", "sharded")
 
 
 def _directory_numel(folder: Path) -> int:
@@ -55,72 +58,80 @@ def _components(model: str) -> tuple[list[str], object]:
     return names, folder
 
 
-TEXT_ENCODER_PLACEMENTS = ("replicated", "first", "sharded")
-"""Where the text encoders' weights live (components named text_encoder*): on every rank (today's
-engine), on the first rank only (it encodes, the others receive the embeddings), or split over all
-ranks of the job. The counts below take the placement as a parameter, so `--tp auto` can follow
-whichever the engine is asked for."""
-
-
 @functools.lru_cache(maxsize=8)
-def _parts(model: str, denoiser: str) -> tuple[torch.nn.Module, dict[str, int]]:
-    """(the denoiser on the meta device, parameters of every other component by name). Cached: building
-    T5-XXL on the meta device takes seconds, and choose_tp asks for several TP degrees."""
+def _parts(model: str, denoiser: str) -> tuple[torch.nn.Module, int]:
+    """(the denoiser on the meta device, parameters of every other component but the text encoders,
+    which engine/text_encoders counts per placement). Cached: choose_tp asks for several TP degrees."""
+    from engine.text_encoders.components import text_encoder_classes
+
     names, source = _components(model)
     assert denoiser in names, f"{model} has no {denoiser}"
     from_dir = isinstance(source, Path)
     empty = empty_model(model, denoiser)
-    others = {
-        # Distinct tensors only: tied weights (Qwen3-4B's lm_head) are held once.
-        n: _directory_numel(source / n) if from_dir else sum(p.numel() for p in source.empty_model(n).parameters())
+    text = text_encoder_classes(model)
+    others = sum(
+        _directory_numel(source / n) if from_dir else sum(p.numel() for p in source.empty_model(n).parameters())
         for n in names
-        if n != denoiser
-    }
+        if n != denoiser and n not in text
+    )
     return empty, others
 
 
-def is_text_encoder(component: str) -> bool:
-    return component.startswith("text_encoder")
+def weight_bytes_per_rank(model: str, family, tp: int, dtype: torch.dtype, text_bytes: int | None = None) -> int:
+    """Bytes of weights one rank holds on `tp` TP ranks: the denoiser's shard plus every other component.
+    `text_bytes`: what the text encoders take on that rank (None: replicated, all of them)."""
+    empty, others = _parts(model, family.denoiser)
+    if text_bytes is None:
+        from engine.text_encoders.placement import plan_text_encoders
+
+        text_bytes = plan_text_encoders(model, "replicated", ranks=1, dtype=dtype).bytes_per_rank
+    # TP rank 0 holds the most: it keeps the row-split biases.
+    return (local_numel(empty, family.plan.tensor, tp, 0) + others) * dtype.itemsize + text_bytes
+
+
+def _text_plan(model: str, placement: str, ranks: int, dtype: torch.dtype):
+    from engine.text_encoders.placement import plan_text_encoders
+
+    return plan_text_encoders(model, placement, ranks=ranks, dtype=dtype)
 
 
 def weight_bytes_by_rank(model: str, family, tp: int, dtype: torch.dtype, *, text_encoders: str = "replicated",
                          world_size: int = 1) -> list[int]:
-    """Bytes of weights each of `world_size` ranks holds: the denoiser's TP shard (TP rank 0's, the
-    largest: it keeps the row-split biases), the other components, and the text encoders as placed."""
+    """Bytes of weights each of `world_size` ranks (one image's) holds: the denoiser's TP shard (TP rank
+    0's, the largest), the other components, and the text encoders where `text_encoders` puts them."""
     if text_encoders not in TEXT_ENCODER_PLACEMENTS:
         raise ValueError(f"text-encoder placement must be one of {', '.join(TEXT_ENCODER_PLACEMENTS)}, "
                          f"got {text_encoders!r}")
-    empty, others = _parts(model, family.denoiser)
-    shard = local_numel(empty, family.plan.tensor, tp, 0)
-    text = sum(n for c, n in others.items() if is_text_encoder(c))
-    rest = sum(others.values()) - text
-    if text_encoders == "replicated":
-        per_rank = [text] * world_size
-    elif text_encoders == "first":
-        per_rank = [text] + [0] * (world_size - 1)
-    else:
-        per_rank = [-(-text // world_size)] * world_size  # an even split, rounded up
-    return [(shard + rest + t) * dtype.itemsize for t in per_rank]
-
-
-def weight_bytes_per_rank(model: str, family, tp: int, dtype: torch.dtype, *, text_encoders: str = "replicated",
-                          world_size: int = 1) -> int:
-    """Bytes of weights the most loaded rank holds on `tp` TP ranks (see `weight_bytes_by_rank`)."""
-    return max(weight_bytes_by_rank(model, family, tp, dtype, text_encoders=text_encoders, world_size=world_size))
+    rest = weight_bytes_per_rank(model, family, tp, dtype, text_bytes=0)
+    plan = _text_plan(model, text_encoders, world_size, dtype)
+    return [rest + plan.rank_bytes(r) for r in range(world_size)]
 
 
 def choose_tp(model: str, info, family, *, world_size: int, dp: int, cfg: int, dtype: torch.dtype,
-              gpu_bytes: int | None, text_encoders: str = "replicated") -> tuple[int, str]:
+              gpu_bytes: int | None, text_bytes=None, text_encoders: str | None = None) -> tuple[int, str]:
     """(TP degree, why) for `--tp auto`. `gpu_bytes`: one GPU's total memory; None (CPU): no TP.
-    `text_encoders`: their placement (`TEXT_ENCODER_PLACEMENTS`); the most loaded rank must fit."""
+
+    `text_bytes(room)`: the text encoders' bytes per rank when `room` bytes are left for them beside the
+    rest (engine/text_encoders: `--text-encoders auto` shards them where replicated ones do not fit, which
+    costs once per request where TP costs every step); None: replicated. `text_encoders`: a fixed
+    placement instead (`TEXT_ENCODER_PLACEMENTS`), counted on its most loaded rank."""
+    assert text_bytes is None or text_encoders is None, "give the text encoders' bytes or their placement"
+    if text_encoders is not None:
+        fixed = max(weight_bytes_by_rank(model, family, 1, dtype, text_encoders=text_encoders,
+                                         world_size=world_size // dp)) - weight_bytes_per_rank(
+            model, family, 1, dtype, text_bytes=0)
+        text_bytes = lambda room: fixed  # noqa: E731
     if gpu_bytes is None or not family.plan.tensor or world_size % (dp * cfg):
         return 1, ""
     budget = WEIGHT_SHARE * gpu_bytes
 
-    def need(tp: int) -> int:
-        return weight_bytes_per_rank(model, family, tp, dtype, text_encoders=text_encoders, world_size=world_size)
+    def bytes_at(tp: int) -> int:
+        if text_bytes is None:
+            return weight_bytes_per_rank(model, family, tp, dtype)
+        rest = weight_bytes_per_rank(model, family, tp, dtype, text_bytes=0)
+        return rest + text_bytes(budget - rest)
 
-    need_1 = need(1)
+    need_1 = bytes_at(1)
     if need_1 <= budget:
         return 1, ""
     ranks = world_size // (dp * cfg)
@@ -132,11 +143,11 @@ def choose_tp(model: str, info, family, *, world_size: int, dp: int, cfg: int, d
             family.check_tp(info, tp)
         except ValueError:
             continue
-        need_tp = need(tp)
-        tried.append(f"tp{tp}: {need_tp / 2**30:.1f} GiB")
-        if need_tp <= budget:
+        need = bytes_at(tp)
+        tried.append(f"tp{tp}: {need / 2**30:.1f} GiB")
+        if need <= budget:
             return tp, (f"tp{tp} chosen: {need_1 / 2**30:.1f} GiB of weights do not fit {WEIGHT_SHARE:.0%} of one "
-                        f"GPU's {gpu_bytes / 2**30:.1f} GiB; with --tp {tp} each rank holds {need_tp / 2**30:.1f} GiB")
+                        f"GPU's {gpu_bytes / 2**30:.1f} GiB; with --tp {tp} each rank holds {need / 2**30:.1f} GiB")
     raise ValueError(
         f"the model's weights ({need_1 / 2**30:.1f} GiB per rank without TP"
         + (f"; {', '.join(tried)}" if tried else "")
@@ -179,9 +190,10 @@ def placement_table(model: str, *, world_size: int, gpu_gib: float, dtype: torch
 
 def component_gib(model: str, family, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
     """GiB of each component (the denoiser whole), from configs / headers."""
-    empty, others = _parts(model, family.denoiser)
-    out = {family.denoiser: local_numel(empty, family.plan.tensor, 1, 0)} | others
-    return {n: round(v * dtype.itemsize / 2**30, 2) for n, v in out.items()}
+    empty, _ = _parts(model, family.denoiser)
+    out = {family.denoiser: local_numel(empty, family.plan.tensor, 1, 0) * dtype.itemsize}
+    out |= _text_plan(model, "replicated", 1, dtype).full_bytes
+    return {n: round(v / 2**30, 2) for n, v in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,6 +111,9 @@ class Family:
     """What `--dtype auto` runs on GPUs. UNets: fp16, their published precision — in bf16, 30 guided
     steps amplify rounding to 1.1–1.5% between two ways of computing one image, in fp16 to 0.13–0.20%
     (BENCHMARKS.md)."""
+    encode_methods: tuple[str, ...] = ("encode_prompt",)
+    """The pipeline's methods that run its text encoders (`--text-encoders first` runs them on one rank
+    and broadcasts what they return: engine/text_encoders/broadcast.py)."""
     token_counts: Callable[..., dict[str, int]] | None = None
     """(ModelInfo, pipeline kwargs, height, width) → tokens of each group of the plan's sequence, so
     that `--tp-comm sequence` can check its even split before any collective (the split itself checks

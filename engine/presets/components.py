@@ -88,10 +88,13 @@ TINY_CLIP_L = {**CLIP_L, "vocab_size": TINY_VOCAB, "hidden_size": 32, "intermedi
                "num_hidden_layers": 2, "num_attention_heads": 2}
 TINY_CLIP_G = {**CLIP_G, "vocab_size": TINY_VOCAB, "hidden_size": 48, "intermediate_size": 96, "projection_dim": 48,
                "num_hidden_layers": 2, "num_attention_heads": 2}
-TINY_T5 = {**T5_XXL, "vocab_size": TINY_VOCAB, "d_model": 96, "d_ff": 128, "d_kv": 32, "num_layers": 2, "num_heads": 2}
+# 4 heads: a sharded T5 splits 2 and 4 ways (the tiny CLIPs' 2 heads split 2 ways, copied beside each other on 4).
+TINY_T5 = {**T5_XXL, "vocab_size": TINY_VOCAB, "d_model": 96, "d_ff": 128, "d_kv": 16, "num_layers": 2, "num_heads": 4}
+# 8 query heads sharing 4 key/value heads (Gemma-2-2B's 2:1 grouping): a sharded text encoder splits
+# the key/value heads too, so 2 and 4 ranks divide them.
 TINY_GEMMA2 = {**GEMMA2_2B, "vocab_size": TINY_VOCAB, "hidden_size": 32, "intermediate_size": 64,
-               "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-               "query_pre_attn_scalar": 16}
+               "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 8,
+               "query_pre_attn_scalar": 8}
 # Two layers suffice where a pipeline reads the second-to-last hidden states (Z-Image).
 TINY_QWEN3_2L = {**QWEN3_4B, "vocab_size": TINY_VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                  "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
