@@ -76,13 +76,14 @@ def _sizes(spec: str) -> list[tuple[int, int]]:
     return out
 
 
-def _check_layouts(layouts: list[Layout], info, world_size: int, speaks: bool, missing) -> list[Layout]:
+def _check_layouts(layouts: list[Layout], info, fam, world_size: int, speaks: bool, missing) -> list[Layout]:
     """The layouts this launch can run: ValueError for a mistake; a baseline not installed is skipped."""
     runnable = []
     for lay in layouts:
         if lay.config.world_size > world_size:
             raise ValueError(f"layout {lay.name} needs {lay.config.world_size} ranks, {world_size} launched")
-        lay.config.check_heads(info.num_heads)
+        if fam.heads_split or lay.system != "shardiff":  # baselines (xfuser USP) split heads in any family
+            lay.config.check_heads(info.num_heads)
         if lay.system in BASELINES and lay.config.world_size != world_size:
             raise ValueError(f"baseline {lay.name} must use all {world_size} launched ranks")
         why = missing(lay.system)
@@ -109,7 +110,7 @@ def main(argv=None) -> None:
         layouts = [parse_layout(n) for n in names]
         info = inspect_model(args.model)
         fam = family(info.family)
-        runnable = _check_layouts(layouts, info, env.world_size, env.rank == 0, missing)
+        runnable = _check_layouts(layouts, info, fam, env.world_size, env.rank == 0, missing)
     except ValueError as e:
         raise UserError(str(e)) from None
     dtype = EngineConfig(dtype=args.dtype).torch_dtype(device, fam.gpu_dtype)

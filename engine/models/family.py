@@ -45,6 +45,11 @@ class ModelInfo:
     """Pixels."""
     uses_guidance_embeds: bool
     """The guidance scale is an input of the denoiser (Flux-dev, LCM UNets), not two branches."""
+    patch_size: int = 1
+    """Latent cells per token side (a DiT's patchify); 1 where tokens are latent cells."""
+    tp_widths: tuple[tuple[str, int], ...] = ()
+    """(what, count) that a TP degree must divide, for families whose check needs more than the heads
+    (Sana: cross-attention heads, Mix-FFN channels), read from the configs."""
 
 
 ConfigReader = Callable[..., ModelInfo]
@@ -57,6 +62,10 @@ def guidance_on(kwargs: dict) -> bool:
 
 
 def no_tp_check(info: ModelInfo, tp: int) -> None:
+    return None
+
+
+def no_size_check(info: ModelInfo, parallel, height: int, width: int) -> None:
     return None
 
 
@@ -89,6 +98,13 @@ class Family:
     cfg_pairs: bool = False
     """The pipeline runs the guidance branches as two sequential denoiser calls (Flux true CFG), not as
     one batch: the engine applies the plan with `cfg_pairs` (see parallel/cfg_pairs.py)."""
+    heads_split: bool = True
+    """Ulysses' all-to-all splits this family's attention heads, so ulysses × tp must divide them.
+    False (Sana): its attention needs no all-to-all (linear attention all-reduces a key-value state),
+    every degree works, and --ulysses and --ring both just count sequence-parallel ranks."""
+    check_size: Callable[..., None] = no_size_check
+    """(ModelInfo, ParallelConfig, height, width) → ValueError if that image cannot be split so (Sana:
+    fewer latent rows than sequence-parallel ranks), before any collective."""
     refusals: Mapping[str, str] = field(default_factory=dict)
     """Axis → why this family cannot use it (said to the user instead of a generic message)."""
     layout: Callable[..., tuple] | None = None
@@ -103,6 +119,12 @@ class Family:
     """(ModelInfo, pipeline kwargs, height, width) → tokens of each group of the plan's sequence, so
     that `--tp-comm sequence` can check its even split before any collective (the split itself checks
     again, on the real inputs)."""
+
+    def degree_heads(self, info: ModelInfo, world: int, tp: int) -> int:
+        """The head count the degree resolution holds ulysses × tp to: the model's heads, or — for a
+        family whose Ulysses splits no heads — world × tp, which every ulysses × tp of the world
+        divides (so nothing is refused, and the default gives Ulysses all the sequence ranks)."""
+        return info.num_heads if self.heads_split else world * tp
 
     @property
     def config_components(self) -> tuple[str, ...]:
