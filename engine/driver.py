@@ -89,11 +89,12 @@ class Engine:
                 parallel, _ = self.family.layout(world, config, None)
             if parallel is None:
                 parallel = resolve_degrees(
-                    world, self.info.num_heads, ulysses=config.ulysses, ring=config.ring,
+                    world, self.family.degree_heads(self.info, world, tp), ulysses=config.ulysses, ring=config.ring,
                     tp=tp, cfg=config.cfg, dp=config.dp, tp_comm=config.tp_comm,
                 )
             parallel.check_world_size(world)
-            parallel.check_heads(self.info.num_heads)
+            if self.family.heads_split:
+                parallel.check_heads(self.info.num_heads)
             self.family.check_axes(parallel.degrees())
             check_tp_comm(self.family, parallel)
             choose_kernel(config.attention_backend, device, self.dtype, need_lse=parallel.ring > 1)
@@ -196,6 +197,7 @@ class Engine:
             raise ValueError("--true-cfg-scale > 1 needs a --negative-prompt")
         family_kwargs = self.family.call_kwargs(request)
         self.family.check_cfg(parallel.degrees(), family_kwargs, self.info)
+        self.family.check_size(self.info, parallel, height, width)
         vae_parallel.check_request(self, parallel.world_size // parallel.dp, height, width)
         if parallel.tp_sequence and self.family.token_counts is not None:
             # Even TP pieces of every sp piece, checked here so that the mistake is reported once, up front.

@@ -12,6 +12,12 @@ per stack instead (`LayerRun`): hooks on the blocks of one ModuleList split the 
 enters the first block, split every block's per-token inputs (rotary tables), read the key-padding
 mask once, and gather the stream where it leaves the last block, so the model's own code between
 the stacks sees whole sequences.
+
+Token groups that form a 2-D grid (Sana's image tokens, which its Mix-FFN convolves as an image) can
+be declared as grids: they are split in whole rows, the plan's `row_args` tell the modules that
+reshape tokens into the grid how many rows this rank holds, and its `stand_ins` put modules in place
+of others while the plan is applied (a halo convolution, parallel/halo.py, that reads the
+neighbouring ranks' boundary rows through `SeqContext.rows`).
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import ParallelAttention
+from .halo import RowContext, RowConv2d, RowSplit, conv_refusal
 from .mesh import Mesh
 from .sharding import gather_pieces, split_sizes, take_piece
-from .tensor import Style, shard_model
+from .tensor import Style, shard_model, swap_module, undo_hooks_and_swaps
 from .tensor_seq import SequenceTP, SequenceTPPlan, segment_glob
 
 
@@ -36,6 +43,22 @@ class SeqDim:
 
     tokens: str
     dim: int
+
+
+@dataclass(frozen=True)
+class RowsArg:
+    """The forward argument `arg` of a module is the row count of token grid `tokens` (the module
+    reshapes its tokens to rows × columns); under a split it becomes this rank's row count."""
+
+    arg: str
+    tokens: str
+
+
+GridShape = Callable[[torch.nn.Module, Mapping[str, object]], tuple[int, int]]
+"""(model, its bound forward arguments) → (rows, columns) of a token grid in this call."""
+
+StandIn = Callable[[torch.nn.Module, "SeqContext"], torch.nn.Module]
+"""(the module it replaces, the plan's context) → the module put in its place (the same Parameters)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -106,6 +129,16 @@ class ModelPlan:
     tensor_sequence: SequenceTPPlan | None = None
     """Where tokens are split, gathered and reduce-scattered over tp in the sequence forms of TP
     (`tp_comm="sequence"` / `"overlap"`, parallel/tensor_seq.py); None: only the all-reduce form."""
+    token_grids: Mapping[str, GridShape] = field(default_factory=dict)
+    """Token group → the (rows, columns) of the row-major grid its tokens form, read from each call's
+    inputs. Such a group is split over sp in whole rows (the first ranks one row more when uneven),
+    and `SeqContext.rows[group]` carries that row split for the stand-ins."""
+    row_args: Mapping[str, RowsArg] = field(default_factory=dict)
+    """Module-name glob → which forward argument of the matching modules (those whose forward takes
+    it: a glob's `*` also matches their submodules) is a grid's row count."""
+    stand_ins: Mapping[str, StandIn] = field(default_factory=dict)
+    """Module-name glob → factory of the module put in place of each match while the tokens are split
+    (sp > 1), after any TP sharding (so it wraps the TP shard); `remove()` puts the originals back."""
 
 
 @dataclass
@@ -123,6 +156,8 @@ class SeqContext:
     set by a LayerRun from its key mask on every call."""
     skip: bool = False
     """This call is computed by the other cfg rank (cfg_pairs): no split, no gather."""
+    rows: dict[str, RowContext] = field(default_factory=dict)
+    """Grid token group → its row split in the call in progress (`.split` None outside a split call)."""
 
     def joint_sizes(self, *groups: str) -> list[int] | None:
         """Per-rank lengths of a sequence made by concatenating the local pieces of `groups`."""
@@ -137,8 +172,12 @@ class AppliedPlan:
     context: SeqContext
     _handles: list = field(default_factory=list)
     _old_processors: dict = field(default_factory=dict)
+    _swapped: dict = field(default_factory=dict)
+    """Module name → the module a stand-in replaced."""
 
     def remove(self) -> None:
+        # Stand-ins first: they sit on top of the TP shards, which their handles undo.
+        undo_hooks_and_swaps(self.model, [], self._swapped)
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -212,15 +251,93 @@ def apply_plan(model: torch.nn.Module, plan: ModelPlan, mesh: Mesh, attention: P
             hook = _module_gather_hook(ctx, where)
             for module in _modules(model, name):
                 applied._handles.append(module.register_forward_hook(hook))
+        _install_grid_modules(model, plan, ctx, applied)
     return applied
+
+
+def _install_grid_modules(model: torch.nn.Module, plan: ModelPlan, ctx: SeqContext, applied: AppliedPlan) -> None:
+    """The row-count hooks and the stand-ins of a grid-split plan."""
+    ctx.rows.update({g: RowContext() for g in plan.token_grids})
+    matched = 0
+    for name, module in list(model.named_modules()):
+        for pattern, where in plan.row_args.items():
+            sig = inspect.signature(module.forward)
+            if fnmatch.fnmatchcase(name, pattern) and where.arg in sig.parameters:
+                assert where.tokens in plan.token_grids, f"{where.tokens!r} is not a token grid of the plan"
+                hook = _rows_arg_hook(ctx, where, sig, name)
+                applied._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                matched += 1
+                break
+    assert matched or not plan.row_args, f"plan matched no row-count argument in {type(model).__name__}"
+    matched = 0
+    for name, module in list(model.named_modules()):
+        for pattern, factory in plan.stand_ins.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                applied._swapped[name] = swap_module(model, name, factory(module, ctx))
+                matched += 1
+                break
+    assert matched or not plan.stand_ins, f"plan matched no stand-in module in {type(model).__name__}"
+
+
+def grid_conv(tokens: str) -> StandIn:
+    """The stand-in for a convolution over token grid `tokens` (the tokens reshaped to rows ×
+    columns): parallel/halo.py's RowConv2d, which reads its halo rows from the neighbouring sp ranks."""
+
+    def make(conv: torch.nn.Module, ctx: SeqContext) -> torch.nn.Module:
+        assert isinstance(conv, torch.nn.Conv2d) and conv_refusal(conv) is None, (
+            f"{type(conv).__name__} is no halo convolution"
+        )
+        return RowConv2d(conv, ctx.rows[tokens])
+
+    return make
+
+
+def _rows_arg_hook(ctx: SeqContext, where: RowsArg, sig: inspect.Signature, name: str):
+    def hook(module, args, kwargs):
+        split = ctx.rows[where.tokens].split
+        if split is None:
+            return None
+        bound = sig.bind_partial(*args, **kwargs)
+        rows, total = bound.arguments.get(where.arg), sum(split.units)
+        assert rows == total, f"{name}'s {where.arg!r} is {rows}, not the {total} rows of {where.tokens!r}"
+        bound.arguments[where.arg] = split.units[split.index]
+        return bound.args, bound.kwargs
+
+    return hook
+
+
+def _group_sizes(ctx: SeqContext, tokens: str, n: int, what: str) -> list[int]:
+    """Every sp rank's length of token group `tokens` (n tokens in all): set by the first input or
+    grid of the group in this call, checked against the others."""
+    sizes = ctx.sizes.get(tokens)
+    if sizes is None:
+        sizes = ctx.sizes[tokens] = split_sizes(n, ctx.mesh.size("sp"))
+    elif sum(sizes) != n:
+        raise ValueError(
+            f"inputs of token group {tokens!r} disagree in length ({n} tokens {what}, {sum(sizes)} elsewhere)"
+        )
+    return sizes
+
+
+def _split_grids(plan: ModelPlan, ctx: SeqContext, module: torch.nn.Module, arguments: Mapping[str, object]) -> None:
+    """Whole rows of each token grid per sp rank (uneven: the first ranks one row more)."""
+    P, me = ctx.mesh.size("sp"), ctx.mesh.coord("sp")
+    for group, shape in plan.token_grids.items():
+        rows, cols = shape(module, arguments)
+        if rows < P:
+            raise ValueError(
+                f"{type(module).__name__}'s {rows} rows of {group!r} tokens cannot be split over {P} sequence-parallel "
+                "ranks (each needs a row at least): use a larger image or fewer --ulysses / --ring ranks"
+            )
+        units = split_sizes(rows, P)
+        ctx.sizes[group] = [u * cols for u in units]
+        ctx.rows[group].split = RowSplit(tuple(units), me, ctx.mesh.group("sp"))
 
 
 def _split_tokens(ctx: SeqContext, x: torch.Tensor, where: SeqDim, what: str) -> torch.Tensor:
     """This sp rank's piece of `x`, recording (or checking against) its token group's split."""
     dim = where.dim % x.ndim
-    sizes = split_sizes(x.shape[dim], ctx.mesh.size("sp"))
-    if ctx.sizes.setdefault(where.tokens, sizes) != sizes:
-        raise ValueError(f"inputs of token group {where.tokens!r} disagree in length ({x.shape[dim]} tokens {what})")
+    sizes = _group_sizes(ctx, where.tokens, x.shape[dim], what)
     return take_piece(x, dim, sizes, ctx.mesh.coord("sp"))
 
 
@@ -394,6 +511,7 @@ def _split_hook(plan: ModelPlan, ctx: SeqContext, sig: inspect.Signature, *, spl
                     )
         if split_seq:
             ctx.sizes = {}
+            _split_grids(plan, ctx, module, bound.arguments)
             for name, where in plan.split_inputs.items():
                 x = bound.arguments.get(name)
                 if x is not None:
@@ -425,6 +543,8 @@ def _gather_hook(plan: ModelPlan, ctx: SeqContext, *, split_seq: bool, split_bat
     def hook(module, args, output):
         if ctx.skip:
             return output
+        for rows in ctx.rows.values():
+            rows.split = None
         if isinstance(output, tuple):
             return (gather(output[0]), *output[1:])
         if isinstance(output, torch.Tensor):

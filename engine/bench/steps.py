@@ -85,7 +85,8 @@ def _check_layouts(layouts: list[Layout], info, fam, world_size: int, speaks: bo
             raise ValueError(f"layout {lay.name} needs {lay.config.world_size} ranks, {world_size} launched")
         if lay.system == "shardiff":
             fam.check_tp(info, lay.config.tp)  # the family's own reason (key/value heads, MLP width)
-        lay.config.check_heads(info.num_heads)
+        if fam.heads_split or lay.system != "shardiff":  # baselines (xfuser USP) split heads in any family
+            lay.config.check_heads(info.num_heads)
         if lay.system in BASELINES and lay.config.world_size != world_size:
             raise ValueError(f"baseline {lay.name} must use all {world_size} launched ranks")
         why = missing(lay.system)

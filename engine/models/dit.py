@@ -8,7 +8,7 @@ from .family import ModelInfo
 
 def dit_info(transformer: dict, *, family: str, source: str, pipeline_class: str, default_size: int | None,
              vae_scale_factor: int, text_width: int, pooled_width: int = 0, patch: int = 2,
-             spatial_multiple: int | None = None) -> ModelInfo:
+             spatial_multiple: int | None = None, tp_widths: tuple[tuple[str, int], ...] = ()) -> ModelInfo:
     return ModelInfo(
         source=source,
         family=family,
@@ -25,4 +25,6 @@ def dit_info(transformer: dict, *, family: str, source: str, pipeline_class: str
         # The pipelines' own default: transformer sample_size latent cells.
         default_size=int(default_size or int(transformer.get("sample_size", 128)) * vae_scale_factor),
         uses_guidance_embeds=False,
+        patch_size=int(transformer.get("patch_size", patch)),
+        tp_widths=tp_widths,
     )

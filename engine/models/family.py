@@ -52,6 +52,11 @@ class ModelInfo:
     guidance_distilled: bool = False
     """The pipeline never runs two guidance branches, whatever the guidance scale (step-distilled
     FLUX.2-klein: `is_distilled` in its model_index.json), so there is nothing for --cfg 2 to split."""
+    patch_size: int = 1
+    """Latent cells per token side (a DiT's patchify); 1 where tokens are latent cells."""
+    tp_widths: tuple[tuple[str, int], ...] = ()
+    """(what, count) that a TP degree must divide, for families whose check needs more than the heads
+    (Sana: cross-attention heads, Mix-FFN channels), read from the configs."""
 
 
 ConfigReader = Callable[..., ModelInfo]
@@ -66,6 +71,10 @@ def guidance_on(kwargs: dict) -> bool:
 
 
 def no_tp_check(info: ModelInfo, tp: int) -> None:
+    return None
+
+
+def no_size_check(info: ModelInfo, parallel, height: int, width: int) -> None:
     return None
 
 
@@ -101,6 +110,13 @@ class Family:
     cfg_hint: str = ""
     """What turns guidance on, for the message refusing --cfg 2 without it; empty: "--guidance > 1"
     (or Flux's true CFG with `cfg_pairs`)."""
+    heads_split: bool = True
+    """Ulysses' all-to-all splits this family's attention heads, so ulysses × tp must divide them.
+    False (Sana): its attention needs no all-to-all (linear attention all-reduces a key-value state),
+    every degree works, and --ulysses and --ring both just count sequence-parallel ranks."""
+    check_size: Callable[..., None] = no_size_check
+    """(ModelInfo, ParallelConfig, height, width) → ValueError if that image cannot be split so (Sana:
+    fewer latent rows than sequence-parallel ranks), before any collective."""
     refusals: Mapping[str, str] = field(default_factory=dict)
     """Axis → why this family cannot use it (said to the user instead of a generic message)."""
     layout: Callable[..., tuple] | None = None
@@ -118,6 +134,12 @@ class Family:
     """(ModelInfo, pipeline kwargs, height, width) → tokens of each group of the plan's sequence, so
     that `--tp-comm sequence` can check its even split before any collective (the split itself checks
     again, on the real inputs)."""
+
+    def degree_heads(self, info: ModelInfo, world: int, tp: int) -> int:
+        """The head count the degree resolution holds ulysses × tp to: the model's heads, or — for a
+        family whose Ulysses splits no heads — world × tp, which every ulysses × tp of the world
+        divides (so nothing is refused, and the default gives Ulysses all the sequence ranks)."""
+        return info.num_heads if self.heads_split else world * tp
 
     @property
     def config_components(self) -> tuple[str, ...]:

@@ -159,6 +159,10 @@ TINY_DC_AE = {**DC_AE_F32C32, "latent_channels": 8, "attention_head_dim": 4,
               "encoder_block_out_channels": [8, 16, 16], "decoder_block_out_channels": [8, 16, 16],
               "encoder_layers_per_block": [1, 1, 1], "decoder_layers_per_block": [1, 1, 1],
               "encoder_qkv_multiscales": [[], [], [5]], "decoder_qkv_multiscales": [[], [], [5]]}
+# Six levels (scale 32, as the real one: a latent row per 32 image rows), toy widths.
+TINY_DC_AE_F32 = {**DC_AE_F32C32, "latent_channels": 8, "attention_head_dim": 4,
+                  "encoder_block_out_channels": [4, 4, 8, 8, 16, 16], "decoder_block_out_channels": [4, 4, 8, 8, 16, 16],
+                  "encoder_layers_per_block": [1] * 6, "decoder_layers_per_block": [1] * 6}
 
 # Qwen/Qwen-Image vae/config.json (AutoencoderKLQwenImage, a causal 3D VAE, 8× spatial; its per-channel
 # latent statistics are the class defaults, which are the released ones).

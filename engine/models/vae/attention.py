@@ -12,11 +12,11 @@ processor when the call is not split.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from shardiff_kernels.registry import available_kernels, get_kernel
 from shardiff_parallel.halo import RowContext, RowSplit
+from shardiff_parallel.linear_attention import linear_attention
 from shardiff_parallel.ring import merge_partial, ring_attention
 from shardiff_parallel.sharding import gather_pieces
 
@@ -118,11 +118,9 @@ class RowLinearAttention:
         q, k, v = x.chunk(3, dim=2)
         q, k = attn.nonlinearity(q), attn.nonlinearity(k)
         if use_linear:
-            kv_state = torch.matmul(F.pad(v, (0, 0, 0, 1), mode="constant", value=1), k.transpose(-1, -2))
-            if not split.simulated:
-                dist.all_reduce(kv_state, group=split.group)
-            out = torch.matmul(kv_state, q).to(dtype=torch.float32)
-            out = (out[:, :, :-1] / (out[:, :, -1:] + attn.eps)).to(dtype=original_dtype)
+            # The kv state summed over the whole image (parallel/linear_attention.py), applied to this rank's queries.
+            out = linear_attention(q, k, v, eps=attn.eps, group=None if split.simulated else split.group)
+            out = out.to(dtype=original_dtype)
         else:
             tokens = [r * W for r in sizes]
             if split.simulated:
