@@ -202,6 +202,15 @@ def test_full_queue_answers_429_at_once_and_cancels(server):
     assert server.metric("shardiff_queue_depth") == 0
 
 
+def test_a_client_that_disconnects_cancels_its_request(server):
+    cancelled = server.metric('shardiff_requests_total{outcome="cancelled"}')
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/images/generations", json={"prompt": P1, "num_inference_steps": LONG},
+                   timeout=httpx.Timeout(120, read=2.0))
+    _wait(lambda: server.health().json()["running"] == 0, what="the abandoned request to stop")
+    assert server.metric('shardiff_requests_total{outcome="cancelled"}') == cancelled + 1
+
+
 def test_deadline_answers_504_and_the_server_keeps_serving(server):
     start = time.monotonic()
     r = server.post(prompt=P1, num_inference_steps=LONG, timeout=1.5)
@@ -280,10 +289,14 @@ def test_sigterm_finishes_the_running_request_and_leaves_no_process(server):
     assert "Traceback" not in shutdown, shutdown
 
 
-def test_a_layout_mistake_ends_the_server_at_once_with_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "engine.serve", "--procs", "2", "--port", "0", "--ulysses", "3"],
+@pytest.mark.parametrize("args, fragment", [
+    (["--procs", "1", "--ulysses", "2"], "--ulysses 2 does not divide the 1 sequence-parallel processes"),  # by the rank
+    (["--procs", "1", "--warmup-sizes", "72x64"], "--warmup-sizes 72x64: --width 72 is not a multiple of 16"),
+])
+def test_a_configuration_mistake_ends_the_server_at_once_with_one_line(args, fragment):
+    r = subprocess.run([sys.executable, "-m", "engine.serve", "--port", "0", *args],
                        cwd=REPO, env=_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "--ulysses 3" in errors[0], r.stderr
+    assert len(errors) == 1 and fragment in errors[0], r.stderr
     assert "Traceback" not in r.stderr, r.stderr

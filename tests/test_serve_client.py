@@ -5,7 +5,10 @@ with the client."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
+import time
 
 import numpy as np
 import psutil
@@ -19,11 +22,15 @@ P2 = "a large green triangle in the center on a black background"
 
 @pytest.fixture(scope="module")
 def client():
-    c = serve.start(EngineConfig(), procs=2, port=0, max_queue=8, restart_backoff_s=0.2)
-    pids = c.health()["workers"]
+    # No restart allowed: the last test kills a rank and the server must give up. A warm-up size makes
+    # /health wait for one generation first.
+    c = serve.start(EngineConfig(), procs=2, port=0, max_queue=8, max_restarts=0, warmup_sizes=((64, 64),))
     yield c
-    assert c.close() == 0
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    c.close()
+
+
+def alive(pids) -> list[int]:
+    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
 
 def pixels(result) -> np.ndarray:
@@ -83,3 +90,28 @@ def test_errors_are_the_servers_one_line_messages(client):
         client.generate(GenerateRequest(prompt=P1, steps=100_000), timeout=1.0)
     batch = client.generate_batch([GenerateRequest(prompt=P1, seed=s, steps=2) for s in (1, 2)])
     assert [r.params["seed"] for r in batch] == [1, 2]
+
+
+def test_past_its_restarts_the_server_gives_up_with_the_cause(client):
+    pids = client.health()["workers"]
+    assert client.controller.metrics.requests.labels("ok")._value.get() > 0
+    got: dict = {}
+
+    def ask():
+        try:
+            client.generate(GenerateRequest(prompt=P1, steps=100_000))
+        except serve.ServeError as e:
+            got["error"] = e
+
+    t = threading.Thread(target=ask)
+    t.start()
+    while client.health()["running"] == 0:
+        time.sleep(0.05)
+    os.kill(pids[0], signal.SIGKILL)
+    t.join(60)
+    assert isinstance(got["error"], serve.WorkerFailure) and "rank 0 died (killed by SIGKILL)" in str(got["error"])
+    assert client.close() == 1  # the exit status of a server that gave up
+    assert "giving up" in client.controller.failure
+    assert alive(pids) == []
+    with pytest.raises(serve.Unavailable):
+        client.controller.admit([GenerateRequest(prompt=P1)])

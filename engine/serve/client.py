@@ -75,6 +75,11 @@ class Client:
         """Several GenerateRequests as one job (the engine's generate_batch: dp / cfg rules)."""
         return self._bg.call(self._run(list(requests), request_id, timeout))
 
+    def job(self, requests: list, *, request_id: str | None = None, timeout: float | None = None):
+        """Like generate_batch, but the controller's JobResult: the results and the server's clocks
+        (queue_s, generate_s on the first rank, total_s from admission to answer)."""
+        return self._bg.call(self.controller.generate(list(requests), request_id=request_id, timeout=timeout))
+
     async def agenerate(self, request, *, n: int = 1, request_id: str | None = None, timeout: float | None = None):
         results = await asyncio.wrap_future(self._bg.submit(self._one(request, n, request_id, timeout)))
         return results[0] if n == 1 else results

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 from engine.loading import inspect_model
 from engine.models import family
-from engine.validation import Target, check_requests
+from engine.config import GenerateRequest
+from engine.validation import Target, check_requests, resolve_size
 
 from .admission import AdmissionQueue, Job, QueueFull
 from .metrics import Metrics
@@ -123,6 +124,13 @@ class Controller:
         # Configs only (no weights): the model's sizes and family, for every request's checks.
         self.info = inspect_model(config.model)
         self.family = family(self.info.family)
+        if options.world_size < 1:
+            raise ValueError(f"the model group needs at least one rank, got {options.world_size}")
+        for width, height in options.warmup_sizes or ():
+            try:  # what can be checked before any rank exists; the rest when the group is up
+                resolve_size(GenerateRequest(prompt="warm-up", height=height, width=width), self.info)
+            except ValueError as e:
+                raise ValueError(f"--warmup-sizes {width}x{height}: {e}") from None
         self.metrics = Metrics()
         self.queue: AdmissionQueue | None = None
         self.state = "starting"
@@ -431,8 +439,6 @@ class Controller:
         self._kick()
 
     def _warmup_jobs(self) -> list[Job]:
-        from engine.config import GenerateRequest
-
         sizes = self.options.warmup_sizes
         if sizes is None:
             sizes = ((self.info.default_size, self.info.default_size),) if (

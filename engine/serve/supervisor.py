@@ -174,7 +174,8 @@ class Supervisor:
             self.failures_in_row += 1
             give_up = user_error or not self.ever_up or self.failures_in_row > self.max_restarts
             if give_up and self.ever_up and not user_error:
-                cause = f"{cause} (the group failed {self.failures_in_row} times in a row; giving up)"
+                n = self.failures_in_row
+                cause = f"{cause} (the group failed {n} time{'s' if n > 1 else ''} in a row; giving up)"
             delay = None if give_up else min(self.backoff_s * 2 ** (self.failures_in_row - 1), 60.0)
             self.emit(GroupDown(group.generation, cause, kind, delay, user_error=user_error))
             if give_up:
@@ -281,7 +282,9 @@ class Supervisor:
                 failure = self._receive(group, rank, conn)
                 if failure is not None:
                     return failure
-            return _death(rank, group.context.processes[rank].exitcode), "rank_died", False
+            proc = group.context.processes[rank]
+            proc.join(10.0)  # its sentinel is ready once its files are closed, a moment before it is reaped
+            return _death(rank, proc.exitcode), "rank_died", False
         rank = next(r for r, c in conns.items() if c is obj)
         return self._receive(group, rank, obj)
 
@@ -290,7 +293,7 @@ class Supervisor:
             msg = conn.recv()
         except (EOFError, OSError):
             proc = group.context.processes[rank]
-            proc.join(1.0)
+            proc.join(10.0)  # its socket closes a moment before it can be reaped
             return _death(rank, proc.exitcode), "rank_died", False
         if isinstance(msg, Failed):
             return msg.message, msg.cause, msg.user_error
@@ -357,7 +360,7 @@ class Supervisor:
 
 def _death(rank: int, exitcode: int | None) -> str:
     if exitcode is None:
-        return f"rank {rank} closed its channel"
+        return f"rank {rank} closed its channel and is still running"
     if exitcode < 0:
         try:
             name = signal.Signals(-exitcode).name
