@@ -64,6 +64,8 @@ class Target:
     tp_note: str = ""
     memory_bytes: int | None = None
     """Bytes one rank can still allocate (the smallest over the ranks); None: not checked."""
+    dtype: torch.dtype = torch.float32
+    """The precision the ranks run in (what they report once loaded)."""
 
 
 # ------------------------------------------------------------------------------------ fields
@@ -211,14 +213,6 @@ def check_requests(requests: list, target: Target) -> tuple[ParallelConfig, str,
     from engine.data_parallel import choose_layout
 
     layout, why = choose_layout(target, requests)
-    dtype = target.config.torch_dtype(torch.device(_device_type(target)), target.family.gpu_dtype)
-    checked = [check_request(r, target.info, target.family, layout, dtype=dtype, memory_bytes=target.memory_bytes)
-               for r in requests]
+    checked = [check_request(r, target.info, target.family, layout, dtype=target.dtype,
+                             memory_bytes=target.memory_bytes) for r in requests]
     return layout, why, checked
-
-
-def _device_type(target: Target) -> str:
-    device = target.config.device
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device).type

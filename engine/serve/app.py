@@ -53,6 +53,10 @@ def build_app(controller: Controller) -> FastAPI:
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the server gave up waiting on this answer (shutdown)
+            controller.cancel(job.id)
+            answer.cancel()
+            raise
         finally:
             gone.cancel()
         if not answer.done():

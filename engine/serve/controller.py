@@ -24,6 +24,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import torch
+
 from engine.loading import inspect_model
 from engine.models import family
 from engine.config import GenerateRequest
@@ -419,8 +421,9 @@ class Controller:
         self.generation, self.pids = event.generation, event.pids
         self.memory = {r.rank: r.memory_bytes for r in event.ready}
         first = event.ready[0]
-        self.target = Target(self.info, self.family, self.config, first.layout,
-                             explicit_layout=False, tp_note=first.tp_note, memory_bytes=min(self.memory.values()))
+        self.target = Target(self.info, self.family, self.config, first.layout, explicit_layout=False,
+                             tp_note=first.tp_note, memory_bytes=min(self.memory.values()),
+                             dtype=getattr(torch, first.dtype))
         self.log(f"model group up: {self.config.model}, layout {first.layout.describe()}, {len(event.ready)} rank(s) "
                  f"on {first.device} ({first.dtype}), pids {' '.join(map(str, event.pids))}"
                  + (f"; {first.tp_note}" if first.tp_note else ""))
