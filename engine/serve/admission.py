@@ -21,10 +21,6 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
-class DuplicateId(ValueError):
-    pass
-
-
 @dataclass(eq=False)
 class Job:
     id: str
@@ -55,7 +51,6 @@ class AdmissionQueue:
         self._queue: OrderedDict[str, Job] = OrderedDict()
         self._service: deque[float] = deque(maxlen=32)
         """Seconds of the last requests' generations, for Retry-After."""
-        self._changed = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -72,7 +67,6 @@ class AdmissionQueue:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(len(self._queue), self.retry_after())
             self._queue[job.id] = job
-        self._changed.set()
 
     def remove(self, job_id: str) -> Job | None:
         return self._queue.pop(job_id, None)
@@ -88,10 +82,6 @@ class AdmissionQueue:
         jobs = list(self._queue.values())
         self._queue.clear()
         return jobs
-
-    async def changed(self) -> None:
-        await self._changed.wait()
-        self._changed.clear()
 
     def record(self, seconds: float) -> None:
         self._service.append(seconds)

@@ -7,7 +7,7 @@ loaded), Finished (a Run ended, one way or another), Failed (this rank is going 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -87,4 +87,3 @@ class Failed:
     user_error: bool = False
     """A mistake in the server's own configuration (layout, model), found by every rank at startup."""
     job_id: str | None = None
-    details: dict = field(default_factory=dict)

@@ -136,11 +136,6 @@ class Supervisor:
             os.close(self._wake_r)
             os.close(self._wake_w)
 
-    @property
-    def pids(self) -> list[int]:
-        group = self._group
-        return [p.pid for p in group.context.processes] if group is not None else []
-
     # ------------------------------------------------------------------ the supervisor thread
 
     def _main(self) -> None:
