@@ -275,7 +275,7 @@ def test_killing_a_rank_mid_request_gives_a_500_then_a_restart(server):
 
 def test_sigterm_finishes_the_running_request_and_leaves_no_process(server):
     family = [server.proc.pid] + [c.pid for c in psutil.Process(server.proc.pid).children(recursive=True)]
-    assert len(family) >= 3  # the controller and its two ranks (and multiprocessing's helper)
+    assert len(family) >= 3  # the controller and its two ranks (and multiprocessing's resource tracker)
     results: dict = {}
     t = _background(server, results, "last", prompt=P1, seed=5, num_inference_steps=3)
     _wait(lambda: server.health().json()["running"] == 1 or "last" in results, what="the request to run")
