@@ -1,4 +1,4 @@
-"""Command-line pieces for several images per launch: prompts, --num-images, --parallel, output names.
+"""Command-line pieces for several images per launch: prompts, --num-images, output names.
 
 Images are numbered prompt by prompt (all images of the first prompt, then the second's, ...); image
 i gets the seed `--seed + i` and the file `<output stem>-<i:03d>.png`, whatever the number of
@@ -36,9 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="text file with one prompt per line (blank lines skipped), after any --prompt")
     p.add_argument("--num-images", type=positive_int, default=1,
                    help="images per prompt; image i (over all prompts) uses seed --seed + i")
-    p.add_argument("--parallel", default="auto", choices=("auto", "cfg", "dp"),
-                   help="UNet models (SD1.5, SDXL): auto = CFG split for one image with guidance, data "
-                        "parallel for several; cfg / dp force one")
 
 
 def prompts_from_args(args) -> list[str]:

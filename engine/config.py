@@ -12,6 +12,7 @@ import torch
 from shardiff_parallel.config import check_tp_comm
 
 from engine.text_encoders.names import check_placement
+from .validation import check_fields
 
 # The trained toy text-to-image model (engine/toy, weights in engine/assets/shapes): a tiny Flux that
 # draws the coloured shape a prompt asks for at 64², on any CPU in seconds, through the parallel path.
@@ -109,27 +110,15 @@ class GenerateRequest:
     true_cfg_scale: float = 1.0
     """Flux true CFG (needs --negative-prompt): two transformer calls per step when > 1."""
     seed: int = 0
-    """Seed of the initial noise: torch.Generator('cpu').manual_seed(seed), as in diffusers."""
+    """Seed of the initial noise: torch.Generator('cpu').manual_seed(seed), as in diffusers (0 … 2**64 - 1)."""
     max_sequence_length: int | None = None
     """T5 text tokens; None: the pipeline's default (512 for Flux)."""
     num_images_per_prompt: int = 1
     """Images per prompt, generated as one batch (the same images as one process on any layout)."""
 
     def __post_init__(self):
-        if not (isinstance(self.prompt, str) or (
-            isinstance(self.prompt, list) and self.prompt and all(isinstance(p, str) for p in self.prompt)
-        )):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        if self.num_images_per_prompt < 1:
-            raise ValueError(f"--num-images-per-prompt must be ≥ 1, got {self.num_images_per_prompt}")
-        if self.steps < 1:
-            raise ValueError(f"--steps must be ≥ 1, got {self.steps}")
-        if self.guidance < 0 or self.true_cfg_scale < 0:
-            raise ValueError("guidance scales must be ≥ 0")
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise ValueError(f"--{name} must be positive, got {v}")
+        # The same checks for the CLI, the Python API and the server (engine/validation.py).
+        check_fields(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

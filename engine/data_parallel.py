@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 from shardiff_parallel.mesh import Mesh
@@ -27,7 +28,8 @@ from shardiff_parallel.config import AXES
 from shardiff_parallel.plan import apply_plan
 from shardiff_parallel.sharding import split_sizes
 
-from engine.runtime.distributed import agree, launched_world_size
+from engine.runtime.distributed import agree
+from engine.runtime.stop import Stopped
 
 
 def choose_layout(engine, requests) -> tuple[ParallelConfig, str]:
@@ -45,7 +47,9 @@ def choose_layout(engine, requests) -> tuple[ParallelConfig, str]:
         notes = [engine.tp_note, engine.parallel.heads_note(engine.info.num_heads, engine.info.num_kv_heads)]
         return engine.parallel, "; ".join([why, *filter(None, notes)])
     guided = [fam.uses_cfg(fam.call_kwargs(r)) and not engine.info.uses_guidance_embeds for r in requests]
-    return fam.layout(launched_world_size(), engine.config, guided)
+    # The planned layout spans every launched process: its size is the world (also for a caller that
+    # is not one of the ranks, engine/validation.check_requests).
+    return fam.layout(engine.parallel.world_size, engine.config, guided)
 
 
 def use_layout(engine, parallel: ParallelConfig) -> None:
@@ -69,8 +73,12 @@ def use_layout(engine, parallel: ParallelConfig) -> None:
     engine.pipe.set_progress_bar_config(disable=not mesh.is_first, leave=False)
 
 
-def generate_batch(engine, requests: list, *, output_type: str = "pil") -> list | None:
-    """Results of `requests` in order on the first rank (None on the others); see the module doc."""
+def generate_batch(engine, requests: list, *, output_type: str = "pil", on_step=None) -> list | None:
+    """Results of `requests` in order on the first rank (None on the others); see the module doc.
+
+    `on_step`: called after every denoising step (engine/runtime/stop.py); when it stops one dp slice,
+    every slice stops before the gather (each slice agrees on its own steps; the slices then agree here).
+    """
     requests = list(requests)
     error, layout = None, engine.parallel
     try:
@@ -85,13 +93,23 @@ def generate_batch(engine, requests: list, *, output_type: str = "pil") -> list 
     mesh = engine.mesh
     sizes = split_sizes(len(requests), mesh.size("dp"))
     start = sum(sizes[: mesh.coord("dp")])
-    local = []
-    for i in range(start, start + sizes[mesh.coord("dp")]):
-        result = engine.generate(requests[i], output_type=output_type, agreed=True)
-        result.params.update(index=i, layout_reason=why)
-        if result.latents is not None:
-            result = dataclasses.replace(result, latents=result.latents.cpu())  # picklable anywhere
-        local.append(result)
+    local, stopped = [], None
+    try:
+        for i in range(start, start + sizes[mesh.coord("dp")]):
+            result = engine.generate(requests[i], output_type=output_type, agreed=True, on_step=on_step)
+            result.params.update(index=i, layout_reason=why)
+            if result.latents is not None:
+                result = dataclasses.replace(result, latents=result.latents.cpu())  # picklable anywhere
+            local.append(result)
+    except Stopped as e:
+        stopped = e
+    if on_step is not None and mesh.size("dp") > 1:
+        anyone = torch.tensor([int(stopped is not None)])
+        dist.all_reduce(anyone, op=dist.ReduceOp.MAX, group=mesh.group("dp"))
+        if anyone.item() and stopped is None:
+            stopped = Stopped("stopped on another data-parallel slice")
+    if stopped is not None:
+        raise stopped
     return gather_in_order(mesh, local)
 
 

@@ -11,6 +11,7 @@ the same request (checked: a rank with another request stops the job with a mess
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -22,7 +23,6 @@ from shardiff_parallel.mesh import Mesh
 from shardiff_parallel.attention import ParallelAttention
 from shardiff_parallel.config import ParallelConfig, resolve_degrees
 from shardiff_parallel.plan import apply_plan
-from shardiff_parallel.tensor_seq import check_token_split
 
 from engine.loading import inspect_model, load_pipeline
 from engine.loading.auto_tp import choose_tp
@@ -31,10 +31,12 @@ from engine.models import ModelInfo, check_tp_comm, family
 from engine.runtime.distributed import agree, init_distributed, launched_world_size, pick_device
 from engine.runtime.quiet import loading_bars
 from engine.text_encoders.encoders import TextEncoders
+from engine.runtime.stop import step_callback_kwargs
 
 from . import vae_parallel
 from .config import EngineConfig, GenerateRequest
 from .data_parallel import choose_layout, generate_batch, use_layout
+from .validation import available_bytes, check_request
 
 
 @dataclass
@@ -48,11 +50,6 @@ class GenerateResult:
     seconds: float = 0.0
     images: list = field(default_factory=list)
     """Every image of the request (a batch of prompts × num_images_per_prompt); `image` is the first."""
-
-
-def nearest_multiples(value: int, multiple: int) -> str:
-    lo = value // multiple * multiple
-    return " or ".join(str(v) for v in (lo, lo + multiple) if v > 0)
 
 
 class Engine:
@@ -178,45 +175,28 @@ class Engine:
     def is_first(self) -> bool:
         return self.mesh.is_first
 
-    def resolve_size(self, request: GenerateRequest) -> tuple[int, int]:
-        m = self.info.spatial_multiple
-        height = request.height or self.info.default_size
-        width = request.width or self.info.default_size
-        for name, v in (("height", height), ("width", width)):
-            if v % m:
-                raise ValueError(
-                    f"--{name} {v} is not a multiple of {m}, which {self.info.pipeline_class} needs "
-                    f"(VAE factor × patch size); use {nearest_multiples(v, m)}"
-                )
-        return height, width
-
     def check_request(self, request: GenerateRequest, parallel: ParallelConfig) -> tuple[dict, int, int]:
-        """(family pipeline kwargs, height, width) of `request` on `parallel`; ValueError, no collective."""
-        height, width = self.resolve_size(request)
-        if request.negative_prompt is None and request.true_cfg_scale > 1:
-            raise ValueError("--true-cfg-scale > 1 needs a --negative-prompt")
-        family_kwargs = self.family.call_kwargs(request)
-        self.family.check_cfg(parallel.degrees(), family_kwargs, self.info)
-        self.family.check_size(self.info, parallel, height, width)
-        vae_parallel.check_request(self, parallel.world_size // parallel.dp, height, width)
-        if parallel.tp_sequence and self.family.token_counts is not None:
-            # Even TP pieces of every sp piece, checked here so that the mistake is reported once, up front.
-            counts = self.family.token_counts(self.info, family_kwargs, height, width)
-            check_token_split(counts, sp=parallel.sp, tp=parallel.tp)
-        return family_kwargs, height, width
+        """(family pipeline kwargs, height, width) of `request` on `parallel`; ValueError, no collective.
+        The rules are engine/validation.py's, shared with the CLI and the server."""
+        memory = available_bytes(self.device, _local_ranks())
+        checked = check_request(request, self.info, self.family, parallel, dtype=self.dtype, memory_bytes=memory,
+                                vae_parallel=self.config.vae_parallel)
+        return checked.family_kwargs, checked.height, checked.width
 
     def choose_layout(self, requests: list[GenerateRequest]) -> tuple[ParallelConfig, str]:
         """The layout generate_batch will use for `requests` and why (no collective)."""
         return choose_layout(self, requests)
 
-    def generate_batch(self, requests: list[GenerateRequest], *, output_type: str = "pil") -> list | None:
+    def generate_batch(self, requests: list[GenerateRequest], *, output_type: str = "pil", on_step=None) -> list | None:
         """Several images: spread over the dp ranks; results in request order on the first rank, None
         on the others (engine/data_parallel.py). Every rank calls it with the same requests."""
-        return generate_batch(self, requests, output_type=output_type)
+        return generate_batch(self, requests, output_type=output_type, on_step=on_step)
 
-    def generate(self, request: GenerateRequest, *, output_type: str = "pil", agreed: bool = False) -> GenerateResult:
+    def generate(self, request: GenerateRequest, *, output_type: str = "pil", agreed: bool = False,
+                 on_step=None) -> GenerateResult:
         """One request on every rank. `agreed`: generate_batch already checked it on every rank (the dp
-        ranks then run different requests, so no collective here)."""
+        ranks then run different requests, so no collective here). `on_step(step)`: called after every
+        denoising step on every rank; it may stop the call by raising (engine/runtime/stop.py)."""
         error, layout = None, self.parallel
         try:
             if not agreed and self.family.layout is not None:
@@ -238,6 +218,7 @@ class Engine:
             # it is the same on every rank and on every device.
             generator=torch.Generator("cpu").manual_seed(request.seed),
             output_type=output_type,
+            **step_callback_kwargs(self.pipe, on_step),
         )
         if self.vae_split is not None:
             self.vae_split.last.clear()
@@ -289,6 +270,11 @@ class Engine:
 def _gpu_bytes(device: torch.device) -> int | None:
     """One GPU's total memory (the same on every rank of a node of one GPU kind); None on CPU."""
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def _local_ranks() -> int:
+    """Processes of this job on this machine (they share its RAM when running on the CPU)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def _sync(device: torch.device) -> None:

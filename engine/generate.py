@@ -34,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate one image, split over all launched processes (torchrun) or one process.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="preset name (see `python -m engine.presets list`) or local diffusers directory")
     p.add_argument("--prompt", action="append", default=None,
                    help=f"prompt; give it several times for several images (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--negative-prompt", default=None)
@@ -45,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--true-cfg-scale", type=float, default=1.0, help="true CFG with --negative-prompt (two passes per step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-sequence-length", type=int, default=None, help="text tokens (default: the pipeline's)")
+    p.add_argument("--output", default="out/image.png", help="PNG path; missing folders are created")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    add_engine_arguments(p)
+    batch_cli.add_arguments(p)
+    return p
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """How the model runs (EngineConfig): shared with `python -m engine.serve`."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="preset name (see `python -m engine.presets list`) or local diffusers directory")
     p.add_argument("--ulysses", type=positive_int, default=None, help="Ulysses degree (default: all ranks sensibly, see --help text)")
     p.add_argument("--ring", type=positive_int, default=None, help="Ring degree")
     p.add_argument("--tp", type=auto_or_positive_int, default=None,
@@ -62,8 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU; on GPU bf16, fp16 for the SD1.5/SDXL UNets), bf16, fp16, fp32")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--attention-backend", default="auto", help="auto or a kernel name (sdpa-cudnn, sdpa-flash, sdpa-cpu-flash, math, flash-attn, ...)")
-    p.add_argument("--output", default="out/image.png", help="PNG path; missing folders are created")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (slower first call, faster steps)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay each denoiser call as one CUDA graph (CUDA only; use with --compile for the fastest steps)")
@@ -71,8 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the VAE decode by rows over the ranks sharing the image (exact): on, off, or auto "
                         "(on for large images)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a stuck collective ends the job")
-    batch_cli.add_arguments(p)
-    return p
+    p.add_argument("--parallel", default="auto", choices=("auto", "cfg", "dp"),
+                   help="UNet models (SD1.5, SDXL): auto = CFG split for one image with guidance, data "
+                        "parallel for several; cfg / dp force one")
+
+
+def engine_config(args) -> EngineConfig:
+    """The EngineConfig of parsed arguments (ValueError on a bad value)."""
+    return EngineConfig(
+        model=args.model, ulysses=args.ulysses, ring=args.ring, tp=args.tp, cfg=args.cfg, dp=args.dp,
+        tp_comm=args.tp_comm, dtype=args.dtype, device=args.device, compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
+        attention_backend=args.attention_backend, timeout_s=args.timeout, parallel=args.parallel,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,12 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     from .image_io import resolve_output_path, save_png
 
     try:
-        config = EngineConfig(
-            model=args.model, ulysses=args.ulysses, ring=args.ring, tp=args.tp, cfg=args.cfg, dp=args.dp,
-            tp_comm=args.tp_comm, dtype=args.dtype, device=args.device, compile=args.compile,
-            cuda_graphs=args.cuda_graphs, vae_parallel=args.vae_parallel, text_encoders=args.text_encoders,
-            attention_backend=args.attention_backend, timeout_s=args.timeout, parallel=args.parallel,
-        )
+        config = engine_config(args)
         # One request per image, image i seeded with --seed + i (engine/batch_cli.py).
         requests = batch_cli.requests_from_args(args)
     except ValueError as e:

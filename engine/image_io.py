@@ -7,6 +7,7 @@ Two text chunks go into every PNG:
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -45,7 +46,15 @@ def resolve_output_path(path: str | Path, *, overwrite: bool) -> Path:
         raise ValueError(f"output {str(path)!r} is a folder; give a file name ending in .png")
     if p.exists() and not overwrite:
         raise ValueError(f"output {str(path)!r} exists; pass --overwrite to replace it")
-    p.parent.mkdir(parents=True, exist_ok=True)
+    # save_png writes a temporary file next to `p` and renames it: probe exactly that, so that a
+    # read-only or uncreatable folder is one line now, not a traceback after the last step.
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=p.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"output {str(path)!r} cannot be written: {e.strerror or e} ({p.parent})") from None
     return p
 
 
@@ -73,10 +82,7 @@ def save_png(image: Image.Image, path: Path, params: dict[str, Any]) -> Path:
     only within one file system, hence the same folder).
     """
     path = Path(path)
-    record = json.dumps(params, sort_keys=True)  # fails early on non-JSON params
-    info = PngImagePlugin.PngInfo()
-    _add_text(info, SUMMARY_KEY, summary_line(params))
-    _add_text(info, PARAMS_KEY, record)
+    info = png_info(params)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
                                dir=path.parent)
     try:
@@ -95,6 +101,22 @@ def save_png(image: Image.Image, path: Path, params: dict[str, Any]) -> Path:
             pass
         raise
     return path
+
+
+def png_info(params: dict[str, Any]) -> PngImagePlugin.PngInfo:
+    """The two text chunks of the module doc, for `params`."""
+    record = json.dumps(params, sort_keys=True)  # fails early on non-JSON params
+    info = PngImagePlugin.PngInfo()
+    _add_text(info, SUMMARY_KEY, summary_line(params))
+    _add_text(info, PARAMS_KEY, record)
+    return info
+
+
+def png_bytes(image: Image.Image, params: dict[str, Any]) -> bytes:
+    """`image` as PNG bytes with `params` embedded, exactly as save_png writes it (the server's answer)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(params))
+    return buffer.getvalue()
 
 
 def read_png_params(path: str | Path) -> dict[str, Any]:

@@ -54,15 +54,16 @@ def install(engine):
         return None
 
 
-def check_request(engine, image_ranks: int, height: int, width: int) -> None:
-    """ValueError for an `on` request whose latent rows cannot give every rank one."""
-    if engine.config.vae_parallel != "on" or image_ranks == 1:
+def check_vae_rows(mode: str, info, image_ranks: int, height: int) -> None:
+    """ValueError for an `on` request whose latent rows cannot give every rank one (pure: the
+    request check of engine/validation.py calls it)."""
+    if mode != "on" or image_ranks == 1:
         return
-    rows = height // engine.info.vae_scale_factor
+    rows = height // info.vae_scale_factor
     if rows < image_ranks:
-        need = image_ranks * engine.info.vae_scale_factor
+        need = image_ranks * info.vae_scale_factor
         raise ValueError(
-            f"--vae-parallel on splits the VAE's {rows} latent rows ({height} px / {engine.info.vae_scale_factor}) over "
+            f"--vae-parallel on splits the VAE's {rows} latent rows ({height} px / {info.vae_scale_factor}) over "
             f"{image_ranks} ranks, one row each at least: use --height ≥ {need}, or --vae-parallel auto"
         )
 

@@ -1,0 +1,72 @@
+"""Serving one split model to a backend: a controller process, its workers, HTTP, Python clients.
+
+    python -m engine.serve --model flux-dev --gpus 4 --ulysses 4 --compile --port 8000
+
+    from engine import EngineConfig, GenerateRequest, serve
+    with serve.start(EngineConfig(model="flux-dev", compile=True), gpus=4) as client:
+        result = client.generate(GenerateRequest(prompt="a red fox", seed=7))   # thread-safe; agenerate too
+
+The package, one job per file: `supervisor.py` (the worker processes: spawn, watch, restart),
+`worker.py` (one rank's loop over the engine's SPMD API), `protocol.py` (their messages),
+`controller.py` (checks, queue, deadlines, cancels, warm-up, failures), `admission.py` (the bounded
+FIFO), `metrics.py` (Prometheus), `api.py` + `app.py` (HTTP), `client.py` (Python clients),
+`runner.py` (event loop, signals, shutdown), `cli.py` (`python -m engine.serve`). docs/SERVING.md.
+"""
+
+from __future__ import annotations
+
+from .controller import (
+    BadRequest, Cancelled, Conflict, DeadlineExceeded, ServeError, ServeOptions, TooManyRequests, Unavailable,
+    WorkerFailure,
+)
+
+__all__ = [
+    "BadRequest", "Cancelled", "Conflict", "DeadlineExceeded", "ServeError", "ServeOptions", "TooManyRequests",
+    "Unavailable", "WorkerFailure", "connect", "start", "world_size",
+]
+
+
+def world_size(*, gpus: int | None = None, procs: int | None = None) -> tuple[int, int]:
+    """(ranks, torch threads per rank): `gpus` / `procs` checked against the machine as the launcher does
+    (default: every visible GPU; on a machine without CUDA, --procs is needed)."""
+    from launch import topology
+    from launch.cli import resolve_nproc
+
+    if gpus is not None and procs is not None:
+        raise ValueError("give gpus or procs, not both")
+    visible = topology.visible_gpus()
+    if gpus is not None and not visible:
+        raise ValueError(f"--gpus {gpus}: no CUDA GPU is visible; use --procs {gpus} for CPU processes (gloo)")
+    n = resolve_nproc(gpus if gpus is not None else procs, visible)
+    return n, max(1, topology.usable_cpus() // n)
+
+
+def start(config=None, *, gpus: int | None = None, procs: int | None = None, port: int | None = None,
+          host: str = "127.0.0.1", ready_timeout: float | None = None, **options):
+    """Start a server in this process (the controller on a background thread, one worker process per
+    GPU) and return its thread-safe Client once the model is ready; closing the client (or leaving
+    its `with` block) shuts the server down. `port`: also serve HTTP there (0: a free port,
+    `client.url`). `options`: ServeOptions fields (max_queue, request_timeout_s, warmup_sizes, …)."""
+    from engine.config import EngineConfig
+
+    from .client import Client
+    from .controller import Controller
+    from .runner import Background
+
+    world, threads = world_size(gpus=gpus, procs=procs)
+    options.setdefault("threads", threads)
+    controller = Controller(config or EngineConfig(), ServeOptions(world_size=world, **options))
+    client = Client(Background(controller, host, port))
+    try:
+        client.wait_ready(ready_timeout)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def connect(url: str, *, timeout: float = 900.0):
+    """A client of a server running elsewhere (`python -m engine.serve`), over HTTP."""
+    from .client import HTTPClient
+
+    return HTTPClient(url, timeout=timeout)

@@ -1,0 +1,508 @@
+"""The controller: completes and checks each request, queues it, runs it on the worker group, answers.
+
+Runs on one asyncio event loop (uvicorn's, or a background thread's for `serve.start`) and does no
+GPU work. For every request it decides everything before any rank sees it — the request id, the
+image size (the model's default when none is given), the layout (engine/validation.check_requests,
+the engine's own rule) — so that every rank runs the identical request and a user mistake is a 400
+that costs no rank anything. One request runs at a time on the group; the rest wait in a bounded FIFO.
+
+Deadlines: a request past its deadline is answered 504 at once; if it was running, the ranks are told
+to stop (they stop together at the next step, engine/runtime/stop.py) and the group takes the next
+request as soon as they have. Cancels work the same way. A group that does not stop within
+`stop_grace_s` of being told is declared broken and restarted.
+
+Failures: the supervisor reports a group that lost a rank (death, out of memory, exception); the
+running request gets a 500 naming the cause, queued requests stay queued and run after the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from engine.loading import inspect_model
+from engine.models import family
+from engine.config import GenerateRequest
+from engine.validation import Target, check_requests, resolve_size
+
+from .admission import AdmissionQueue, Job, QueueFull
+from .metrics import Metrics
+from .protocol import Cancel, Finished, Run
+from .supervisor import GroupDown, GroupMessage, GroupUp, Supervisor
+
+WARMUP_STEPS = 3
+"""Denoising steps of a warm-up request: the compile happens on the first call; CUDA graphs capture
+on the third call of a shape (after two eager warm-up calls)."""
+
+
+class ServeError(Exception):
+    """A request that is answered with an error: HTTP status, OpenAI-style type, one-line message."""
+
+    status = 500
+    kind = "server_error"
+
+    def __init__(self, message: str, *, retry_after: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BadRequest(ServeError, ValueError):
+    """A user mistake (the CLI's message): nothing ran."""
+
+    status, kind = 400, "invalid_request_error"
+
+
+class Conflict(ServeError):
+    status, kind = 409, "conflict"
+
+
+class TooManyRequests(ServeError):
+    status, kind = 429, "queue_full"
+
+
+class Cancelled(ServeError):
+    status, kind = 499, "cancelled"
+
+
+class WorkerFailure(ServeError):
+    status, kind = 500, "worker_failed"
+
+
+class Unavailable(ServeError):
+    status, kind = 503, "unavailable"
+
+
+class DeadlineExceeded(ServeError):
+    status, kind = 504, "deadline_exceeded"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    world_size: int
+    """Ranks of the model group (one per GPU)."""
+    threads: int = 1
+    """torch threads per rank (CPU runs)."""
+    max_queue: int = 16
+    """Requests that may wait (not counting the running one); more are refused with 429."""
+    request_timeout_s: float = 300.0
+    """Deadline of every request from its admission; a request may ask for less."""
+    warmup_sizes: tuple[tuple[int, int], ...] | None = None
+    """(width, height) to warm at before /health turns 200; None: the model's default size when
+    compiling or CUDA-graphing, nothing otherwise; (): never."""
+    max_restarts: int = 3
+    """Restarts in a row without a completed request before the server gives up (exits non-zero)."""
+    restart_backoff_s: float = 1.0
+    """First wait before a restart; doubled at each further failure in a row (at most 60 s)."""
+    stop_grace_s: float = 60.0
+    """How long a running request may take to stop once cancelled before its group is restarted."""
+    drain_timeout_s: float = 30.0
+    """On shutdown, how long the running request may finish before it is stopped."""
+    max_images: int = 8
+    """Largest `n` of one request."""
+
+
+@dataclass
+class JobResult:
+    id: str
+    results: list
+    """GenerateResults in request order (each with its image and params)."""
+    queue_s: float
+    generate_s: float
+    """generate_batch on the first rank."""
+    total_s: float
+
+
+class Controller:
+    def __init__(self, config, options: ServeOptions, *, log=None):
+        self.config = config
+        self.options = options
+        self.log = log or _log
+        # Configs only (no weights): the model's sizes and family, for every request's checks.
+        self.info = inspect_model(config.model)
+        self.family = family(self.info.family)
+        if options.world_size < 1:
+            raise ValueError(f"the model group needs at least one rank, got {options.world_size}")
+        for width, height in options.warmup_sizes or ():
+            try:  # what can be checked before any rank exists; the rest when the group is up
+                resolve_size(GenerateRequest(prompt="warm-up", height=height, width=width), self.info)
+            except ValueError as e:
+                raise ValueError(f"--warmup-sizes {width}x{height}: {e}") from None
+        self.metrics = Metrics()
+        self.queue: AdmissionQueue | None = None
+        self.state = "starting"
+        """starting → (warming →) ready; restarting → (warming →) ready; stopping; failed."""
+        self.failure: str | None = None
+        """Why the server gave up (it then exits non-zero)."""
+        self.target: Target | None = None
+        self.generation = -1
+        self.pids: list[int] = []
+        self.memory: dict[int, int] = {}
+        self.running: Job | None = None
+        self.jobs: dict[str, Job] = {}
+        """Every job queued or running, by id."""
+        self.ever_ready = False
+        self.stopping: asyncio.Event | None = None
+        """Set when the server should stop (a shutdown was asked for, or it gave up)."""
+        self.done: asyncio.Event | None = None
+        """Set when it has stopped: workers gone."""
+        self.supervisor = Supervisor(
+            config=config, world_size=options.world_size, threads=options.threads, emit=self._emit,
+            max_restarts=options.max_restarts, backoff_s=options.restart_backoff_s,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue = AdmissionQueue(self.options.max_queue)
+        self.stopping = asyncio.Event()
+        self.done = asyncio.Event()
+        self.supervisor.start()
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Until the group is warm (or the server failed: ServeError)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.state != "ready":
+            if self.state in ("failed", "stopping"):
+                raise Unavailable(self.failure or "the server is stopping")
+            if end is not None and time.monotonic() > end:
+                raise TimeoutError(f"the server did not become ready in {timeout:.0f} s (state: {self.state})")
+            await asyncio.sleep(0.05)
+
+    def begin_shutdown(self) -> None:
+        """Stop admitting; answer the queued requests 503; let the running one finish (see close)."""
+        if self.state in ("stopping", "failed"):
+            return
+        self.state = "stopping"
+        self.stopping.set()
+        self.metrics.ready.set(0)
+        for job in self.queue.drain():
+            self._fail(job, Unavailable("the server is shutting down"), "shutdown")
+        self._gauges()
+
+    async def close(self) -> None:
+        """Shut down: the running request has drain_timeout_s to finish, then it is stopped; the
+        workers are told to exit and killed if they do not. Idempotent."""
+        if self.done.is_set():
+            return
+        self.begin_shutdown()
+        job = self.running
+        if job is not None and not job.internal:
+            end = time.monotonic() + self.options.drain_timeout_s
+            while self.running is job and time.monotonic() < end:
+                await asyncio.sleep(0.05)
+            if self.running is job:
+                self.cancel(job.id, Unavailable("the server is shutting down"))
+                end = time.monotonic() + min(self.options.stop_grace_s, 10.0)
+                while self.running is job and time.monotonic() < end:
+                    await asyncio.sleep(0.05)
+        await asyncio.get_running_loop().run_in_executor(None, self.supervisor.stop)
+        if self.running is not None:
+            self._fail(self.running, Unavailable("the server is shutting down"), "shutdown")
+            self.running = None
+        self.done.set()
+
+    def health(self) -> dict:
+        target = self.target
+        return {
+            "status": self.state,
+            "model": self.config.model,
+            "layout": target.parallel.describe() if target else None,
+            "world_size": self.options.world_size,
+            "generation": self.generation,
+            "workers": list(self.pids),
+            "queue": len(self.queue) if self.queue is not None else 0,
+            "running": int(self.running is not None and not self.running.internal),
+            **({"error": self.failure} if self.failure else {}),
+        }
+
+    # ------------------------------------------------------------------ requests
+
+    @staticmethod
+    def new_id() -> str:
+        return f"img-{uuid.uuid4().hex}"
+
+    def admit(self, requests: list, *, request_id: str | None = None, timeout: float | None = None,
+              output_type: str = "pil") -> Job:
+        """Check, complete and queue `requests` (one job); ServeError when refused. Loop thread only."""
+        if self.state in ("stopping", "failed"):
+            raise Unavailable(self.failure or "the server is shutting down")
+        job_id = request_id or self.new_id()
+        if not isinstance(job_id, str) or not job_id or len(job_id) > 200:
+            raise BadRequest("request id must be a non-empty string of at most 200 characters")
+        if job_id in self.jobs:
+            raise Conflict(f"request id {job_id!r} is already queued or running; ids must be unique")
+        if not requests:
+            raise BadRequest("no request: give a prompt")
+        limit = self.options.request_timeout_s
+        if timeout is not None:
+            if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0):
+                raise BadRequest(f"timeout must be a positive number of seconds, got {timeout!r}")
+            limit = min(limit, float(timeout))
+        layout = None
+        if self.target is not None:
+            requests, layout = self._complete(requests)
+        job = Job(job_id, requests, layout, self.loop.create_future(), output_type=output_type,
+                  deadline=time.monotonic() + limit)
+        try:
+            self.queue.push(job)
+        except QueueFull as e:
+            self.metrics.requests.labels("queue_full").inc()
+            raise TooManyRequests(str(e), retry_after=e.retry_after_s) from None
+        self.jobs[job_id] = job
+        job.timer = self.loop.call_at(self.loop.time() + limit, self._expire, job)
+        self._gauges()
+        self._kick()
+        return job
+
+    async def result(self, job: Job) -> JobResult:
+        """The job's answer; if the caller goes away (its task is cancelled) the job is cancelled."""
+        try:
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            self.cancel(job.id)
+            raise
+
+    async def generate(self, requests: list, **kwargs) -> JobResult:
+        return await self.result(self.admit(requests, **kwargs))
+
+    def cancel(self, job_id: str, error: ServeError | None = None) -> str | None:
+        """Cancel a queued or running job: "cancelled" (it was queued), "stopping" (it runs and stops
+        at the next step on every rank), None (no such job)."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        error = error or Cancelled(f"request {job_id} was cancelled")
+        if job.state == "queued":
+            self.queue.remove(job_id)
+            self._fail(job, error, "cancelled")
+            self._gauges()
+            return "cancelled"
+        self._stop_running(job, error, "cancelled")
+        return "stopping"
+
+    def _complete(self, requests: list):
+        """(requests with their size filled in, layout); BadRequest with the CLI's message."""
+        try:
+            layout, _, checked = check_requests(requests, self.target)
+        except ValueError as e:
+            self.metrics.requests.labels("rejected").inc()
+            raise BadRequest(str(e)) from None
+        done = [dataclasses.replace(r, height=c.height, width=c.width) for r, c in zip(requests, checked)]
+        return done, layout
+
+    # ------------------------------------------------------------------ running
+
+    def _kick(self) -> None:
+        """Start the next job if the group is free and ready for it."""
+        while self.running is None and self.state in ("ready", "warming") and len(self.queue):
+            job = self.queue.peek()
+            if self.state == "warming" and not job.internal:
+                return
+            self.queue.pop()
+            if job.layout is None:  # admitted before the group first came up: checked now
+                try:
+                    job.requests, job.layout = self._complete(job.requests)
+                except BadRequest as e:
+                    self._fail(job, e, None)
+                    continue
+            job.state, job.started, job.generation = "running", time.monotonic(), self.generation
+            if not job.internal:
+                self.metrics.queue_time.observe(job.started - job.created)
+            self.running = job
+            if not self.supervisor.send(Run(job.id, job.requests, job.output_type), self.generation):
+                # The group is going down; its GroupDown fails this job.
+                pass
+            self._gauges()
+
+    def _expire(self, job: Job) -> None:
+        if job.future.done():
+            return
+        error = DeadlineExceeded(f"request {job.id} passed its deadline ({job.deadline - job.created:.1f} s after "
+                                 f"admission, {'while queued' if job.state == 'queued' else 'while running'})")
+        if job.state == "queued":
+            self.queue.remove(job.id)
+            self._fail(job, error, "deadline")
+            self._gauges()
+        else:
+            self._stop_running(job, error, "deadline")
+
+    def _stop_running(self, job: Job, error: ServeError, cause: str) -> None:
+        """Answer `job` now and have the ranks stop it; restart the group if they do not."""
+        if job.state == "running":
+            job.state = "stopping"
+            self.supervisor.send(Cancel(job.id), job.generation)
+            generation = job.generation
+
+            def unresponsive():
+                if self.running is job and self.generation == generation:
+                    self.supervisor.declare_broken(
+                        f"the ranks did not stop request {job.id} within {self.options.stop_grace_s:.0f} s")
+
+            self.loop.call_later(self.options.stop_grace_s, unresponsive)
+        self._fail(job, error, cause, keep=True)
+
+    def _fail(self, job: Job, error: ServeError, cause: str | None, *, keep: bool = False) -> None:
+        if not job.future.done():
+            job.future.set_exception(error)
+            job.future.exception()  # retrieved: no "never retrieved" warning when nobody waits any more
+            if not job.internal and cause is not None:
+                self.metrics.requests.labels(cause).inc()
+                if cause not in ("cancelled", "shutdown"):
+                    self.metrics.failures.labels(cause).inc()
+        if not keep:
+            self._forget(job)
+
+    def _forget(self, job: Job) -> None:
+        if job.timer is not None:
+            job.timer.cancel()
+        self.jobs.pop(job.id, None)
+
+    def _finished(self, msg: Finished) -> None:
+        if msg.memory_bytes is not None:
+            self.memory[msg.rank] = msg.memory_bytes
+            self._update_target()
+        job = self.running
+        if msg.rank != 0 or job is None or msg.job_id != job.id:
+            return
+        self.running = None
+        self._forget(job)
+        if msg.outcome == "done":
+            self.queue.record(msg.seconds)
+            self.supervisor.request_succeeded()
+            if not job.future.done():
+                now = time.monotonic()
+                job.future.set_result(JobResult(job.id, msg.results, job.started - job.created, msg.seconds,
+                                                now - job.created))
+                if not job.internal:
+                    self.metrics.requests.labels("ok").inc()
+                    self.metrics.latency.observe(now - job.created)
+                    self.metrics.generate_time.observe(msg.seconds)
+            if job.internal and not any(j.internal for j in self.jobs.values()):
+                self._set_ready()
+        elif msg.outcome == "stopped":
+            self._fail(job, Cancelled(f"request {job.id} was stopped"), "cancelled")
+        else:  # "rejected": a mistake the ranks found (the controller's checks should have)
+            if job.internal:
+                self._give_up(f"warm-up failed: {msg.message}")
+                return
+            self._fail(job, BadRequest(msg.message), "rejected")
+        self._gauges()
+        self._kick()
+
+    # ------------------------------------------------------------------ the group's events
+
+    def _emit(self, event) -> None:
+        """Called from the supervisor thread."""
+        self.loop.call_soon_threadsafe(self._on_event, event)
+
+    def _on_event(self, event) -> None:
+        if isinstance(event, GroupMessage):
+            if event.generation == self.generation and isinstance(event.message, Finished):
+                self._finished(event.message)
+        elif isinstance(event, GroupUp):
+            self._group_up(event)
+        elif isinstance(event, GroupDown):
+            self._group_down(event)
+
+    def _group_up(self, event: GroupUp) -> None:
+        if self.state in ("stopping", "failed"):
+            return
+        layouts = {r.layout for r in event.ready}
+        if len(layouts) != 1:
+            self._give_up(f"the ranks resolved different layouts: {sorted(str(x) for x in layouts)}")
+            return
+        self.generation, self.pids = event.generation, event.pids
+        self.memory = {r.rank: r.memory_bytes for r in event.ready}
+        first = event.ready[0]
+        self.target = Target(self.info, self.family, self.config, first.layout, explicit_layout=False,
+                             tp_note=first.tp_note, memory_bytes=min(self.memory.values()),
+                             dtype=getattr(torch, first.dtype))
+        self.log(f"model group up: {self.config.model}, layout {first.layout.describe()}, {len(event.ready)} rank(s) "
+                 f"on {first.device} ({first.dtype}), pids {' '.join(map(str, event.pids))}"
+                 + (f"; {first.tp_note}" if first.tp_note else ""))
+        try:
+            warmups = self._warmup_jobs()
+        except BadRequest as e:
+            self._give_up(f"--warmup-sizes: {e}")
+            return
+        if warmups:
+            self.state = "warming"
+            for job in reversed(warmups):
+                self.jobs[job.id] = job
+                self.queue.push(job)
+        else:
+            self._set_ready()
+        self._kick()
+
+    def _warmup_jobs(self) -> list[Job]:
+        sizes = self.options.warmup_sizes
+        if sizes is None:
+            sizes = ((self.info.default_size, self.info.default_size),) if (
+                self.config.compile or self.config.cuda_graphs) else ()
+        jobs = []
+        for width, height in sizes:
+            requests = [GenerateRequest(prompt="warm-up", height=height, width=width, steps=WARMUP_STEPS)]
+            requests, layout = self._complete(requests)
+            jobs.append(Job(f"warmup-{self.generation}-{width}x{height}", requests, layout,
+                            self.loop.create_future(), internal=True))
+        return jobs
+
+    def _set_ready(self) -> None:
+        self.state = "ready"
+        self.ever_ready = True
+        self.metrics.ready.set(1)
+        self.log("ready")
+
+    def _group_down(self, event: GroupDown) -> None:
+        if self.state in ("stopping", "failed"):
+            return
+        job = self.running
+        self.running = None
+        kind = event.kind
+        self.metrics.failures.labels(kind).inc()
+        if job is not None:
+            self._fail(job, WorkerFailure(f"the model group failed during request {job.id}: {event.cause}"), None)
+            if not job.internal:
+                self.metrics.requests.labels(kind).inc()
+        for j in [j for j in self.jobs.values() if j.internal]:
+            self.queue.remove(j.id)
+            self._forget(j)
+        if event.restart_in is None or not self.ever_ready:
+            self._give_up(event.cause)
+            return
+        self.state = "restarting"
+        self.metrics.ready.set(0)
+        self.metrics.restarts.inc()
+        self.log(f"model group failed: {event.cause}; restarting in {event.restart_in:.1f} s "
+                 f"({len(self.queue)} queued request(s) kept)")
+        self._gauges()
+
+    def _give_up(self, cause: str) -> None:
+        """The server cannot serve: answer everything 503, stop the workers, exit non-zero."""
+        self.failure = cause
+        self.state = "failed"
+        self.metrics.ready.set(0)
+        self.log(f"error: {cause}")
+        for job in [*self.queue.drain(), *([self.running] if self.running else [])]:
+            self._fail(job, Unavailable(f"the server stopped: {cause}"), "shutdown")
+        self.running = None
+        self.stopping.set()  # the runner then closes: workers stopped, exit status 1
+
+    def _update_target(self) -> None:
+        if self.target is not None and self.memory:
+            self.target = dataclasses.replace(self.target, memory_bytes=min(self.memory.values()))
+
+    def _gauges(self) -> None:
+        self.metrics.queue_depth.set(sum(1 for j in self.jobs.values() if j.state == "queued" and not j.internal))
+        self.metrics.running.set(int(self.running is not None and not self.running.internal))
+
+
+def _log(line: str) -> None:
+    print(f"shardiff serve: {line}", file=sys.stderr, flush=True)

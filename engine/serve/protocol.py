@@ -1,0 +1,89 @@
+"""The messages between the controller and its workers: one socket per rank (multiprocessing.connection,
+pickled, authenticated by a per-server key), never a collective.
+
+Controller → every rank: Run, Cancel, Exit. Rank → controller: Hello (once connected), Ready (engine
+loaded), Finished (a Run ended, one way or another), Failed (this rank is going down).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a spawned worker needs to join the group and reach the controller."""
+
+    config: object
+    """EngineConfig (the same on every rank)."""
+    world_size: int
+    controller: tuple[str, int]
+    """Address of the controller's listener."""
+    authkey: bytes
+    store: tuple[str, int]
+    """The TCPStore the controller hosts for this generation's rendezvous (torch's agent-store form)."""
+    generation: int
+    """How many times the group was (re)started before this one."""
+    threads: int
+    """torch intra-op threads per rank."""
+
+
+@dataclass(frozen=True)
+class Hello:
+    rank: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Ready:
+    rank: int
+    layout: object
+    """The ParallelConfig the engine resolved (the controller checks that every rank has the same)."""
+    tp_note: str
+    memory_bytes: int
+    """What this rank can still allocate once loaded (engine/validation.available_bytes)."""
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Run:
+    job_id: str
+    requests: list
+    """Complete GenerateRequests (seed, size filled in): every rank runs exactly these."""
+    output_type: str = "pil"
+
+
+@dataclass(frozen=True)
+class Cancel:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Exit:
+    pass
+
+
+@dataclass(frozen=True)
+class Finished:
+    rank: int
+    job_id: str
+    outcome: str
+    """"done", "stopped" (an agreed stop: cancel or deadline), "rejected" (a user mistake every rank saw)."""
+    results: list | None = None
+    """GenerateResults, on the first rank of a "done" job."""
+    message: str = ""
+    memory_bytes: int | None = None
+    seconds: float = 0.0
+    """Wall time of generate_batch on this rank."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    rank: int
+    cause: str
+    """"out_of_memory", "exception", "startup"; the group cannot go on."""
+    message: str
+    user_error: bool = False
+    """A mistake in the server's own configuration (layout, model), found by every rank at startup."""
+    job_id: str | None = None
