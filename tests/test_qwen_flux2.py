@@ -174,7 +174,6 @@ def test_sharded_loading_reads_only_each_ranks_slices(dirs, model):
 
     from engine.loading.sharded import load_sharded_denoiser
     from engine.loading.slices import SafetensorsSlices
-    from engine.models import family
     from shardiff_parallel.tensor import local_shards
 
     fam = _family(model)
