@@ -36,7 +36,7 @@ from engine.runtime.stop import step_callback_kwargs
 from . import vae_parallel
 from .config import EngineConfig, GenerateRequest
 from .data_parallel import choose_layout, generate_batch, use_layout
-from .validation import available_bytes, check_request
+from .validation import available_bytes, check_request, resolve_size
 
 
 @dataclass
@@ -253,7 +253,7 @@ class Engine:
     def describe_vae(self, request: GenerateRequest, layout: ParallelConfig | None = None) -> str:
         """What the VAE decode of `request` will do on `layout` (default: the current one), for the layout line."""
         layout = layout or self.parallel
-        height, width = self.resolve_size(request)
+        height, width = resolve_size(request, self.info)
         return vae_parallel.describe(self, layout.world_size // layout.dp, height, width)
 
     def close(self) -> None:
