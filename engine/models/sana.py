@@ -20,6 +20,10 @@ before the model's own unpatchify. Each block then needs, per rank:
   rank above and the rank below.
 Norms, modulation, gates and residuals are per token.
 
+PAG: SanaPAGPipeline batches [negative, prompt, perturbed] (or [prompt, perturbed]): `--cfg 3` runs one
+branch per rank, `--cfg 2` [uncond, cond | perturbed] or [cond | perturbed]; the perturbed rows of its PAG
+layers run identity attention (engine/models/pag.py), the others Sana's own linear attention.
+
 CFG: the pipeline batches [negative, prompt]; each cfg rank takes one half (`--cfg 2 --ulysses 2`).
 
 TP: Q/K/V of both attentions column-split (whole heads per rank), their outputs row-split; the Q/K
@@ -261,7 +265,7 @@ PRESETS = (
 # SanaPipeline takes the same arguments as PixArtSigmaPipeline (prompt, mask-carrying embeddings,
 # resolution binning, caption cleaning), so the request → kwargs mappings are PixArt's.
 FAMILY = Family(
-    name="sana", pipelines=("SanaPipeline",), plan=SANA_PLAN, read_info=read_sana_info,
+    name="sana", pipelines=SANA_PIPELINES, plan=SANA_PLAN, read_info=read_sana_info,
     call_kwargs=pixart_call_kwargs, bench_kwargs=pixart_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_sana_tp, heads_split=False,
     check_size=check_sana_size,
