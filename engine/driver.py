@@ -235,6 +235,9 @@ class Engine:
         height, width = call.height, call.width
         pipe = self.pipelines.get(call.spec)
         self.pipelines.bind(pipe, call, self.plan, self.denoiser)
+        if self.graphs is not None and self.pipelines.processors_changed(call):
+            # A graph replays the processors it was captured with; PAG swaps some for the call.
+            self.capture_graphs()
         kwargs = dict(
             **call.kwargs,
             **call.size_kwargs,

@@ -155,7 +155,8 @@ def check_loras(values, model: str, family, info) -> tuple[list[LoraSpec], list[
         extra = sorted(k for k in state if "lora" not in k and "alpha" not in k)
         if extra:
             raise ValueError(f"--lora {spec.path!r} holds weights that are not LoRA factors ({', '.join(extra[:3])}, …): "
-                             "LoRAs that replace layers (Flux Control LoRAs' norms) are not supported")
+                             "LoRAs that replace layers (Flux Control LoRAs' norms) and other adapter kinds (LoKr) "
+                             "are not supported")
         if any("lora_magnitude_vector" in k for k in state):
             raise ValueError(f"--lora {spec.path!r} is a DoRA (magnitude vectors): only plain LoRAs are fused")
         for prefix in {k.partition(".")[0] for k in state}:
@@ -329,7 +330,7 @@ class LoraState:
             if not terms:
                 return
         else:
-            terms = [(a, s) for a, s in adapters if a in layer.lora_A]
+            terms = [(a, s) for a, s in adapters if a in getattr(layer, "lora_A", {})]
         if not terms:
             return
         param = live.get_parameter(full)

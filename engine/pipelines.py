@@ -135,6 +135,25 @@ def branches(family, spec, kwargs: dict) -> int | None:
     return 1 + family.uses_cfg(kwargs) + (spec.pag and kwargs.get("pag_scale", 0) > 0)
 
 
+def from_pipe(cls_name: str, base, dtype: torch.dtype):
+    """diffusers' `cls_name.from_pipe(base)`: the same module objects, nothing loaded or copied."""
+    import diffusers
+    import diffusers.utils.logging as dlog
+
+    cls = getattr(diffusers, cls_name)
+    extra = {}
+    if "add_watermarker" in inspect.signature(cls.__init__).parameters:
+        extra["add_watermarker"] = False  # SDXL: as the loader does (it changes pixels)
+    # dtype: from_pipe casts every shared module to it (float32 when not given) — a no-op here, about
+    # which each model would warn.
+    verbosity = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        return cls.from_pipe(base, dtype=dtype, **extra)
+    finally:
+        dlog.set_verbosity(verbosity)
+
+
 class Pipelines:
     """The engine's pipelines: the loaded one, and those made from its components when a request needs them."""
 
@@ -142,29 +161,22 @@ class Pipelines:
         """`on_new(pipe)`: called for each pipeline made here (the engine wraps its text encoding)."""
         self.base, self.family, self.info, self.dtype, self.on_new = base, family, info, dtype, on_new
         self._made = {type(base).__name__: base}
+        self._last_pag: str | None = None
 
     def get(self, spec):
         """The pipeline of `spec`, made with `from_pipe` on first use (shared modules, no copy)."""
         pipe = self._made.get(spec.cls)
         if pipe is None:
-            import diffusers
-
-            cls = getattr(diffusers, spec.cls)
-            extra = {}
-            if "add_watermarker" in inspect.signature(cls.__init__).parameters:
-                extra["add_watermarker"] = False  # SDXL: as the loader does (it changes pixels)
-            import diffusers.utils.logging as dlog
-
-            # dtype: from_pipe casts every shared module to it (float32 when not given) — a no-op here,
-            # about which each model would warn.
-            verbosity = dlog.get_verbosity()
-            dlog.set_verbosity_error()
-            try:
-                pipe = self._made[spec.cls] = cls.from_pipe(self.base, dtype=self.dtype, **extra)
-            finally:
-                dlog.set_verbosity(verbosity)
+            pipe = self._made[spec.cls] = from_pipe(spec.cls, self.base, self.dtype)
         pipe.set_progress_bar_config(**getattr(self.base, "_progress_bar_config", {}))
         return pipe
+
+    def processors_changed(self, call: PreparedCall) -> bool:
+        """Whether this call's attention processors differ from the previous call's (a PAG pipeline's
+        layers and branches, or none): what CUDA graphs captured on the previous calls assumed."""
+        pag = call.spec.cls if call.spec.pag else None
+        changed, self._last_pag = pag != self._last_pag, pag
+        return changed
 
     def bind(self, pipe, call: PreparedCall, applied, denoiser) -> None:
         """Set up the plan for this call (no collective)."""
