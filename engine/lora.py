@@ -23,6 +23,7 @@ weights and the ΔW products; no file of the base is read again. `set_loras([])`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import os
@@ -230,6 +231,22 @@ def skeleton_of(module: torch.nn.Module) -> torch.nn.Module:
     return skeleton
 
 
+@contextlib.contextmanager
+def _quiet():
+    """diffusers' and transformers' loading reports are about the skeleton's zero weights: not shown."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    before = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(before[0])
+        tlog.set_verbosity(before[1])
+
+
 def _inject(cls, skeleton, name: str, state, alphas, metadata, adapter: str) -> None:
     """diffusers' loader, on the skeleton."""
     from diffusers import ModelMixin
@@ -240,7 +257,12 @@ def _inject(cls, skeleton, name: str, state, alphas, metadata, adapter: str) -> 
     if not part:
         return
     net_alphas = None if metadata else alphas
-    if isinstance(skeleton, ModelMixin):
+    with _quiet():
+        _load(cls, skeleton, name, part, net_alphas, metadata, adapter, isinstance(skeleton, ModelMixin))
+
+
+def _load(cls, skeleton, name, part, net_alphas, metadata, adapter, diffusers_model: bool) -> None:
+    if diffusers_model:
         skeleton.load_lora_adapter(part, prefix=name, network_alphas=net_alphas, metadata=metadata,
                                    adapter_name=adapter)
     else:

@@ -1,8 +1,9 @@
 """Bad input to the editing pipelines, PAG and LoRAs: one clear ValueError line before any collective.
 
-In process (Engine.check_request / GenerateRequest / check_loras raise before anything is agreed), plus
-two real command lines: a bad --image on 2 torchrun ranks (one `shardiff: error` line, non-zero exit)
-and a good img2img + LoRA run whose PNG names the pipeline, the input image's pixel hash and the LoRA.
+In process: Engine.check_request, GenerateRequest and check_loras raise before anything is agreed, so
+the engine's first collective (`agree`) carries the one line to every rank, as for every other mistake
+(tests/test_cli_errors.py runs that path on torchrun ranks). Then one real command line: an img2img +
+LoRA run whose layout line and PNG name the pipeline, the input image's pixel hash and the LoRA.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_cli_errors import _assert_user_error, _run
+from tests.test_cli_errors import _run
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,12 @@ def test_model_dependent_inputs_refused_before_any_collective(dirs, flux):
             continue
         with pytest.raises(ValueError, match=msg):
             flux.check_request(_req(**kw), layout)
+    from engine.runtime.distributed import UserError
+
+    with pytest.raises(UserError, match="--image .* cannot be read as an image"):  # the engine's one line
+        flux.generate(_req(image=dirs["not_image"]))
+    with pytest.raises(ValueError, match="only .safetensors LoRA files"):
+        flux.set_loras([dirs["lora_bin"]])
     with pytest.raises(ValueError, match="--cfg 3: flux.s true CFG runs two transformer calls"):
         flux.family.check_cfg(dict(cfg=3), {"true_cfg_scale": 4.0, "negative_prompt": "x"})
     sd3 = family("sd3")
@@ -129,13 +136,11 @@ def test_model_dependent_inputs_refused_before_any_collective(dirs, flux):
     assert specs[0].scale == 0.5 and not notes
 
 
-def test_cli_bad_image_on_two_ranks_and_img2img_with_lora(dirs, tmp_path):
+def test_cli_img2img_with_lora(dirs, tmp_path):
     from engine.image_io import image_sha256, read_png_params
     from PIL import Image
 
     args = ["--model", dirs["flux-tiny"], "--steps", "2", "--height", "64", "--width", "64"]
-    r = _run([*args, "--image", dirs["not_image"], "--output", str(tmp_path / "x.png")], nproc=2)
-    _assert_user_error(r, "--image", "cannot be read as an image")
     out = tmp_path / "cat.png"
     r = _run([*args, "--image", dirs["png"], "--strength", "0.6", "--lora", f"{dirs['lora']}:0.7", "--output", str(out)])
     assert r.returncode == 0, r.stdout
