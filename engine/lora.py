@@ -357,6 +357,10 @@ class LoraState:
             return
         param = live.get_parameter(full)
         weight_slice = self.shards.get(full) if component == self.family.denoiser else None
+        if weight_slice is None and type(param.data) is not torch.Tensor:
+            # A text encoder sharded by transformers' tensor parallelism (--text-encoders sharded): DTensors.
+            raise ValueError(f"--lora: {component} is sharded (--text-encoders sharded), and LoRAs on sharded text "
+                             "encoders are not fused; use --text-encoders replicated or first")
         total = None
         for adapter, scale in terms:
             if getattr(layer, "use_dora", {}).get(adapter):
