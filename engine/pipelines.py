@@ -168,6 +168,8 @@ class Pipelines:
         pipe = self._made.get(spec.cls)
         if pipe is None:
             pipe = self._made[spec.cls] = from_pipe(spec.cls, self.base, self.dtype)
+            if self.on_new is not None:
+                self.on_new(pipe)
         pipe.set_progress_bar_config(**getattr(self.base, "_progress_bar_config", {}))
         return pipe
 

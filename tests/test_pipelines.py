@@ -58,7 +58,8 @@ LORA_CASES = {"flux-lora"}
 LAYOUTS = {
     2: [("flux-tiny", dict(ulysses=2), ["flux-i2i", "flux-inpaint", "lora-set", "flux-lora"]),
         ("flux-tiny", dict(tp=2), ["lora-config", "flux-lora", "lora-off", "flux-i2i"]),
-        ("flux-tiny", dict(cfg=2), ["flux-i2i-cfg"]),
+        # One rank encodes the text for the img2img pipeline made from the loaded one, too.
+        ("flux-tiny", dict(cfg=2, text_encoders="first"), ["flux-i2i-cfg"]),
         ("flux-kontext-tiny", dict(ring=2), ["kontext"]),
         ("flux-kontext-tiny", dict(cfg=2), ["kontext-cfg"]),
         ("flux-fill-tiny", dict(tp=2), ["fill"]),
