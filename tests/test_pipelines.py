@@ -70,6 +70,8 @@ LAYOUTS = {
         # 3 branches over 2 ranks: [uncond, cond | perturbed]; without CFG [cond | perturbed].
         ("sd3-tiny", dict(cfg=2), ["sd3-pag", "sd3-pag-nocfg"]),
         ("sana-tiny", dict(cfg=2), ["sana-pag", "sana-pag-nocfg"]),
+        ("sana-tiny", dict(ulysses=2), ["sana-pag"]),
+        ("sana-tiny", dict(tp=2), ["sana-pag-nocfg"]),
         ("pixart-tiny", dict(ulysses=2), ["pixart-pag"]),
         ("sd1.5-tiny", dict(cfg=2), ["sd-i2i", "sd-pag-inpaint"]),
         ("sdxl-tiny", dict(cfg=2), ["sdxl-pag-i2i"])],
