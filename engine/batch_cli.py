@@ -36,6 +36,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="text file with one prompt per line (blank lines skipped), after any --prompt")
     p.add_argument("--num-images", type=positive_int, default=1,
                    help="images per prompt; image i (over all prompts) uses seed --seed + i")
+    g = p.add_argument_group("input images and guidance (docs/PIPELINES.md)")
+    g.add_argument("--image", default=None,
+                   help="input image: img2img on a text-to-image model; the image to inpaint, fill or edit (Kontext)")
+    g.add_argument("--mask-image", default=None, help="inpainting mask (white = repaint), with --image")
+    g.add_argument("--control-image", default=None, help="control image of a Flux Control (Canny / Depth) model")
+    g.add_argument("--strength", type=float, default=None,
+                   help="img2img / inpainting: share of the denoising redone, in (0, 1] (default: the pipeline's)")
+    g.add_argument("--pag-scale", type=float, default=None,
+                   help="perturbed-attention guidance scale: runs the family's PAG pipeline (SD3, Sana, PixArt-Σ, SD, SDXL)")
+    g.add_argument("--keep-image-size", action="store_true",
+                   help="Kontext: keep the input image's size instead of the nearest resolution Kontext was trained at")
 
 
 def prompts_from_args(args) -> list[str]:
@@ -59,7 +70,9 @@ def requests_from_args(args) -> list[GenerateRequest]:
         GenerateRequest(
             prompt=prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
             steps=args.steps, guidance=args.guidance, true_cfg_scale=args.true_cfg_scale, seed=args.seed + i,
-            max_sequence_length=args.max_sequence_length,
+            max_sequence_length=args.max_sequence_length, image=args.image, mask_image=args.mask_image,
+            control_image=args.control_image, strength=args.strength, pag_scale=args.pag_scale,
+            keep_image_size=args.keep_image_size,
         )
         for i, prompt in enumerate(every)
     ]

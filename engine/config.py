@@ -5,7 +5,7 @@ The CLI and the Python API share these dataclasses; the CLI is a thin argparse l
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -75,8 +75,14 @@ class EngineConfig:
     dp), exactly: "on" (refused where the VAE has no row-split plan or an image has fewer latent rows
     than those ranks), "off" (every rank decodes the whole image, as diffusers does), or "auto": on
     from the image size where it pays (engine.models.vae.auto_splits)."""
+    loras: tuple = ()
+    """LoRAs fused into the weights at load: "PATH[:SCALE]" strings or (path, scale) pairs, safetensors
+    files in any format diffusers reads (engine/lora.py; switch later with Engine.set_loras)."""
 
     def __post_init__(self):
+        from .lora import parse_lora
+
+        object.__setattr__(self, "loras", tuple(parse_lora(v) for v in self.loras))
         check_tp_comm(self.tp_comm)
         check_placement(self.text_encoders)
         if self.parallel not in ("auto", "cfg", "dp"):
@@ -115,10 +121,30 @@ class GenerateRequest:
     """T5 text tokens; None: the pipeline's default (512 for Flux)."""
     num_images_per_prompt: int = 1
     """Images per prompt, generated as one batch (the same images as one process on any layout)."""
+    image: object = None
+    """Input image (a path or a PIL image): img2img, or the image to inpaint / fill / edit (Kontext).
+    On a text-to-image model it selects the family's img2img pipeline (engine/pipelines.py)."""
+    mask_image: object = None
+    """Inpainting mask (path or PIL image; white = repaint); with `image` it selects the inpainting pipeline."""
+    control_image: object = None
+    """Control image of a Flux Control (Canny / Depth) model."""
+    strength: float | None = None
+    """img2img / inpainting: the share of the denoising redone from the input image, in (0, 1]; None:
+    the pipeline's default."""
+    pag_scale: float | None = None
+    """Perturbed-attention guidance scale; selects the family's PAG pipeline. None: no PAG (a PAG model
+    directory: its pipeline's default)."""
+    keep_image_size: bool = False
+    """Kontext: keep the input image's size instead of resizing it to the nearest trained resolution."""
 
     def __post_init__(self):
         # The same checks for the CLI, the Python API and the server (engine/validation.py).
         check_fields(self)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready (compared across ranks, saved in the PNG): input images as their path or a
+        size-and-hash description (engine/inputs.py)."""
+        from .inputs import IMAGE_FIELDS, describe
+
+        return {f.name: describe(getattr(self, f.name)) if f.name in IMAGE_FIELDS else getattr(self, f.name)
+                for f in fields(self)}

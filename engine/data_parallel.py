@@ -80,15 +80,15 @@ def generate_batch(engine, requests: list, *, output_type: str = "pil", on_step=
     every slice stops before the gather (each slice agrees on its own steps; the slices then agree here).
     """
     requests = list(requests)
-    error, layout = None, engine.parallel
+    error, layout, records = None, engine.parallel, [None] * len(requests)
     try:
         layout, why = choose_layout(engine, requests)
-        for r in requests:
-            engine.check_request(r, layout)
+        records = [engine.check_request(r, layout).records for r in requests]
     except ValueError as e:
         error = str(e)
-    # One collective for the whole batch: every rank's verdict, and the same requests everywhere.
-    agree("requests", [r.to_dict() for r in requests], error)
+    # One collective for the whole batch: every rank's verdict, and the same requests (and input
+    # images, by their pixel hashes) everywhere.
+    agree("requests", [{**r.to_dict(), "inputs": rec} for r, rec in zip(requests, records)], error)
     use_layout(engine, layout)
     mesh = engine.mesh
     sizes = split_sizes(len(requests), mesh.size("dp"))

@@ -23,6 +23,7 @@ from shardiff_parallel.mesh import Mesh
 from shardiff_parallel.attention import ParallelAttention
 from shardiff_parallel.config import ParallelConfig, resolve_degrees
 from shardiff_parallel.plan import apply_plan
+from shardiff_parallel.tensor import local_shards
 
 from engine.loading import inspect_model, load_pipeline
 from engine.loading.auto_tp import choose_tp
@@ -36,7 +37,9 @@ from engine.runtime.stop import step_callback_kwargs
 from . import vae_parallel
 from .config import EngineConfig, GenerateRequest
 from .data_parallel import choose_layout, generate_batch, use_layout
-from .validation import available_bytes, check_request, resolve_size
+from .validation import available_bytes, check_request
+from .lora import LoraState, check_loras
+from .pipelines import Pipelines, PreparedCall
 
 
 @dataclass
@@ -65,6 +68,8 @@ class Engine:
         self.tp_note = ""
         """Why `--tp auto` chose TP (empty when it did not)."""
         device = torch.device("cpu")
+        loras, self.lora_notes = [], []
+        """Notes on the LoRAs for the user (keys that match no layer)."""
         try:
             device = pick_device(config.device)
             self.info: ModelInfo = inspect_model(config.model)
@@ -101,6 +106,7 @@ class Engine:
             self.text_encoders = TextEncoders.preflight(
                 config, self.family, parallel, world=world, explicit_layout=self.explicit_layout, dtype=self.dtype,
                 gpu_bytes=_gpu_bytes(device))
+            loras, self.lora_notes = check_loras(config.loras, config.model, self.family, self.info)
         except ValueError as e:
             error = str(e)
         timeout = timedelta(seconds=config.timeout_s)
@@ -132,8 +138,14 @@ class Engine:
             )
         self.pipe.set_progress_bar_config(disable=not self.mesh.is_first, leave=False)
         self.text_encoders.install(self.pipe)
+        self.pipelines = Pipelines(self.pipe, self.family, self.info, self.dtype, on_new=self.text_encoders.install)
+        """The loaded pipeline and its img2img / inpainting / PAG forms (engine/pipelines.py)."""
         self.attention = ParallelAttention(self.mesh, config.attention_backend)
         self.denoiser = getattr(self.pipe, self.family.denoiser)
+        shards = local_shards(self.denoiser, self.family.plan.tensor, parallel.tp, self.mesh.coord("tp")) if parallel.tp > 1 else {}
+        self.loras = LoraState(self.pipe, self.family, shards)
+        """LoRAs fused into this rank's weights (engine/lora.py)."""
+        self.loras.set(loras)
         self.plan = apply_plan(self.denoiser, self.family.pipeline_plan, self.mesh, self.attention)
         if config.compile:
             from engine.runtime.compile import compile_denoiser
@@ -175,13 +187,23 @@ class Engine:
     def is_first(self) -> bool:
         return self.mesh.is_first
 
-    def check_request(self, request: GenerateRequest, parallel: ParallelConfig) -> tuple[dict, int, int]:
-        """(family pipeline kwargs, height, width) of `request` on `parallel`; ValueError, no collective.
-        The rules are engine/validation.py's, shared with the CLI and the server."""
+    def set_loras(self, loras) -> list[str]:
+        """Fuse exactly `loras` ("PATH[:SCALE]" / (path, scale) / LoraSpec; [] = none) in place of the
+        current ones, between requests, without reloading the base (engine/lora.py). Every rank calls it
+        with the same list; no collective (ValueError, on every rank alike, for a bad file). Returns notes
+        for the user (keys that match no layer)."""
+        specs, notes = check_loras(loras, self.config.model, self.family, self.info)
+        self.loras.set(specs)
+        return notes
+
+    def check_request(self, request: GenerateRequest, parallel: ParallelConfig) -> PreparedCall:
+        """`request` on `parallel`, ready for its pipeline (engine/pipelines.py chooses it and reads the
+        input images); ValueError, no collective. The rules are engine/validation.py's, shared with the
+        CLI and the server."""
         memory = available_bytes(self.device, _local_ranks())
         checked = check_request(request, self.info, self.family, parallel, dtype=self.dtype, memory_bytes=memory,
                                 vae_parallel=self.config.vae_parallel)
-        return checked.family_kwargs, checked.height, checked.width
+        return checked.call
 
     def choose_layout(self, requests: list[GenerateRequest]) -> tuple[ParallelConfig, str]:
         """The layout generate_batch will use for `requests` and why (no collective)."""
@@ -201,30 +223,36 @@ class Engine:
         try:
             if not agreed and self.family.layout is not None:
                 layout, _ = choose_layout(self, [request])
-            family_kwargs, height, width = self.check_request(request, layout)
+            call = self.check_request(request, layout)
         except ValueError as e:
-            error, height, width = str(e), 0, 0
+            error, call = str(e), None
         if agreed:
             assert error is None, error
         else:
-            agree("request", request.to_dict(), error)
+            # The input images' pixel hashes too: every rank must have read the same pictures.
+            agree("request", {**request.to_dict(), "inputs": call and call.records}, error)
             use_layout(self, layout)
+        height, width = call.height, call.width
+        pipe = self.pipelines.get(call.spec)
+        self.pipelines.bind(pipe, call, self.plan, self.denoiser)
+        if self.graphs is not None and self.pipelines.processors_changed(call):
+            # A graph replays the processors it was captured with; PAG swaps some for the call.
+            self.capture_graphs()
         kwargs = dict(
-            **family_kwargs,
-            height=height,
-            width=width,
+            **call.kwargs,
+            **call.size_kwargs,
             num_inference_steps=request.steps,
             # As diffusers documents for reproducible results: the noise comes from a CPU generator, so
             # it is the same on every rank and on every device.
             generator=torch.Generator("cpu").manual_seed(request.seed),
             output_type=output_type,
-            **step_callback_kwargs(self.pipe, on_step),
+            **step_callback_kwargs(pipe, on_step),
         )
         if self.vae_split is not None:
             self.vae_split.last.clear()
         _sync(self.device)
         start = time.perf_counter()
-        out = self.pipe(**kwargs)
+        out = pipe(**kwargs)
         _sync(self.device)
         seconds = time.perf_counter() - start
         params = {
@@ -232,6 +260,9 @@ class Engine:
             "height": height,
             "width": width,
             "model": self.config.model,
+            "pipeline": call.spec.cls,
+            "inputs": call.records,
+            "loras": self.loras.records,
             "layout": self.parallel.describe(),
             "size": [width, height],
             "parallel": self.parallel.degrees(),
@@ -253,8 +284,8 @@ class Engine:
     def describe_vae(self, request: GenerateRequest, layout: ParallelConfig | None = None) -> str:
         """What the VAE decode of `request` will do on `layout` (default: the current one), for the layout line."""
         layout = layout or self.parallel
-        height, width = resolve_size(request, self.info)
-        return vae_parallel.describe(self, layout.world_size // layout.dp, height, width)
+        call = self.check_request(request, layout)
+        return vae_parallel.describe(self, layout.world_size // layout.dp, call.height, call.width)
 
     def close(self) -> None:
         if self.graphs is not None:

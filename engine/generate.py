@@ -81,6 +81,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", default="auto", choices=("auto", "cfg", "dp"),
                    help="UNet models (SD1.5, SDXL): auto = CFG split for one image with guidance, data "
                         "parallel for several; cfg / dp force one")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA (.safetensors, any format diffusers reads) fused into the weights; repeat for several")
 
 
 def engine_config(args) -> EngineConfig:
@@ -88,8 +90,9 @@ def engine_config(args) -> EngineConfig:
     return EngineConfig(
         model=args.model, ulysses=args.ulysses, ring=args.ring, tp=args.tp, cfg=args.cfg, dp=args.dp,
         tp_comm=args.tp_comm, dtype=args.dtype, device=args.device, compile=args.compile,
-        cuda_graphs=args.cuda_graphs,
+        cuda_graphs=args.cuda_graphs, vae_parallel=args.vae_parallel, text_encoders=args.text_encoders,
         attention_backend=args.attention_backend, timeout_s=args.timeout, parallel=args.parallel,
+        loras=tuple(args.lora),
     )
 
 
@@ -117,12 +120,16 @@ def main(argv: list[str] | None = None) -> None:
                        for o in batch_cli.output_names(args.output, len(requests))]
             layout, why = engine.choose_layout(requests)
             vae_line = engine.describe_vae(requests[0], layout)
+            pipelines = sorted({engine.check_request(r, layout).spec.cls for r in requests})
         except ValueError as e:
             error = str(e)
     agree("output", None, error)
     if engine.is_first:
         print(f"shardiff: {config.model} on {layout.world_size} process(es), layout {layout.describe()} ({why}), "
-              f"{engine.text_encoders.plan.describe()}, {len(requests)} image(s), {engine.dtype}, {engine.device.type}; {vae_line}", file=sys.stderr, flush=True)
+              f"{engine.text_encoders.plan.describe()}, {', '.join(pipelines)}, {len(requests)} image(s), {engine.dtype}, "
+              f"{engine.device.type}; {vae_line}", file=sys.stderr, flush=True)
+        for note in engine.lora_notes:
+            print(f"shardiff: {note}", file=sys.stderr, flush=True)
     results = engine.generate_batch(requests)
     if engine.is_first:
         for output, result in zip(outputs, results, strict=True):

@@ -7,6 +7,7 @@ Two text chunks go into every PNG:
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -28,8 +29,18 @@ _SUMMARY_FIELDS = (
     ("seed", "Seed"),
     ("size", "Size"),
     ("model", "Model"),
+    ("pipeline", "Pipeline"),
     ("parallel", "Parallel"),
 )
+
+
+def image_sha256(image: Image.Image) -> str:
+    """Hash of an image's decoded pixels (mode, size, bytes): the same for the same picture whether it
+    came as a path or a PIL image, and whatever the file's encoding — what an input image's record in
+    the PNG metadata names."""
+    h = hashlib.sha256(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
 
 
 def resolve_output_path(path: str | Path, *, overwrite: bool) -> Path:

@@ -44,9 +44,13 @@ every family's blocks, split by TP) is being computed."""
 @dataclass(frozen=True)
 class CheckedRequest:
     family_kwargs: dict
-    """Family-specific pipeline arguments (prompt, guidance, …)."""
+    """The pipeline's arguments but size, steps, generator and output type: prompt, guidance, input
+    images, strength, pag_scale, … (engine/pipelines.py)."""
     height: int
     width: int
+    call: object = None
+    """The PreparedCall (engine/pipelines.py): the pipeline class chosen, its arguments, the branch count
+    and the input images' records."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,9 @@ def check_fields(request) -> None:
             raise ValueError(f"{name} must be a finite number, got {v}")
         if v < 0:
             raise ValueError(f"{name} must be ≥ 0, got {v}")
+    from .inputs import check_request_inputs
+
+    check_request_inputs(request)  # input images, strength, pag_scale (engine/inputs.py)
 
 
 def _integer(name: str, v, *, low: int, high: int | None = None, high_text: str = "", hint: str = "") -> None:
@@ -115,11 +122,12 @@ def nearest_multiples(value: int, multiple: int) -> str:
     return " or ".join(str(v) for v in (lo, lo + multiple) if v > 0)
 
 
-def resolve_size(request, info) -> tuple[int, int]:
-    """(height, width): the request's, or the model's default; multiples of what the pipeline needs."""
+def resolve_size(request, info, default: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(height, width): the request's, or `default` (the input image's, engine/inputs.py), or the model's
+    default; multiples of what the pipeline needs."""
     m = info.spatial_multiple
-    height = request.height or info.default_size
-    width = request.width or info.default_size
+    height = request.height or (default[0] if default else info.default_size)
+    width = request.width or (default[1] if default else info.default_size)
     for name, v in (("height", height), ("width", width)):
         if v % m:
             raise ValueError(
@@ -136,12 +144,15 @@ def check_request(request, info, family, layout: ParallelConfig, *, dtype: torch
     `memory_bytes`: what one rank can still allocate (`available_bytes`); None skips the memory check.
     `vae_parallel`: the engine's --vae-parallel (`on` needs a latent row per rank of the image).
     """
+    from .pipelines import prepare_call
+
     check_fields(request)
-    height, width = resolve_size(request, info)
     if request.negative_prompt is None and request.true_cfg_scale > 1:
         raise ValueError("--true-cfg-scale > 1 needs a --negative-prompt")
-    family_kwargs = family.call_kwargs(request)
-    family.check_cfg(layout.degrees(), family_kwargs, info)
+    # The pipeline class the request selects (img2img, inpainting, PAG, …) and its arguments.
+    call = prepare_call(request, info, family, lambda r, default: resolve_size(r, info, default))
+    family_kwargs, height, width = call.kwargs, call.height, call.width
+    family.check_cfg(layout.degrees(), family_kwargs, info, call.branches)
     family.check_size(info, layout, height, width)
     check_vae_rows(vae_parallel, info, layout.world_size // layout.dp, height)
     if layout.tp_sequence and family.token_counts is not None:
@@ -156,7 +167,7 @@ def check_request(request, info, family, layout: ParallelConfig, *, dtype: torch
                 f"more than the {memory_bytes / 2**30:.1f} GiB it can allocate; use a smaller size"
                 + (" or more ranks (--ulysses/--ring split the tokens)" if "denoiser" in what else "")
             )
-    return CheckedRequest(family_kwargs, height, width)
+    return CheckedRequest(family_kwargs, height, width, call)
 
 
 def needed_bytes(request, info, family, family_kwargs: dict, layout: ParallelConfig, height: int, width: int,

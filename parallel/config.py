@@ -21,7 +21,7 @@ class ParallelConfig:
     dp: int = 1
     """Data parallel: independent images on different ranks."""
     cfg: int = 1
-    """CFG parallel: conditional / unconditional branch on different ranks (1 or 2)."""
+    """CFG parallel: the guidance branches on different ranks (1, 2 or 3: PAG with CFG runs three)."""
     ring: int = 1
     """Ring attention degree: K/V blocks travel around a ring of ranks."""
     ulysses: int = 1
@@ -39,8 +39,8 @@ class ParallelConfig:
             v = getattr(self, a)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"--{a} must be a positive integer, got {v!r}")
-        if self.cfg > 2:
-            raise ValueError(f"--cfg is 1 or 2 (two guidance branches), got {self.cfg}")
+        if self.cfg > 3:
+            raise ValueError(f"--cfg is 1, 2 or 3 (guidance branches: uncond, cond and PAG's perturbed one), got {self.cfg}")
         check_tp_comm(self.tp_comm)
 
     @property

@@ -32,6 +32,7 @@ import torch
 from .attention import ParallelAttention
 from .halo import RowContext, RowConv2d, RowSplit, conv_refusal
 from .mesh import Mesh
+from .perturbed import PerturbedPlan, perturbed_pair
 from .sharding import gather_pieces, split_sizes, take_piece
 from .tensor import Style, shard_model, swap_module, undo_hooks_and_swaps
 from .tensor_seq import SequenceTP, SequenceTPPlan, segment_glob
@@ -139,6 +140,9 @@ class ModelPlan:
     stand_ins: Mapping[str, StandIn] = field(default_factory=dict)
     """Module-name glob → factory of the module put in place of each match while the tokens are split
     (sp > 1), after any TP sharding (so it wraps the TP shard); `remove()` puts the originals back."""
+    perturbed: PerturbedPlan | None = None
+    """How the layers that perturbed-attention guidance (PAG) perturbs run under the mesh
+    (parallel/perturbed.py); None: the family has no PAG pipeline."""
 
 
 @dataclass
@@ -158,6 +162,14 @@ class SeqContext:
     """This call is computed by the other cfg rank (cfg_pairs): no split, no gather."""
     rows: dict[str, RowContext] = field(default_factory=dict)
     """Grid token group → its row split in the call in progress (`.split` None outside a split call)."""
+    branches: int | None = None
+    """Guidance branches the pipeline batches in the next calls, set by whoever calls the pipeline:
+    [uncond, cond] = 2, PAG's [uncond, cond, perturbed] = 3 or [cond, perturbed] = 2, one = 1. The
+    cfg ranks take whole branches, contiguous and in order (`split_sizes(branches, cfg)`: 3 over 2 →
+    [2, 1]). None: as many branches as cfg ranks (equal parts of the batch)."""
+    branch_range: tuple[int, int] | None = None
+    """Branches [start, stop) of the current call that this rank computes (set by the batch split);
+    None: all of them (no cfg split)."""
 
     def joint_sizes(self, *groups: str) -> list[int] | None:
         """Per-rank lengths of a sequence made by concatenating the local pieces of `groups`."""
@@ -170,6 +182,9 @@ class SeqContext:
 class AppliedPlan:
     model: torch.nn.Module
     context: SeqContext
+    perturbed: tuple | None = None
+    """(with CFG, without CFG) processors for a PAG pipeline's `set_pag_applied_layers`
+    (parallel/perturbed.py); None when the plan has no `perturbed` entry."""
     _handles: list = field(default_factory=list)
     _old_processors: dict = field(default_factory=dict)
     _swapped: dict = field(default_factory=dict)
@@ -201,6 +216,8 @@ def apply_plan(model: torch.nn.Module, plan: ModelPlan, mesh: Mesh, attention: P
                 matched += 1
                 break
     assert matched or not plan.attention, f"plan matched no attention module in {type(model).__name__}"
+    if plan.perturbed is not None:
+        applied.perturbed = perturbed_pair(plan.perturbed, ctx, attention)
     seq_tp = None
     if mesh.size("tp") > 1:
         assert plan.tensor, f"no tensor-parallel plan for {type(model).__name__}"
@@ -475,24 +492,40 @@ def _module_gather_hook(ctx: SeqContext, where: SeqDim):
     return hook
 
 
-def _batch_piece(x, dim: int, parts: int, index: int, name: str):
+def _batch_piece(x, dim: int, per_rank: list[int], index: int, name: str):
+    """This cfg rank's branches of a batched input: `per_rank[i]` branches on rank i, in batch order."""
     if isinstance(x, dict):
-        return {k: _batch_piece(v, dim, parts, index, f"{name}.{k}") for k, v in x.items()}
+        return {k: _batch_piece(v, dim, per_rank, index, f"{name}.{k}") for k, v in x.items()}
     if isinstance(x, list):
         # A list of per-sample tensors (Z-Image takes its latents and captions so): the list is the batch.
-        if len(x) % parts:
-            raise ValueError(f"{name} holds {len(x)} samples, which the cfg degree {parts} does not divide: CFG "
-                             "parallelism needs guidance on (the pipeline must batch both branches)")
-        n = len(x) // parts
-        return x[index * n : (index + 1) * n]
+        branches = sum(per_rank)
+        if len(x) % branches:
+            raise ValueError(f"{name} holds {len(x)} samples, which its {branches} guidance branches do not divide: "
+                             "CFG parallelism needs guidance on (the pipeline must batch both branches)")
+        rows = len(x) // branches
+        start = sum(per_rank[:index]) * rows
+        return x[start : start + per_rank[index] * rows]
     if not isinstance(x, torch.Tensor) or x.ndim == 0:
-        return x  # a scalar timestep or flag: the same for both branches
-    if x.shape[dim] % parts:
+        return x  # a scalar timestep or flag: the same for every branch
+    branches = sum(per_rank)
+    if x.shape[dim] % branches:
         raise ValueError(
-            f"{name} has batch {x.shape[dim]}, which the cfg degree {parts} does not divide: CFG parallelism "
-            "needs guidance on (the pipeline must batch the unconditional and conditional branches)"
+            f"{name} has batch {x.shape[dim]}, which its {branches} guidance branches do not divide: CFG "
+            "parallelism needs guidance on (the pipeline must batch the unconditional and conditional branches)"
         )
-    return x.chunk(parts, dim)[index]
+    rows = x.shape[dim] // branches
+    return take_piece(x, dim % x.ndim, [n * rows for n in per_rank], index)
+
+
+def _branches_per_rank(ctx: SeqContext) -> list[int]:
+    parts = ctx.mesh.size("cfg")
+    branches = ctx.branches or parts
+    if branches < parts:
+        raise ValueError(
+            f"--cfg {parts} needs at least {parts} guidance branches, but this call runs {branches}: the "
+            "unconditional branch needs guidance on, the perturbed one --pag-scale"
+        )
+    return split_sizes(branches, parts)
 
 
 def _split_hook(plan: ModelPlan, ctx: SeqContext, sig: inspect.Signature, *, split_seq: bool, split_batch: bool):
@@ -503,12 +536,13 @@ def _split_hook(plan: ModelPlan, ctx: SeqContext, sig: inspect.Signature, *, spl
             return None
         bound = sig.bind_partial(*args, **kwargs)
         if split_batch and not plan.cfg_pairs:
-            # Each cfg rank runs one branch: contiguous chunks of the batch, in the pipeline's order.
+            # Each cfg rank runs whole branches: contiguous runs of the batch, in the pipeline's order.
+            per_rank, me_cfg = _branches_per_rank(ctx), mesh.coord("cfg")
+            start = sum(per_rank[:me_cfg])
+            ctx.branch_range = (start, start + per_rank[me_cfg])
             for name, dim in plan.batch_inputs.items():
                 if bound.arguments.get(name) is not None:
-                    bound.arguments[name] = _batch_piece(
-                        bound.arguments[name], dim, mesh.size("cfg"), mesh.coord("cfg"), name
-                    )
+                    bound.arguments[name] = _batch_piece(bound.arguments[name], dim, per_rank, me_cfg, name)
         if split_seq:
             ctx.sizes = {}
             _split_grids(plan, ctx, module, bound.arguments)
@@ -536,8 +570,9 @@ def _gather_hook(plan: ModelPlan, ctx: SeqContext, *, split_seq: bool, split_bat
             x = gather_pieces(x, where.dim % x.ndim, ctx.sizes[where.tokens], mesh.group("sp"))
         if split_batch and not plan.cfg_pairs:
             dim = plan.output_batch_dim % x.ndim
-            parts = mesh.size("cfg")
-            x = gather_pieces(x, dim, [x.shape[dim]] * parts, mesh.group("cfg"))
+            per_rank = _branches_per_rank(ctx)
+            rows = x.shape[dim] // per_rank[mesh.coord("cfg")]
+            x = gather_pieces(x, dim, [n * rows for n in per_rank], mesh.group("cfg"))
         return x
 
     def hook(module, args, output):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from engine.presets.spec import PresetSpec
 
 from . import flux, flux2, lumina2, pixart, qwen_image, sana, sd3, unet, zimage
-from .family import Family, ModelInfo
+from .family import Family, ModelInfo, PipelineSpec
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     flux.FAMILY,
@@ -28,13 +28,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 PRESETS: dict[str, PresetSpec] = {p.name: p for f in FAMILIES.values() for p in f.presets}
-PIPELINES: dict[str, Family] = {cls: f for f in FAMILIES.values() for cls in f.pipelines}
+PIPELINES: dict[str, Family] = {p.cls: f for f in FAMILIES.values() for p in f.pipelines}
 """diffusers pipeline class → the family that runs it."""
 
-assert all(p.family in FAMILIES and FAMILIES[p.family].pipelines for p in PRESETS.values())
+assert all(p.family in FAMILIES and p.pipeline_class in PIPELINES for p in PRESETS.values())
 
-__all__ = ["FAMILIES", "PIPELINES", "PRESETS", "Family", "ModelInfo", "check_tp_comm", "family", "family_of_pipeline",
-           "get_preset"]
+__all__ = ["FAMILIES", "PIPELINES", "PRESETS", "Family", "ModelInfo", "PipelineSpec", "check_tp_comm", "family",
+           "family_of_pipeline", "get_preset"]
 
 
 def family(name: str) -> Family:

@@ -59,6 +59,42 @@ class ModelInfo:
     (Sana: cross-attention heads, Mix-FFN channels), read from the configs."""
 
 
+@dataclass(kw_only=True, frozen=True)
+class PipelineSpec:
+    """One diffusers pipeline class a family runs: the image inputs it takes and the pipelines it leads
+    to when a request brings what it lacks (engine/pipelines.py walks these links)."""
+
+    cls: str
+    """The diffusers pipeline class (a model_index.json `_class_name`)."""
+    inputs: tuple[str, ...] = ()
+    """Image inputs it takes: GenerateRequest fields that are also its call arguments (image,
+    mask_image, control_image)."""
+    required: tuple[str, ...] = ()
+    """Inputs it cannot run without (FluxFill: image and mask_image)."""
+    strength: bool = False
+    """Takes `strength` (how much of the input image's noise schedule is redone)."""
+    pag: bool = False
+    """A perturbed-attention-guidance pipeline (takes `pag_scale`; batches a perturbed branch)."""
+    sized: bool = True
+    """Takes height / width. SD / SDXL img2img do not: their output has the input image's size, so the
+    engine hands them the image at the requested size."""
+    variants: Mapping[str, str] = field(default_factory=dict)
+    """What a request brings that this class lacks → the class that takes it, built from the same loaded
+    components (diffusers' `from_pipe`): "image" → its img2img form, "mask_image" → its inpainting
+    form, "pag" → its PAG form."""
+    call_extra: Callable[..., dict] | None = None
+    """(request, height, width) → further call arguments of this class (Kontext: its size rule)."""
+
+
+def pipeline_specs(*specs: PipelineSpec) -> tuple[PipelineSpec, ...]:
+    """A family's pipelines, checked: every variant link names one of them."""
+    names = {s.cls for s in specs}
+    for s in specs:
+        for what, target in s.variants.items():
+            assert what in ("image", "mask_image", "pag") and target in names, f"{s.cls}: bad variant {what} → {target}"
+    return specs
+
+
 ConfigReader = Callable[..., ModelInfo]
 """(configs: component → config dict, *, source, pipeline_class, default_size) → ModelInfo. `configs`
 also holds "pipeline": the pipeline's own settings (model_index.json's non-component entries, or a
@@ -81,8 +117,9 @@ def no_size_check(info: ModelInfo, parallel, height: int, width: int) -> None:
 @dataclass(kw_only=True, frozen=True)
 class Family:
     name: str
-    pipelines: tuple[str, ...]
-    """diffusers pipeline classes (model_index.json `_class_name`) this family runs."""
+    pipelines: tuple[PipelineSpec, ...]
+    """diffusers pipeline classes (model_index.json `_class_name`) this family runs, and how a request's
+    inputs pick one from another (img2img, inpainting, PAG forms)."""
     plan: ModelPlan
     read_info: ConfigReader
     """The ModelInfo of a model of this family, from the configs of `info_components`."""
@@ -103,7 +140,8 @@ class Family:
     check_tp: Callable[[ModelInfo, int], None] = no_tp_check
     """(ModelInfo, tp) → ValueError if the TP degree does not split the model evenly (before any collective)."""
     uses_cfg: Callable[[dict], bool] = guidance_on
-    """Pipeline kwargs → whether that call runs two guidance branches (what --cfg 2 splits)."""
+    """Pipeline kwargs → whether that call runs the unconditional guidance branch (what --cfg 2 splits
+    off; a PAG pipeline adds its perturbed branch, engine/pipelines.py counts them)."""
     cfg_pairs: bool = False
     """The pipeline runs the guidance branches as two sequential denoiser calls (Flux true CFG), not as
     one batch: the engine applies the plan with `cfg_pairs` (see parallel/cfg_pairs.py)."""
@@ -145,26 +183,49 @@ class Family:
     def config_components(self) -> tuple[str, ...]:
         return self.info_components or (self.denoiser, "vae")
 
+    def pipeline(self, cls: str) -> PipelineSpec:
+        spec = next((p for p in self.pipelines if p.cls == cls), None)
+        assert spec is not None, f"{self.name} does not run {cls}"
+        return spec
+
     @property
     def pipeline_plan(self) -> ModelPlan:
         """The plan as the engine applies it under this family's pipeline."""
         return replace(self.plan, cfg_pairs=True) if self.cfg_pairs else self.plan
 
-    def check_cfg(self, degrees: dict[str, int], kwargs: dict, info: ModelInfo | None = None) -> None:
-        if degrees.get("cfg", 1) > 1 and info is not None and info.guidance_distilled:
+    def check_cfg(self, degrees: dict[str, int], kwargs: dict, info: ModelInfo | None = None,
+                  branches: int | None = None) -> None:
+        """ValueError unless the call runs at least as many guidance branches as there are cfg ranks.
+        `branches`: what the call batches (engine/pipelines.py: PAG adds one); None: CFG's one or two."""
+        cfg = degrees.get("cfg", 1)
+        if cfg == 1:
+            return
+        elsewhere = "to --ulysses/--ring" if {"ulysses", "ring"} & self.axes else "to data parallel (--dp)"
+        if info is not None and info.guidance_distilled:
             raise ValueError(
-                f"--cfg 2 puts the two classifier-free-guidance branches on different ranks, but this "
+                f"--cfg {cfg} puts the classifier-free-guidance branches on different ranks, but this "
                 f"{info.pipeline_class} model is guidance-distilled (is_distilled): it runs one transformer call per "
                 f"step at any guidance scale; drop --cfg or give those ranks to --ulysses/--ring"
             )
-        if degrees.get("cfg", 1) > 1 and not self.uses_cfg(kwargs):
+        if self.cfg_pairs and cfg > 2:
+            raise ValueError(f"--cfg {cfg}: {self.name}'s true CFG runs two transformer calls per step, so "
+                             f"--cfg is 1 or 2; give the other ranks {elsewhere}")
+        if branches is None or self.cfg_pairs:
+            branches = 2 if self.uses_cfg(kwargs) else 1
+        if branches >= cfg:
+            return
+        if branches == 1:
             hint = self.cfg_hint or ("true CFG: --negative-prompt and --true-cfg-scale > 1" if self.cfg_pairs
                                      else "--guidance > 1")
             raise ValueError(
-                f"--cfg 2 puts the two classifier-free-guidance branches on different ranks, but this "
-                f"{self.name} request has guidance off (needs {hint}); drop --cfg or give those ranks "
-                + ("to --ulysses/--ring" if {"ulysses", "ring"} & self.axes else "to data parallel (--dp)")
+                f"--cfg {cfg} puts the classifier-free-guidance branches on different ranks, but this "
+                f"{self.name} request has guidance off (needs {hint}); drop --cfg or give those ranks {elsewhere}"
             )
+        raise ValueError(
+            f"--cfg {cfg} needs {cfg} guidance branches, but this {self.name} request runs {branches} "
+            f"(three are the unconditional, conditional and perturbed ones: --guidance > 1 and --pag-scale); "
+            f"use --cfg {branches} or give the other ranks {elsewhere}"
+        )
 
     def check_axes(self, degrees: dict[str, int]) -> None:
         for a, d in degrees.items():

@@ -50,7 +50,7 @@ from engine.presets.components import FLUX_VAE, GEMMA2_2B, TINY_GEMMA2, TINY_KL,
 from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.plan import ModelPlan, SeqDim
 
-from .family import Family, ModelInfo, prompt_kwargs
+from .family import Family, PipelineSpec, ModelInfo, prompt_kwargs
 from .mmdit import COL, GATHER, ROW, check_tp_widths
 from .nextdit import StackAttention, complex_rotary, stack_processors, stack_runs
 
@@ -191,7 +191,7 @@ PRESETS = (
 )
 
 FAMILY = Family(
-    name="lumina2", pipelines=("Lumina2Pipeline",), plan=LUMINA2_PLAN, read_info=read_lumina2_info,
+    name="lumina2", pipelines=(PipelineSpec(cls="Lumina2Pipeline"),), plan=LUMINA2_PLAN, read_info=read_lumina2_info,
     call_kwargs=prompt_kwargs, bench_kwargs=lumina2_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_tp_widths, cfg_pairs=True,
     cfg_hint="--guidance > 1",

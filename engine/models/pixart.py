@@ -22,8 +22,9 @@ from shardiff_parallel.attention import ParallelAttention
 from shardiff_parallel.plan import ModelPlan, SeqContext, SeqDim
 
 from .dit import dit_info
-from .family import Family, vae_scale
+from .family import Family, PipelineSpec, pipeline_specs, vae_scale
 from .mmdit import COL, GATHER, ROW, check_tp_widths
+from .pag import VALUE_IDENTITY
 from .qkv import project_qkv
 
 
@@ -69,6 +70,13 @@ PIXART_PLAN = ModelPlan(
         "added_cond_kwargs": 0,
     },
     tensor=PIXART_TP_PLAN,
+    # PixArtSigmaPAGPipeline perturbs the self-attention (attn1) of its PAG layers.
+    perturbed=VALUE_IDENTITY,
+)
+
+PIXART_PIPELINES = pipeline_specs(
+    PipelineSpec(cls="PixArtSigmaPipeline", variants={"pag": "PixArtSigmaPAGPipeline"}),
+    PipelineSpec(cls="PixArtSigmaPAGPipeline", pag=True),
 )
 
 
@@ -143,7 +151,7 @@ PRESETS = (
 )
 
 FAMILY = Family(
-    name="pixart", pipelines=("PixArtSigmaPipeline",), plan=PIXART_PLAN, read_info=read_pixart_info,
+    name="pixart", pipelines=PIXART_PIPELINES, plan=PIXART_PLAN, read_info=read_pixart_info,
     call_kwargs=pixart_call_kwargs, bench_kwargs=pixart_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_tp_widths,
 )

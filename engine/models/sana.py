@@ -20,6 +20,11 @@ before the model's own unpatchify. Each block then needs, per rank:
   rank above and the rank below.
 Norms, modulation, gates and residuals are per token.
 
+PAG: SanaPAGPipeline batches [negative, prompt, perturbed] (or [prompt, perturbed]): `--cfg 3` runs one
+branch per rank, `--cfg 2` [uncond, cond | perturbed] or [cond | perturbed]; the perturbed rows of its PAG
+layers run identity attention (engine/models/pag.py), the others Sana's own linear attention (without
+its Q/K norms there, as diffusers' PAG processors).
+
 CFG: the pipeline batches [negative, prompt]; each cfg rank takes one half (`--cfg 2 --ulysses 2`).
 
 TP: Q/K/V of both attentions column-split (whole heads per rank), their outputs row-split; the Q/K
@@ -44,11 +49,13 @@ import torch.nn.functional as F
 from engine.presets.components import DC_AE_F32C32, GEMMA2_2B, TINY_DC_AE_F32, TINY_GEMMA2, dc_ae, gemma2
 from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.linear_attention import linear_attention
+from shardiff_parallel.perturbed import PerturbedPlan
 from shardiff_parallel.plan import ModelPlan, RowsArg, SeqContext, SeqDim, grid_conv
 from shardiff_parallel.tensor import Colwise, Rowwise, SplitNorm
 
 from .dit import dit_info
-from .family import Family, vae_scale
+from .family import Family, PipelineSpec, pipeline_specs, vae_scale
+from .pag import ValueIdentityAttention
 from .mmdit import COL, GATHER, ROW
 from .pixart import pixart_bench_kwargs, pixart_call_kwargs
 
@@ -60,19 +67,24 @@ def _heads_BHDS(x_BSF: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 class SanaLinearAttnProcessor:
     """diffusers' SanaLinearAttnProcessor2_0 with the key-value state summed over the sp ranks (each
-    holds whole rows of the image); the head count follows the projection width (TP shards)."""
+    holds whole rows of the image); the head count follows the projection width (TP shards).
 
-    def __init__(self, ctx: SeqContext, attention=None):
+    `qk_norm=False` leaves out the Q/K norms, as diffusers' PAG processors for Sana do in the PAG layers
+    (PAGCFGSanaLinearAttnProcessor2_0 never applies `norm_q` / `norm_k`: on SANA 1.5, whose blocks have
+    them, a PAG layer runs without them in diffusers, and so here, so that the image is diffusers')."""
+
+    def __init__(self, ctx: SeqContext, attention=None, *, qk_norm: bool = True):
         self.group = ctx.mesh.group("sp")
+        self.qk_norm = qk_norm
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("shardiff's Sana self-attention takes neither a mask nor a context")
         original_dtype = hidden_states.dtype
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        if attn.norm_q is not None:
+        if attn.norm_q is not None and self.qk_norm:
             query = attn.norm_q(query)
-        if attn.norm_k is not None:
+        if attn.norm_k is not None and self.qk_norm:
             key = attn.norm_k(key)
         head_dim = attn.inner_dim // attn.heads
         q_BHDS, k_BHDS, v_BHDS = (_heads_BHDS(t, head_dim) for t in (query, key, value))
@@ -160,6 +172,15 @@ SANA_PLAN = ModelPlan(
                "transformer_blocks.*.attn2": SanaCrossAttnProcessor},
     batch_inputs={"hidden_states": 0, "encoder_hidden_states": 0, "encoder_attention_mask": 0, "timestep": 0},
     tensor=SANA_TP_PLAN,
+    # SanaPAGPipeline perturbs the self-attention (attn1) of its PAG layers: the perturbed rows run
+    # identity attention, the others SanaLinearAttnProcessor (its all-reduced state under a sequence
+    # split) without the Q/K norms, as diffusers' PAG processors.
+    perturbed=PerturbedPlan(perturbed=ValueIdentityAttention,
+                            normal=lambda ctx, attention: SanaLinearAttnProcessor(ctx, attention, qk_norm=False)),
+)
+SANA_PIPELINES = pipeline_specs(
+    PipelineSpec(cls="SanaPipeline", variants={"pag": "SanaPAGPipeline"}),
+    PipelineSpec(cls="SanaPAGPipeline", pag=True),
 )
 
 
@@ -261,7 +282,7 @@ PRESETS = (
 # SanaPipeline takes the same arguments as PixArtSigmaPipeline (prompt, mask-carrying embeddings,
 # resolution binning, caption cleaning), so the request → kwargs mappings are PixArt's.
 FAMILY = Family(
-    name="sana", pipelines=("SanaPipeline",), plan=SANA_PLAN, read_info=read_sana_info,
+    name="sana", pipelines=SANA_PIPELINES, plan=SANA_PLAN, read_info=read_sana_info,
     call_kwargs=pixart_call_kwargs, bench_kwargs=pixart_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_sana_tp, heads_split=False,
     check_size=check_sana_size,

@@ -10,7 +10,14 @@ ranks does not matter to unmasked attention). Everything else in a block is per 
 
 CFG: the pipeline batches [negative, prompt]; each cfg rank takes one half of every batched input.
 
-Legend: B batch, S tokens (this rank's joint piece), H heads, D head dim.
+Pipelines: StableDiffusion3Pipeline and its img2img / inpaint forms (same transformer, the pipeline
+starts from the input image's noised latents and, inpainting, blends the kept region back each step),
+and the PAG forms (StableDiffusion3PAGPipeline, StableDiffusion3PAGImg2ImgPipeline): their batch is
+[uncond, cond, perturbed] (or [cond, perturbed]), the cfg ranks take whole branches
+(parallel/perturbed.py) and the PAG layers' perturbed rows run `SD3PerturbedAttnProcessor` below.
+
+Legend: B batch, S tokens (this rank's joint piece), N image tokens of this rank, T all text tokens, H
+heads, D head dim.
 """
 
 from __future__ import annotations
@@ -22,36 +29,35 @@ from engine.presets.components import (
 )
 from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.attention import ParallelAttention
+from shardiff_parallel.perturbed import PerturbedPlan
 from shardiff_parallel.plan import ModelPlan, SeqContext, SeqDim
+from shardiff_parallel.sharding import gather_pieces
 
 from .dit import dit_info
-from .family import Family, prompt_kwargs, vae_scale
+from .family import Family, PipelineSpec, pipeline_specs, prompt_kwargs, vae_scale
 from .mmdit import COL, MMDIT_TP_PLAN, ROW, check_tp_widths
 from .qkv import project_qkv
 
 
 class SD3ParallelAttnProcessor:
-    """diffusers' JointAttnProcessor2_0 with the attention call replaced by the mesh's parallel attention."""
+    """diffusers' JointAttnProcessor2_0 with the attention call replaced by the mesh's parallel attention.
 
-    def __init__(self, ctx: SeqContext, attention: ParallelAttention):
+    `qk_norm=False` leaves out the Q/K RMS norms, as diffusers' PAG joint processors do in the PAG layers
+    (PAGCFGJointAttnProcessor2_0 never applies `norm_q` / `norm_k`: on SD3.5, whose blocks have them, a PAG
+    layer runs without them in diffusers, and so here, so that the image is diffusers' image)."""
+
+    def __init__(self, ctx: SeqContext, attention: ParallelAttention, *, qk_norm: bool = True):
         self.ctx = ctx
         self.attention = attention
+        self.qk_norm = qk_norm
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if attention_mask is not None:
             raise ValueError("shardiff's SD3 attention does not take an attention mask")
-        # Processors derive head_dim from the layer's full out_features, so they take a column-split
-        # Q/K/V (TP) unchanged: each rank computes H/T heads.
-        head_dim = attn.to_k.out_features // attn.heads
-        q_BSHD, k_BSHD, v_BSHD = project_qkv(
-            hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k, head_dim
-        )
+        q_BSHD, k_BSHD, v_BSHD, head_dim = _image_qkv(attn, hidden_states, self.qk_norm)
         groups = ("image",)
         if encoder_hidden_states is not None:
-            eq_BSHD, ek_BSHD, ev_BSHD = project_qkv(
-                encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
-                attn.norm_added_q, attn.norm_added_k, head_dim,
-            )
+            eq_BSHD, ek_BSHD, ev_BSHD = _text_qkv(attn, encoder_hidden_states, head_dim, self.qk_norm)
             # SD3 puts the image first: [image, text], unlike Flux.
             q_BSHD = torch.cat([q_BSHD, eq_BSHD], dim=1)
             k_BSHD = torch.cat([k_BSHD, ek_BSHD], dim=1)
@@ -69,6 +75,74 @@ class SD3ParallelAttnProcessor:
         if not attn.context_pre_only:
             txt = attn.to_add_out(txt)
         return img, txt
+
+
+def _image_qkv(attn, hidden_states, qk_norm: bool):
+    # Processors derive head_dim from the layer's full out_features, so they take a column-split
+    # Q/K/V (TP) unchanged: each rank computes H/T heads.
+    head_dim = attn.to_k.out_features // attn.heads
+    norms = (attn.norm_q, attn.norm_k) if qk_norm else (None, None)
+    return (*project_qkv(hidden_states, attn.to_q, attn.to_k, attn.to_v, *norms, head_dim), head_dim)
+
+
+def _text_qkv(attn, encoder_hidden_states, head_dim: int, qk_norm: bool):
+    norms = (attn.norm_added_q, attn.norm_added_k) if qk_norm else (None, None)
+    return project_qkv(encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, *norms, head_dim)
+
+
+class SD3PerturbedAttnProcessor:
+    """The perturbed branch of a PAG layer, as diffusers' PAG joint processors compute it — under the mesh.
+
+    diffusers masks the joint attention of the perturbed rows so that image tokens see themselves and
+    every text token (identity among the image tokens), while text tokens see everything; Q/K norms
+    are not applied (see SD3ParallelAttnProcessor). Here, on this rank's joint piece:
+    - text queries: the unmasked parallel attention over every rank's tokens (its image-query half is
+      discarded — diffusers computes the whole masked attention too);
+    - image queries: softmax over [own key, all T text keys]; the text keys and values of the other
+      sequence-parallel ranks are gathered (T is a few hundred tokens), and the image keys never
+      leave their rank, so identity stays identity on any split. fp32, in query blocks.
+    """
+
+    QUERY_BLOCK = 4096
+
+    def __init__(self, ctx: SeqContext, attention: ParallelAttention):
+        self.ctx = ctx
+        self.attention = attention
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if attention_mask is not None:
+            raise ValueError("shardiff's SD3 attention does not take an attention mask")
+        q_BNHD, k_BNHD, v_BNHD, head_dim = _image_qkv(attn, hidden_states, qk_norm=False)
+        if encoder_hidden_states is None:  # image-only self-attention (SD3.5-medium's attn2): pure identity
+            return attn.to_out[1](attn.to_out[0](v_BNHD.flatten(2, 3)))
+        eq_BTHD, ek_BTHD, ev_BTHD = _text_qkv(attn, encoder_hidden_states, head_dim, qk_norm=False)
+        N = hidden_states.shape[1]
+        out_BSHD = self.attention(torch.cat([q_BNHD, eq_BTHD], 1), torch.cat([k_BNHD, ek_BTHD], 1),
+                                  torch.cat([v_BNHD, ev_BTHD], 1), self.ctx.joint_sizes("image", "text"))
+        txt = out_BSHD[:, N:].flatten(2, 3).to(q_BNHD.dtype)
+        if self.ctx.sizes:  # sequence split: every rank's text keys and values
+            both = torch.stack([ek_BTHD, ev_BTHD])
+            both = gather_pieces(both, 2, self.ctx.sizes["text"], self.ctx.mesh.group("sp"))
+            ek_BTHD, ev_BTHD = both.unbind(0)
+        img = torch.cat([
+            _self_and_text(q_BNHD[:, i : i + self.QUERY_BLOCK], k_BNHD[:, i : i + self.QUERY_BLOCK],
+                           v_BNHD[:, i : i + self.QUERY_BLOCK], ek_BTHD, ev_BTHD)
+            for i in range(0, N, self.QUERY_BLOCK)
+        ], dim=1).flatten(2, 3).to(q_BNHD.dtype)
+        img = attn.to_out[1](attn.to_out[0](img))
+        if not attn.context_pre_only:
+            txt = attn.to_add_out(txt)
+        return img, txt
+
+
+def _self_and_text(q_BNHD, k_BNHD, v_BNHD, k_BTHD, v_BTHD) -> torch.Tensor:
+    """Each image query attends to its own key and to every text key (fp32): [B, N, H, D]."""
+    scale = q_BNHD.shape[-1] ** -0.5
+    q, k, v, kt, vt = (t.float() for t in (q_BNHD, k_BNHD, v_BNHD, k_BTHD, v_BTHD))
+    own_BNH1 = (q * k).sum(-1, keepdim=True) * scale
+    text_BNHT = torch.einsum("bnhd,bthd->bnht", q, kt) * scale
+    p = torch.cat([own_BNH1, text_BNHT], dim=-1).softmax(dim=-1)
+    return p[..., :1] * v + torch.einsum("bnht,bthd->bnhd", p[..., 1:], vt)
 
 
 SD3_TP_PLAN = {
@@ -89,6 +163,22 @@ SD3_PLAN = ModelPlan(
     },
     batch_inputs={"hidden_states": 0, "encoder_hidden_states": 0, "pooled_projections": 0, "timestep": 0},
     tensor=SD3_TP_PLAN,
+    perturbed=PerturbedPlan(
+        perturbed=SD3PerturbedAttnProcessor,
+        normal=lambda ctx, attention: SD3ParallelAttnProcessor(ctx, attention, qk_norm=False),
+    ),
+)
+
+SD3_PIPELINES = pipeline_specs(
+    PipelineSpec(cls="StableDiffusion3Pipeline",
+                 variants={"image": "StableDiffusion3Img2ImgPipeline", "pag": "StableDiffusion3PAGPipeline"}),
+    PipelineSpec(cls="StableDiffusion3Img2ImgPipeline", inputs=("image",), required=("image",), strength=True,
+                 variants={"mask_image": "StableDiffusion3InpaintPipeline", "pag": "StableDiffusion3PAGImg2ImgPipeline"}),
+    PipelineSpec(cls="StableDiffusion3InpaintPipeline", inputs=("image", "mask_image"), required=("image", "mask_image"),
+                 strength=True),
+    PipelineSpec(cls="StableDiffusion3PAGPipeline", pag=True, variants={"image": "StableDiffusion3PAGImg2ImgPipeline"}),
+    PipelineSpec(cls="StableDiffusion3PAGImg2ImgPipeline", inputs=("image",), required=("image",), strength=True,
+                 pag=True),
 )
 
 
@@ -144,16 +234,17 @@ def sd3_preset(name, description, default_size, transformer, vae, clip_l, clip_g
 PRESETS = (
     sd3_preset("sd3.5-large", "SD3.5-large shapes (8B MMDiT, 38 heads; CLIP-L, CLIP-G, T5-XXL), random weights",
                1024, SD35_LARGE, SD3_VAE, CLIP_L, CLIP_G, T5_XXL),
-    # 6 heads: Ulysses 2 divides them, Ulysses 4 does not (as SD3.5-large's 38).
+    # 6 heads: Ulysses 2 divides them, Ulysses 4 does not (as SD3.5-large's 38). 16 latent channels, as the
+    # real VAE: StableDiffusion3InpaintPipeline accepts no other transformer width.
     sd3_preset("sd3-tiny", "tiny SD3 for CPU tests: 2 joint blocks, 6 heads x 16, 4-level VAE (scale 8)", 64,
                {**SD35_LARGE, "attention_head_dim": 16, "num_attention_heads": 6, "num_layers": 2,
                 "caption_projection_dim": 96, "joint_attention_dim": 96, "pooled_projection_dim": 80,
-                "in_channels": 4, "out_channels": 4, "pos_embed_max_size": 16, "sample_size": 8},
-               {**SD3_VAE, **TINY_KL, "latent_channels": 4, "sample_size": 64}, TINY_CLIP_L, TINY_CLIP_G, TINY_T5),
+                "in_channels": 16, "out_channels": 16, "pos_embed_max_size": 16, "sample_size": 8},
+               {**SD3_VAE, **TINY_KL, "sample_size": 64}, TINY_CLIP_L, TINY_CLIP_G, TINY_T5),
 )
 
 FAMILY = Family(
-    name="sd3", pipelines=("StableDiffusion3Pipeline",), plan=SD3_PLAN, read_info=read_sd3_info,
+    name="sd3", pipelines=SD3_PIPELINES, plan=SD3_PLAN, read_info=read_sd3_info,
     call_kwargs=prompt_kwargs, bench_kwargs=sd3_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_tp_widths,
 )

@@ -28,7 +28,8 @@ from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.config import ParallelConfig
 from shardiff_parallel.plan import ModelPlan
 
-from .family import Family, ModelInfo, vae_scale
+from .family import Family, ModelInfo, PipelineSpec, pipeline_specs, vae_scale
+from .pag import VALUE_IDENTITY
 
 # The UNet's forward inputs that carry the [uncond, cond] batch. SDXL's added_cond_kwargs
 # (text_embeds, time_ids) is a dict: the plan mechanism splits every tensor in it.
@@ -37,7 +38,27 @@ UNET_PLAN = ModelPlan(
         "sample": 0, "timestep": 0, "encoder_hidden_states": 0, "class_labels": 0, "timestep_cond": 0,
         "attention_mask": 0, "encoder_attention_mask": 0, "added_cond_kwargs": 0,
     },
+    # The PAG pipelines perturb the self-attention (attn1) of the blocks they name ("mid" by default).
+    perturbed=VALUE_IDENTITY,
 )
+
+
+def unet_pipelines(prefix: str) -> tuple[PipelineSpec, ...]:
+    """Text-to-image, img2img, inpainting and their PAG forms. img2img takes no height / width (the
+    output has the input image's size), so the engine hands it the image at the requested size."""
+    t2i, i2i, inp = f"{prefix}Pipeline", f"{prefix}Img2ImgPipeline", f"{prefix}InpaintPipeline"
+    pag_t2i, pag_i2i, pag_inp = f"{prefix}PAGPipeline", f"{prefix}PAGImg2ImgPipeline", f"{prefix}PAGInpaintPipeline"
+    image, both = ("image",), ("image", "mask_image")
+    return pipeline_specs(
+        PipelineSpec(cls=t2i, variants={"image": i2i, "pag": pag_t2i}),
+        PipelineSpec(cls=i2i, inputs=image, required=image, strength=True, sized=False,
+                     variants={"mask_image": inp, "pag": pag_i2i}),
+        PipelineSpec(cls=inp, inputs=both, required=both, strength=True, variants={"pag": pag_inp}),
+        PipelineSpec(cls=pag_t2i, pag=True, variants={"image": pag_i2i}),
+        PipelineSpec(cls=pag_i2i, inputs=image, required=image, strength=True, sized=False, pag=True,
+                     variants={"mask_image": pag_inp}),
+        PipelineSpec(cls=pag_inp, inputs=both, required=both, strength=True, pag=True),
+    )
 
 UNET_REFUSAL = (
     "a UNet is too small to shard: splitting one denoiser call (--ulysses/--ring/--tp) would exchange "
@@ -244,13 +265,13 @@ SDXL_PRESETS = (
 )
 
 
-def _unet_family(name: str, pipeline: str, presets) -> Family:
+def _unet_family(name: str, prefix: str, presets) -> Family:
     return Family(
-        name=name, pipelines=(pipeline,), plan=UNET_PLAN, read_info=functools.partial(read_unet_info, family=name), call_kwargs=unet_call_kwargs,
+        name=name, pipelines=unet_pipelines(prefix), plan=UNET_PLAN, read_info=functools.partial(read_unet_info, family=name), call_kwargs=unet_call_kwargs,
         bench_kwargs=unet_bench_kwargs, presets=presets, axes=frozenset({"cfg", "dp"}), denoiser="unet",
         refusals=REFUSALS, layout=unet_layout, gpu_dtype=torch.float16,
     )
 
 
-SD = _unet_family("sd", "StableDiffusionPipeline", SD_PRESETS)
-SDXL = _unet_family("sdxl", "StableDiffusionXLPipeline", SDXL_PRESETS)
+SD = _unet_family("sd", "StableDiffusion", SD_PRESETS)
+SDXL = _unet_family("sdxl", "StableDiffusionXL", SDXL_PRESETS)

@@ -31,7 +31,7 @@ from engine.presets.components import FLUX_VAE, QWEN3_4B, TINY_KL, TINY_QWEN3_2L
 from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.plan import ModelPlan, SeqDim
 
-from .family import Family, ModelInfo, prompt_kwargs, vae_scale
+from .family import Family, PipelineSpec, ModelInfo, prompt_kwargs, vae_scale
 from .mmdit import COL, GATHER, ROW, check_tp_widths
 from .nextdit import StackAttention, complex_rotary, stack_processors, stack_runs
 
@@ -163,7 +163,7 @@ PRESETS = (
 )
 
 FAMILY = Family(
-    name="zimage", pipelines=("ZImagePipeline",), plan=ZIMAGE_PLAN, read_info=read_zimage_info,
+    name="zimage", pipelines=(PipelineSpec(cls="ZImagePipeline"),), plan=ZIMAGE_PLAN, read_info=read_zimage_info,
     call_kwargs=zimage_call_kwargs, bench_kwargs=zimage_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_tp_widths, uses_cfg=zimage_uses_cfg,
     cfg_hint="--guidance > 0",

@@ -37,7 +37,9 @@ class TextEncoders:
     def __init__(self, plan: TextPlan, model: str, methods: tuple[str, ...]):
         self.plan, self.model, self.methods = plan, model, methods
         self.groups = None
-        self.broadcast = None
+        self.broadcasts: list = []
+        """`first`: one wrapper per pipeline that encodes (the loaded one and its img2img / inpainting /
+        PAG forms, engine/pipelines.py)."""
         self.image = [0]
         self.mesh = None
 
@@ -95,15 +97,16 @@ class TextEncoders:
                 for name, degree in self.plan.degrees.items() if degree > 1}
 
     def install(self, pipe) -> None:
-        """`first`: wrap the pipeline's encoding methods to encode on one rank and broadcast."""
+        """`first`: wrap the pipeline's encoding methods to encode on one rank and broadcast (each
+        pipeline made from the same components gets its own wrapper: they are instance methods)."""
         if self.plan.placement == "first":
             from .broadcast import BroadcastEncoding
 
             _, group = self.groups.mine(self.plan.ranks)
-            self.broadcast = BroadcastEncoding(pipe, self.methods, src=self.image[0], group=group,
-                                               device=self.mesh.device)
+            self.broadcasts.append(BroadcastEncoding(pipe, self.methods, src=self.image[0], group=group,
+                                                     device=self.mesh.device))
 
     def remove(self) -> None:
-        if self.broadcast is not None:
-            self.broadcast.remove()
-            self.broadcast = None
+        for broadcast in self.broadcasts:
+            broadcast.remove()
+        self.broadcasts.clear()

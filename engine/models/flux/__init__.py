@@ -1,7 +1,15 @@
-"""Flux (FluxPipeline, FluxTransformer2DModel): the family's plans, call, config reader and presets.
+"""Flux (FluxPipeline and its img2img / inpaint / Fill / Kontext / Control forms, FluxTransformer2DModel):
+the family's plans, pipelines, call, config reader and presets.
 
 Sequence parallelism splits the joint [text, image] stream (engine/models/flux/attention.py); TP's
-plans are in engine/models/flux/tp.py. CFG: FluxPipeline's true CFG (a negative prompt and
+plans are in engine/models/flux/tp.py. The editing pipelines need nothing more from the plans:
+- Fill and Control concatenate their conditioning latents (masked image and mask; control image) to
+  the noisy latents along the channels (`hidden_states` [B, S, 64 + 320] / [B, S, 128]): tokens stay
+  tokens, each rank's piece carries its own conditioning channels, `x_embedder` (replicated) reads them.
+- Kontext appends the reference image's tokens to the sequence (`hidden_states` [B, S_img + S_ref, 64],
+  `img_ids` with its own positions: first id 1) and keeps the first S_img of the output: the plan
+  splits the whole concatenation as the "image" group, ids alike, and gathers it whole before the
+  pipeline slices it. Attention does not care where on the ranks a token lands. CFG: FluxPipeline's true CFG (a negative prompt and
 true_cfg_scale > 1) calls the transformer twice per step, prompt then negative prompt, and combines
 the two predictions after the second call: the engine runs those two calls on the two cfg ranks at
 once (`cfg_pairs`, parallel/cfg_pairs.py). Flux-dev's embedded `guidance_scale` is not CFG
@@ -16,7 +24,7 @@ from engine.presets.components import CLIP_L, FLUX_VAE, T5_XXL, TINY_CLIP_L, TIN
 from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.plan import ModelPlan, SeqDim
 
-from ..family import Family, ModelInfo, prompt_kwargs, vae_scale
+from ..family import Family, ModelInfo, PipelineSpec, pipeline_specs, prompt_kwargs, vae_scale
 from ..mmdit import check_tp_widths
 from .attention import FluxParallelAttnProcessor
 from .tp import FLUX_TP_PLAN, FLUX_TP_SEQUENCE_PLAN
@@ -55,8 +63,8 @@ def flux_uses_cfg(kwargs: dict) -> bool:
 
 
 def flux_token_counts(info, kwargs: dict, height: int, width: int) -> dict[str, int]:
-    """Tokens of each group that FluxPipeline gives the transformer: T5 pads the prompt to
-    max_sequence_length; one image token per 2×2 latent patch."""
+    """Tokens of each group that the Flux pipelines give the transformer: T5 pads the prompt to
+    max_sequence_length; one image token per 2×2 latent patch, and Kontext's reference image's tokens."""
     import inspect
 
     from diffusers import FluxPipeline
@@ -65,7 +73,48 @@ def flux_token_counts(info, kwargs: dict, height: int, width: int) -> dict[str, 
     if text is None:
         text = inspect.signature(FluxPipeline.__call__).parameters["max_sequence_length"].default
     m = info.spatial_multiple
-    return {"text": text, "image": (height // m) * (width // m)}
+    return {"text": text, "image": (height // m) * (width // m) + kontext_reference_tokens(info, kwargs)}
+
+
+def kontext_call(request, height: int, width: int) -> dict:
+    """FluxKontextPipeline rescales the output to `max_area` pixels (1024² by default): the requested size
+    is kept by asking for exactly its area. It also resizes the reference image to the nearest resolution
+    Kontext was trained at, unless the request keeps the image's own size."""
+    return {"max_area": height * width, "_auto_resize": not request.keep_image_size}
+
+
+def kontext_reference_tokens(info, kwargs: dict) -> int:
+    """Tokens of Kontext's reference image, sized as FluxKontextPipeline sizes it (0 without one)."""
+    image = kwargs.get("image")
+    if "max_area" not in kwargs or image is None:
+        return 0
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    m = info.spatial_multiple
+    width, height = (v - v % m for v in image.size)
+    if kwargs.get("_auto_resize", True):
+        _, width, height = min((abs(width / height - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    return (height // m) * (width // m)
+
+
+_IMAGE, _MASK, _CONTROL = "image", "mask_image", "control_image"
+FLUX_PIPELINES = pipeline_specs(
+    PipelineSpec(cls="FluxPipeline", variants={"image": "FluxImg2ImgPipeline"}),
+    PipelineSpec(cls="FluxImg2ImgPipeline", inputs=(_IMAGE,), required=(_IMAGE,), strength=True,
+                 variants={"mask_image": "FluxInpaintPipeline"}),
+    PipelineSpec(cls="FluxInpaintPipeline", inputs=(_IMAGE, _MASK), required=(_IMAGE, _MASK), strength=True),
+    # FLUX.1-Fill: its own transformer (masked image and mask as extra input channels).
+    PipelineSpec(cls="FluxFillPipeline", inputs=(_IMAGE, _MASK), required=(_IMAGE, _MASK), strength=True),
+    # FLUX.1-Kontext: edits the reference image; without one it draws from text alone.
+    PipelineSpec(cls="FluxKontextPipeline", inputs=(_IMAGE,), call_extra=kontext_call),
+    # FLUX.1-Canny / -Depth: the control image's latents as extra input channels.
+    PipelineSpec(cls="FluxControlPipeline", inputs=(_CONTROL,), required=(_CONTROL,),
+                 variants={"image": "FluxControlImg2ImgPipeline"}),
+    PipelineSpec(cls="FluxControlImg2ImgPipeline", inputs=(_IMAGE, _CONTROL), required=(_IMAGE, _CONTROL),
+                 strength=True, variants={"mask_image": "FluxControlInpaintPipeline"}),
+    PipelineSpec(cls="FluxControlInpaintPipeline", inputs=(_IMAGE, _MASK, _CONTROL), required=(_IMAGE, _MASK, _CONTROL),
+                 strength=True),
+)
 
 
 def flux_bench_kwargs(info, *, text_tokens: int, device, dtype) -> dict:
@@ -123,10 +172,19 @@ FLUX_TINY_TRANSFORMER = dict(
 )
 
 
+# The editing models' transformers differ in their input channels only: Fill reads [latents 64, masked
+# image 64, mask 256 (an 8×8 pixel patch per latent cell, packed 2×2)], Control [latents 64, control 64];
+# both predict the 64 latent channels. At tiny size (4 latent channels): 16 + 16 + 256 and 16 + 16.
+FLUX_FILL_TRANSFORMER = {**FLUX_DEV_TRANSFORMER, "in_channels": 384, "out_channels": 64}
+FLUX_CONTROL_TRANSFORMER = {**FLUX_DEV_TRANSFORMER, "in_channels": 128, "out_channels": 64}
+FLUX_TINY_FILL_TRANSFORMER = {**FLUX_TINY_TRANSFORMER, "in_channels": 16 + 16 + 256, "out_channels": 16}
+FLUX_TINY_CONTROL_TRANSFORMER = {**FLUX_TINY_TRANSFORMER, "in_channels": 32, "out_channels": 16}
+
+
 def flux_preset(name: str, description: str, default_size: int, transformer: dict, vae: dict, clip: dict, t5: dict,
-                scheduler: dict = FLUX_DEV_SCHEDULER) -> PresetSpec:
+                scheduler: dict = FLUX_DEV_SCHEDULER, pipeline_class: str = "FluxPipeline") -> PresetSpec:
     return PresetSpec(
-        name=name, family="flux", pipeline_class="FluxPipeline", description=description, default_size=default_size,
+        name=name, family="flux", pipeline_class=pipeline_class, description=description, default_size=default_size,
         components={
             "transformer": Component("diffusers", "FluxTransformer2DModel", transformer),
             "vae": kl_vae(vae),
@@ -138,23 +196,39 @@ def flux_preset(name: str, description: str, default_size: int, transformer: dic
     )
 
 
+# 4 latent channels x 2x2 packing = the tiny transformer's 16 input channels.
+FLUX_TINY_VAE = {**FLUX_VAE, **TINY_KL, "latent_channels": 4, "sample_size": 128}
+FLUX_TINY_T5 = {**TINY_T5, "d_model": 64}
+
+
+def _tiny(name: str, description: str, transformer: dict, pipeline_class: str = "FluxPipeline") -> PresetSpec:
+    return flux_preset(name, description, 128, transformer, FLUX_TINY_VAE, TINY_CLIP_L, FLUX_TINY_T5,
+                       pipeline_class=pipeline_class)
+
+
 PRESETS = (
-    flux_preset(
-        "flux-tiny", "tiny Flux for CPU tests: 2+2 blocks, 8 heads x 16, 4-level VAE (scale 8)", 128,
-        FLUX_TINY_TRANSFORMER,
-        # 4 latent channels x 2x2 packing = the transformer's 16 input channels.
-        {**FLUX_VAE, **TINY_KL, "latent_channels": 4, "sample_size": 128},
-        TINY_CLIP_L, {**TINY_T5, "d_model": 64},
-    ),
+    _tiny("flux-tiny", "tiny Flux for CPU tests: 2+2 blocks, 8 heads x 16, 4-level VAE (scale 8)", FLUX_TINY_TRANSFORMER),
+    _tiny("flux-fill-tiny", "tiny FLUX.1-Fill (FluxFillPipeline): flux-tiny reading 16 + 16 + 256 channels",
+          FLUX_TINY_FILL_TRANSFORMER, "FluxFillPipeline"),
+    _tiny("flux-kontext-tiny", "tiny FLUX.1-Kontext (FluxKontextPipeline): flux-tiny's transformer",
+          FLUX_TINY_TRANSFORMER, "FluxKontextPipeline"),
+    _tiny("flux-control-tiny", "tiny FLUX.1-Canny/Depth (FluxControlPipeline): flux-tiny reading 32 channels",
+          FLUX_TINY_CONTROL_TRANSFORMER, "FluxControlPipeline"),
     flux_preset("flux-dev", "FLUX.1-dev shapes (12B transformer, CLIP-L, T5-XXL), random weights", 1024,
                 FLUX_DEV_TRANSFORMER, FLUX_VAE, CLIP_L, T5_XXL),
+    flux_preset("flux-kontext-dev", "FLUX.1-Kontext-dev shapes (FluxKontextPipeline, flux-dev's transformer), random weights",
+                1024, FLUX_DEV_TRANSFORMER, FLUX_VAE, CLIP_L, T5_XXL, pipeline_class="FluxKontextPipeline"),
+    flux_preset("flux-fill-dev", "FLUX.1-Fill-dev shapes (FluxFillPipeline, 384 input channels), random weights", 1024,
+                FLUX_FILL_TRANSFORMER, FLUX_VAE, CLIP_L, T5_XXL, pipeline_class="FluxFillPipeline"),
+    flux_preset("flux-canny-dev", "FLUX.1-Canny-dev shapes (FluxControlPipeline, 128 input channels), random weights",
+                1024, FLUX_CONTROL_TRANSFORMER, FLUX_VAE, CLIP_L, T5_XXL, pipeline_class="FluxControlPipeline"),
     flux_preset("flux-schnell", "FLUX.1-schnell shapes (no guidance embedding, unshifted scheduler), random weights",
                 1024, {**FLUX_DEV_TRANSFORMER, "guidance_embeds": False}, FLUX_VAE, CLIP_L, T5_XXL,
                 FLUX_SCHNELL_SCHEDULER),
 )
 
 FAMILY = Family(
-    name="flux", pipelines=("FluxPipeline",), plan=FLUX_PLAN, read_info=read_flux_info,
+    name="flux", pipelines=FLUX_PIPELINES, plan=FLUX_PLAN, read_info=read_flux_info,
     call_kwargs=flux_call_kwargs, bench_kwargs=flux_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "tp", "cfg"}), check_tp=check_tp_widths,
     uses_cfg=flux_uses_cfg, cfg_pairs=True, token_counts=flux_token_counts,

@@ -37,7 +37,7 @@ from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.plan import ModelPlan, SeqDim
 from shardiff_parallel.tensor import PACKED, Colwise, Rowwise
 
-from ..family import Family, ModelInfo, vae_scale
+from ..family import Family, PipelineSpec, ModelInfo, vae_scale
 from ..flux import FLUX_DEV_SCHEDULER
 from ..flux.attention import FluxParallelAttnProcessor
 from ..mmdit import COL, GATHER, ROW, check_tp_widths
@@ -207,7 +207,7 @@ KLEIN_PRESETS = (
 
 _COMMON = dict(plan=FLUX2_PLAN, check_tp=check_tp_widths)
 FAMILY = Family(
-    name="flux2", pipelines=("Flux2Pipeline",), read_info=functools.partial(read_flux2_info, family="flux2"),
+    name="flux2", pipelines=(PipelineSpec(cls="Flux2Pipeline"),), read_info=functools.partial(read_flux2_info, family="flux2"),
     call_kwargs=flux2_call_kwargs, bench_kwargs=flux2_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "tp"}),
     refusals={"cfg": "Flux2Pipeline runs one transformer call per step (FLUX.2-dev's guidance is an input of the "
@@ -215,7 +215,7 @@ FAMILY = Family(
     **_COMMON,
 )
 KLEIN = Family(
-    name="flux2-klein", pipelines=("Flux2KleinPipeline",),
+    name="flux2-klein", pipelines=(PipelineSpec(cls="Flux2KleinPipeline"),),
     read_info=functools.partial(read_flux2_info, family="flux2-klein"), call_kwargs=klein_call_kwargs,
     bench_kwargs=klein_bench_kwargs, presets=KLEIN_PRESETS, axes=frozenset({"ulysses", "ring", "tp", "cfg"}),
     uses_cfg=klein_uses_cfg, cfg_pairs=True, cfg_hint="--guidance > 1 (its negative branch is the empty prompt)",

@@ -40,7 +40,7 @@ from engine.presets.components import (
 from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.plan import ModelPlan, SeqDim
 
-from ..family import Family, ModelInfo
+from ..family import Family, PipelineSpec, ModelInfo
 from ..flux import flux_uses_cfg
 from ..mmdit import COL, GATHER, ROW, check_tp_widths
 from .attention import QwenImageParallelAttnProcessor
@@ -163,7 +163,7 @@ PRESETS = (
 )
 
 FAMILY = Family(
-    name="qwen-image", pipelines=("QwenImagePipeline",), plan=QWEN_IMAGE_PLAN, read_info=read_qwen_image_info,
+    name="qwen-image", pipelines=(PipelineSpec(cls="QwenImagePipeline"),), plan=QWEN_IMAGE_PLAN, read_info=read_qwen_image_info,
     call_kwargs=qwen_image_call_kwargs, bench_kwargs=qwen_image_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "tp", "cfg"}), check_tp=check_tp_widths,
     uses_cfg=flux_uses_cfg, cfg_pairs=True,

@@ -1,0 +1,244 @@
+"""`python -m engine.bench.pipelines` / `torchrun … -m engine.bench.pipelines`: per-step latency of the
+editing pipelines and of a LoRA'd model, against plain diffusers in the same launch.
+
+Cases (each on the same random weights of a preset's real architecture, random prompt embeddings of the
+real length, latent output):
+- `t2i`: the preset's own pipeline (FluxPipeline);
+- `img2img`: its img2img form (FluxImg2ImgPipeline, `--strength`) from a random input image;
+- `kontext`: FluxKontextPipeline (the flux-dev transformer is Kontext-dev's shape) editing a random
+  image of the output size, resized by the pipeline as usual: the reference image's tokens double the
+  image sequence (1024²: 4096 + 4096 image tokens);
+- `lora`: t2i with a random rank-`--lora-rank` LoRA on every linear of the transformer's blocks. Our
+  layouts fuse it (engine/lora.py): the same weights' shapes, so no slower than `t2i`; `diffusers` runs it
+  as diffusers does after `load_lora_weights` (PEFT layers, unfused).
+Systems: `diffusers` (the pipeline as is, its default attention) and our layouts (engine.bench names:
+`1`, `u2`, `u4:compile`, …; a layout of n ranks uses ranks 0..n-1).
+
+Per-step latency is the median interval between the ends of consecutive denoising steps (a
+`callback_on_step_end` that synchronises the GPU), so the VAE encoding of the input image and the text
+work stay out of it; the median runs over every interval of every timed repeat after `--warmup` runs.
+Relative L2 of the latents is against the case's first system.
+
+    python -m engine.bench.pipelines --model flux-dev --size 1024 --steps 8 --cases t2i,img2img,kontext,lora \\
+        --systems diffusers,1,1:compile --json pipelines.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from engine.models import family, get_preset
+from engine.runtime.distributed import UserError, init_distributed, pick_device
+from shardiff_parallel.attention import ParallelAttention
+from shardiff_parallel.mesh import Mesh
+from shardiff_parallel.plan import apply_plan
+
+from .layouts import parse_layout
+
+CASES = ("t2i", "img2img", "kontext", "lora")
+PIPELINE_OF_CASE = {"img2img": "FluxImg2ImgPipeline", "kontext": "FluxKontextPipeline"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="engine.bench.pipelines", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="flux-dev", help="a Flux preset (random weights, real config)")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    p.add_argument("--systems", default="diffusers,1", help="diffusers and/or our layouts (engine.bench names)")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="img2img strength (1.0: every step runs, so the per-step figure is comparable)")
+    p.add_argument("--lora-rank", type=int, default=64)
+    p.add_argument("--keep-image-size", action="store_true",
+                   help="kontext: keep the input image's size (default: diffusers' resize to a trained resolution)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument("--json", default=None, help="write the results here (rank 0)")
+    return p
+
+
+def random_lora(model: torch.nn.Module, rank: int, seed: int = 0) -> dict:
+    """A LoRA in diffusers' keys on every Linear of the transformer's blocks (what style LoRAs train)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and "transformer_blocks." in name:
+            out[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) / m.in_features**0.5
+            out[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.01
+    return out
+
+
+def _image(size: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+class _StepClock:
+    """callback_on_step_end: the time at the end of each denoising step."""
+
+    def __init__(self, device):
+        self.device, self.ends = device, []
+
+    def __call__(self, pipe, step, timestep, callback_kwargs):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.ends.append(time.perf_counter())
+        return callback_kwargs
+
+
+def _run(pipe, kwargs, args, device, group) -> tuple[dict, torch.Tensor]:
+    intervals, first = [], None
+    for i in range(args.warmup + args.repeats):
+        clock = _StepClock(device)
+        if group is not None:
+            dist.barrier(group=group)
+        start = time.perf_counter()
+        out = pipe(**kwargs, num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(0),
+                   output_type="latent", callback_on_step_end=clock)
+        if i == 0:
+            first = time.perf_counter() - start
+        if i >= args.warmup:
+            intervals += [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    if not intervals:
+        raise ValueError("fewer than two denoising steps ran: raise --steps (or --strength)")
+    return {"per_step_ms": round(statistics.median(intervals) * 1e3, 2), "first_call_s": round(first, 2),
+            "steps_timed": len(intervals)}, out.images
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    from engine.config import EngineConfig
+    from engine.lora import LoraState, parse_lora
+
+    device = pick_device(None)
+    env = init_distributed(device, timedelta(minutes=10))
+    try:
+        spec = get_preset(args.model)
+        fam = family(spec.family)
+        if fam.name != "flux":
+            raise ValueError(f"--model {args.model}: this benchmark runs the Flux pipelines (a flux preset)")
+        cases = args.cases.split(",")
+        bad = [c for c in cases if c not in CASES]
+        if bad:
+            raise ValueError(f"unknown case(s) {', '.join(bad)}; cases: {', '.join(CASES)}")
+        systems = args.systems.split(",")
+        layouts = {s: parse_layout(s) for s in systems if s != "diffusers"}
+        for name, lay in layouts.items():
+            if lay.system != "shardiff":
+                raise ValueError(f"system {name!r}: diffusers or our layouts")
+            if lay.config.world_size > env.world_size:
+                raise ValueError(f"layout {name} needs {lay.config.world_size} ranks, {env.world_size} launched")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    dtype = EngineConfig(dtype=args.dtype).torch_dtype(device, fam.gpu_dtype)
+    base = spec.build_pipeline(dtype=dtype, device=device, with_text_encoders=False)
+    base.set_progress_bar_config(disable=True)
+    embeds = fam.bench_kwargs(spec_info(args.model), text_tokens=args.text_tokens, device=device, dtype=dtype)
+    meshes = {n: Mesh.build(l.config, device, ranks=list(range(l.config.world_size))) for n, l in layouts.items()}
+    tmp = tempfile.mkdtemp(prefix="shardiff-bench-lora-")
+    lora_path = os.path.join(tmp, f"rank{env.rank}.safetensors")
+    if "lora" in cases:
+        from safetensors.torch import save_file
+
+        save_file({k: v.to(dtype) for k, v in random_lora(base.transformer, args.lora_rank).items()}, lora_path)
+    results, reference = [], {}
+    for case in cases:
+        pipe = base
+        if case in PIPELINE_OF_CASE:
+            from engine.pipelines import from_pipe
+
+            pipe = from_pipe(PIPELINE_OF_CASE[case], base, dtype)
+            pipe.set_progress_bar_config(disable=True)
+        kwargs = dict(embeds, height=args.size, width=args.size)
+        if case == "img2img":
+            kwargs.update(image=_image(args.size), strength=args.strength)
+        if case == "kontext":
+            kwargs.update(image=_image(args.size), max_area=args.size * args.size, _auto_resize=not args.keep_image_size)
+        for system in systems:
+            lay = layouts.get(system)
+            member = lay is None and env.rank == 0 or lay is not None and env.rank < lay.config.world_size
+            record = {"model": args.model, "case": case, "pipeline": type(pipe).__name__, "system": system,
+                      "size": args.size, "steps": args.steps, "ranks": 1 if lay is None else lay.config.world_size}
+            latents = None
+            if member:
+                undo = []
+                try:
+                    if lay is None and case == "lora":  # diffusers' own way: PEFT layers, unfused
+                        base.load_lora_weights(lora_path, adapter_name="bench")
+                        undo.append(base.unload_lora_weights)
+                    if lay is not None:
+                        if case == "lora":
+                            state = LoraState(base, fam)
+                            state.set([parse_lora(lora_path)])
+                            undo.append(lambda s=state: s.set([]))
+                        mesh = meshes[system]
+                        applied = apply_plan(base.transformer, fam.pipeline_plan, mesh, ParallelAttention(mesh))
+                        undo.insert(0, applied.remove)
+                        if lay.compile:
+                            from engine.runtime.compile import compile_denoiser, uncompile
+
+                            blocks = compile_denoiser(base.transformer)
+                            undo.insert(0, lambda b=blocks: uncompile(b))
+                    group = None if lay is None else next(
+                        (meshes[system].group(a) for a in ("sp", "cfg", "tp") if meshes[system].size(a) > 1), None)
+                    timing, latents = _run(pipe, kwargs, args, device, group)
+                    record.update(timing)
+                    if device.type == "cuda":
+                        record["device"] = torch.cuda.get_device_name(device)
+                except Exception as e:  # one failed system must not cost the rest of the launch
+                    record["error"] = f"{type(e).__name__}: {e}"[:500]
+                finally:
+                    for fn in undo:
+                        fn()
+            if env.rank == 0:
+                if latents is not None:
+                    ref = reference.setdefault(case, latents.float().cpu())
+                    record["rel_l2_vs_first"] = ((latents.float().cpu() - ref).norm() / ref.norm()).item()
+                results.append(record)
+                print(json.dumps(record), flush=True)
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump(results, f, indent=1)
+            if dist.is_initialized():
+                dist.barrier()
+    if env.rank == 0:
+        _table(results)
+
+
+def spec_info(model: str):
+    from engine.loading import inspect_model
+
+    return inspect_model(model)
+
+
+def _table(results: list[dict]) -> None:
+    print(f"\n{'case':>8} {'pipeline':>22} {'system':>14} {'ranks':>5} {'ms/step':>9} {'first s':>8} {'rel L2':>9}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['case']:>8} {r['pipeline']:>22} {r['system']:>14} {r['ranks']:>5}  error: {r['error']}")
+            continue
+        print(f"{r['case']:>8} {r['pipeline']:>22} {r['system']:>14} {r['ranks']:>5} {r['per_step_ms']:>9.2f} "
+              f"{r['first_call_s']:>8.2f} {r.get('rel_l2_vs_first', float('nan')):>9.2e}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    from engine.runtime.distributed import run_main
+
+    run_main(lambda: main())

@@ -1,0 +1,109 @@
+"""Image inputs of a request (img2img, inpainting, Fill, Kontext, Control): read, checked, recorded.
+
+A request names its images by path or passes PIL images (`GenerateRequest.image`, `mask_image`,
+`control_image`). Every rank reads and checks them before the first collective (missing, unreadable,
+not an image: one ValueError line), converts them as the pipelines expect (images RGB; masks one
+channel, white = repaint) and records each in the output's metadata by the hash of its pixels
+(engine/image_io.py `image_sha256`). Another image input (a ControlNet's conditioning image) is one
+more entry in `IMAGE_FIELDS` and in the `inputs` of the pipelines that take it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from .image_io import image_sha256
+
+IMAGE_FIELDS = {"image": "RGB", "mask_image": "L", "control_image": "RGB"}
+"""Request field → the PIL mode the pipelines get it in."""
+FLAGS = {"image": "--image", "mask_image": "--mask-image", "control_image": "--control-image",
+         "strength": "--strength", "pag_scale": "--pag-scale"}
+
+
+def _is_image_value(value) -> bool:
+    return isinstance(value, (str, os.PathLike, Image.Image))
+
+
+def check_request_inputs(request) -> None:
+    """What can be said of a request's image inputs without the model: types, ranges, combinations."""
+    for name in IMAGE_FIELDS:
+        value = getattr(request, name)
+        if value is not None and not _is_image_value(value):
+            raise ValueError(f"{FLAGS[name]} must be a path or a PIL image, got {type(value).__name__}")
+    if request.mask_image is not None and request.image is None:
+        raise ValueError("--mask-image needs --image: the mask says which part of that image to repaint")
+    if request.strength is not None:
+        if not 0 < request.strength <= 1:
+            raise ValueError(f"--strength must be in (0, 1] (the share of the denoising redone from the input "
+                             f"image), got {request.strength}")
+        if request.image is None:
+            raise ValueError("--strength is how far to move away from an input image: it needs --image")
+        if request.steps * request.strength < 1:
+            raise ValueError(f"--strength {request.strength} × --steps {request.steps} leaves no denoising step; "
+                             "raise --steps or --strength")
+    if request.pag_scale is not None and not request.pag_scale > 0:
+        raise ValueError(f"--pag-scale must be > 0 (leave it out for no perturbed-attention guidance), "
+                         f"got {request.pag_scale}")
+
+
+def load_image(value, name: str) -> Image.Image:
+    """The image `value` (a path or a PIL image) in the mode its field wants; ValueError naming the flag."""
+    mode = IMAGE_FIELDS[name]
+    if isinstance(value, Image.Image):
+        image = value
+    else:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ValueError(f"{FLAGS[name]} {str(value)!r}: no such file")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = im.copy()
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise ValueError(f"{FLAGS[name]} {str(value)!r} cannot be read as an image ({e})") from None
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"{FLAGS[name]} is an empty image")
+    return image if image.mode == mode else image.convert(mode)
+
+
+def load_inputs(request) -> dict[str, Image.Image]:
+    """Field → loaded image, for the image inputs the request has."""
+    return {name: load_image(getattr(request, name), name) for name in IMAGE_FIELDS if getattr(request, name) is not None}
+
+
+def record(value, image: Image.Image) -> dict:
+    """What the PNG metadata says of one input image."""
+    out = {"sha256": image_sha256(image), "size": [image.width, image.height]}
+    if not isinstance(value, Image.Image):
+        out["path"] = str(value)
+    return out
+
+
+def describe(value) -> str | None:
+    """An image field in a request's dict form (JSON, compared across ranks): the path, or for a PIL
+    image its size and pixel hash."""
+    if value is None or not isinstance(value, Image.Image):
+        return None if value is None else str(value)
+    return f"<PIL {value.mode} {value.width}x{value.height} sha256:{image_sha256(value)[:16]}>"
+
+
+def default_size(images: dict[str, Image.Image], multiple: int) -> tuple[int, int] | None:
+    """(height, width) of the output when the request gives none: the first input image's size, rounded
+    down to the model's multiple; None without input images."""
+    first = next((images[n] for n in IMAGE_FIELDS if n in images), None)
+    if first is None:
+        return None
+    height, width = first.height // multiple * multiple, first.width // multiple * multiple
+    if not height or not width:
+        raise ValueError(f"the input image is {first.width}x{first.height}, smaller than the model's "
+                         f"{multiple}-pixel multiple; give --height and --width")
+    return height, width
+
+
+def fit(image: Image.Image, height: int, width: int) -> Image.Image:
+    """`image` at the output size (for pipelines that take no height / width: their output has the input's
+    size). Lanczos, as diffusers' image processors resize."""
+    return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)

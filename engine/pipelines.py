@@ -1,0 +1,190 @@
+"""Which diffusers pipeline runs a request, built from the already loaded components, and what it is given.
+
+The choice starts at the model directory's class (model_index.json: FluxFillPipeline,
+FluxKontextPipeline, StableDiffusion3Pipeline, …) and follows the family's `PipelineSpec.variants`
+links (engine/models/*) for what the request brings that the class does not take: `--image` → its
+img2img form, then `--mask-image` → its inpainting form, then `--pag-scale` → its PAG form. Each
+pipeline other than the loaded one is made once with diffusers' `from_pipe` — the same module objects,
+no weight loaded or copied — and kept, so the plan applied to the denoiser, LoRAs fused into it and
+compiled blocks serve every one of them.
+
+Before each call `bind` tells the plan how many guidance branches the pipeline batches (for the cfg
+split of whole branches) and gives a PAG pipeline the mesh's perturbed-attention processors
+(parallel/perturbed.py) through diffusers' own `set_pag_applied_layers`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from .inputs import FLAGS, IMAGE_FIELDS, default_size, fit, load_inputs, record
+
+ORDER = ("image", "mask_image", "pag")
+"""The order in which a request's additions move from one pipeline class to another."""
+# Family call arguments a pipeline may not take, with the value that means "not asked for" and the flag
+# that asks for it: a class without them (FluxFill has no true CFG) runs when they are unset, and says
+# so when they are set.
+NEUTRAL = {"negative_prompt": (None, "--negative-prompt"), "true_cfg_scale": (1.0, "--true-cfg-scale"),
+           "max_sequence_length": (None, "--max-sequence-length"), "num_images_per_prompt": (1, "--num-images-per-prompt")}
+
+
+@dataclass
+class PreparedCall:
+    """One request, checked and ready for its pipeline (everything but steps, generator and output type)."""
+
+    spec: object
+    """The PipelineSpec that runs it."""
+    kwargs: dict
+    """Prompt, guidance, input images, strength, pag_scale and the class's own extras."""
+    height: int
+    width: int
+    branches: int | None
+    """Guidance branches the pipeline batches per denoiser call; None: two sequential calls (Flux true CFG)."""
+    records: dict = field(default_factory=dict)
+    """Input field → its record for the PNG metadata (pixel hash, size, path)."""
+
+    @property
+    def size_kwargs(self) -> dict:
+        return {"height": self.height, "width": self.width} if self.spec.sized else {}
+
+
+def _takes(spec, what: str) -> bool:
+    return spec.pag if what == "pag" else what in spec.inputs
+
+
+def choose(family, directory_class: str, request):
+    """The PipelineSpec of `family` that runs `request` on a model whose model_index names
+    `directory_class`; ValueError (no collective) when the request asks for what no form of it does."""
+    spec = family.pipeline(directory_class)
+    brings = [n for n in IMAGE_FIELDS if getattr(request, n) is not None]
+    asks = brings + (["pag"] if request.pag_scale is not None else [])
+    for what in ORDER:
+        if what in asks and not _takes(spec, what):
+            if what not in spec.variants:
+                raise ValueError(_no_form(family, spec, what))
+            spec = family.pipeline(spec.variants[what])
+    for name in brings:
+        if name not in spec.inputs:
+            raise ValueError(_no_form(family, spec, name))
+    missing = [FLAGS[n] for n in spec.required if n not in brings]
+    if missing:
+        raise ValueError(f"{spec.cls} needs {' and '.join(missing)}")
+    if request.strength is not None and not spec.strength:
+        raise ValueError(f"--strength: {spec.cls} takes none (it is for image-to-image and inpainting pipelines)")
+    return spec
+
+
+def _no_form(family, spec, what: str) -> str:
+    flag = FLAGS["pag_scale" if what == "pag" else what]
+    have = [p.cls for p in family.pipelines if _takes(p, what)]
+    kind = {"image": "an input image", "mask_image": "an inpainting mask", "control_image": "a control image",
+            "pag": "perturbed-attention guidance"}[what]
+    if not have:
+        return f"{flag}: shardiff runs no {family.name} pipeline that takes {kind}"
+    return (f"{flag}: {spec.cls} has no form that takes {kind}; the {family.name} pipelines that do: "
+            f"{', '.join(have)} (a model directory of one of those, or of the text-to-image one)")
+
+
+def _call_params(cls_name: str) -> dict:
+    import diffusers
+
+    return inspect.signature(getattr(diffusers, cls_name).__call__).parameters
+
+
+def fit_call(cls_name: str, kwargs: dict) -> dict:
+    """`kwargs` without the arguments `cls_name` does not take; ValueError if one of them was asked for."""
+    params = _call_params(cls_name)
+    out = {}
+    for key, value in kwargs.items():
+        if key in params:
+            out[key] = value
+        elif key in NEUTRAL and value != NEUTRAL[key][0]:
+            raise ValueError(f"{NEUTRAL[key][1]}: {cls_name} takes none")
+    return out
+
+
+def prepare_call(request, info, family, resolve_size) -> PreparedCall:
+    """Choose the pipeline, read the input images, build the call; ValueError for bad input, no
+    collective, no weights (engine/validation.py runs it for the CLI, the API and the server).
+    `resolve_size(request, default)` → (height, width): the size rule, `default` the input image's size."""
+    spec = choose(family, info.pipeline_class, request)
+    images = load_inputs(request)
+    height, width = resolve_size(request, default_size(images, info.spatial_multiple))
+    kwargs = fit_call(spec.cls, family.call_kwargs(request))
+    for name, image in images.items():
+        kwargs[name] = image if spec.sized else fit(image, height, width)
+    if request.strength is not None:
+        kwargs["strength"] = request.strength
+    if spec.pag:
+        default = _call_params(spec.cls)["pag_scale"].default
+        kwargs["pag_scale"] = request.pag_scale if request.pag_scale is not None else default
+    if spec.call_extra is not None:
+        kwargs.update(spec.call_extra(request, height, width))
+    records = {n: record(getattr(request, n), images[n]) for n in images}
+    return PreparedCall(spec, kwargs, height, width, branches(family, spec, kwargs), records)
+
+
+def branches(family, spec, kwargs: dict) -> int | None:
+    """Guidance branches the pipeline batches: [uncond,] cond[, perturbed] (diffusers' order); None for
+    families that run the guidance branches as two sequential calls (Flux true CFG)."""
+    if family.cfg_pairs:
+        return None
+    return 1 + family.uses_cfg(kwargs) + (spec.pag and kwargs.get("pag_scale", 0) > 0)
+
+
+def from_pipe(cls_name: str, base, dtype: torch.dtype):
+    """diffusers' `cls_name.from_pipe(base)`: the same module objects, nothing loaded or copied."""
+    import diffusers
+    import diffusers.utils.logging as dlog
+
+    cls = getattr(diffusers, cls_name)
+    extra = {}
+    if "add_watermarker" in inspect.signature(cls.__init__).parameters:
+        extra["add_watermarker"] = False  # SDXL: as the loader does (it changes pixels)
+    # dtype: from_pipe casts every shared module to it (float32 when not given) — a no-op here, about
+    # which each model would warn.
+    verbosity = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        return cls.from_pipe(base, dtype=dtype, **extra)
+    finally:
+        dlog.set_verbosity(verbosity)
+
+
+class Pipelines:
+    """The engine's pipelines: the loaded one, and those made from its components when a request needs them."""
+
+    def __init__(self, base, family, info, dtype: torch.dtype, on_new=None):
+        """`on_new(pipe)`: called for each pipeline made here (the engine wraps its text encoding)."""
+        self.base, self.family, self.info, self.dtype, self.on_new = base, family, info, dtype, on_new
+        self._made = {type(base).__name__: base}
+        self._last_pag: str | None = None
+
+    def get(self, spec):
+        """The pipeline of `spec`, made with `from_pipe` on first use (shared modules, no copy)."""
+        pipe = self._made.get(spec.cls)
+        if pipe is None:
+            pipe = self._made[spec.cls] = from_pipe(spec.cls, self.base, self.dtype)
+            if self.on_new is not None:
+                self.on_new(pipe)
+        pipe.set_progress_bar_config(**getattr(self.base, "_progress_bar_config", {}))
+        return pipe
+
+    def processors_changed(self, call: PreparedCall) -> bool:
+        """Whether this call's attention processors differ from the previous call's (a PAG pipeline's
+        layers and branches, or none): what CUDA graphs captured on the previous calls assumed."""
+        pag = call.spec.cls if call.spec.pag else None
+        changed, self._last_pag = pag != self._last_pag, pag
+        return changed
+
+    def bind(self, pipe, call: PreparedCall, applied, denoiser) -> None:
+        """Set up the plan for this call (no collective)."""
+        applied.context.branches = call.branches
+        if call.spec.pag:
+            assert applied.perturbed is not None, f"{self.family.name}'s plan has no perturbed-attention entry"
+            for processor in applied.perturbed:
+                processor.remember(denoiser)
+            pipe.set_pag_applied_layers(pipe.pag_applied_layers, pag_attn_processors=applied.perturbed)
