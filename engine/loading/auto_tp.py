@@ -37,8 +37,9 @@ from .slices import stored_numel
 
 WEIGHT_SHARE = 0.75
 """Weights may take this share of a GPU's memory; the rest is for activations and the allocator."""
-H200_GIB = 143771 / 1024
-"""An H200's total memory as the driver reports it (143771 MiB)."""
+H200_GIB = 139.8
+"""An H200's total memory as torch.cuda reports it on the H200s measured here (nvidia-smi says 143771 MiB;
+torch's total_memory leaves out the driver's reserve): the CLI's default without a GPU."""
 TEXT_ENCODER_PLACEMENTS = ("replicated", "first", "sharded")
 
 
