@@ -131,6 +131,26 @@ def test_http_image_equals_cli_image(server, tmp_path):
     assert np.array_equal(image_of(drawn), image_of(server.post(prompt=P2, num_inference_steps=2, seed=seed)))
 
 
+def test_http_img2img_equals_cli_img2img(server, tmp_path):
+    # The input image travels as base64 and runs the img2img form, as --image does on the CLI.
+    source = tmp_path / "in.png"
+    Image.fromarray(REFERENCE[(P1, 5, 3)]).save(source)
+    out = tmp_path / "cli.png"
+    cli = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+         "engine.generate", "--prompt", P2, "--seed", "3", "--steps", "4", "--image", str(source),
+         "--strength", "0.5", "--output", str(out)],
+        cwd=REPO, env=_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180,
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    b64 = base64.b64encode(source.read_bytes()).decode()
+    r = server.post(prompt=P2, seed=3, num_inference_steps=4, strength=0.5, image=b64)
+    assert np.array_equal(image_of(r), np.asarray(Image.open(out).convert("RGB")))
+    # A data: URL is the same image.
+    r2 = server.post(prompt=P2, seed=3, num_inference_steps=4, strength=0.5, image="data:image/png;base64," + b64)
+    assert np.array_equal(image_of(r2), image_of(r))
+
+
 def test_concurrent_clients_each_get_their_own_image(server):
     jobs = [(P1, 11), (P2, 12), (P1, 13), (P2, 14)]
     answers: dict = {}
@@ -236,6 +256,11 @@ def test_deadline_answers_504_and_the_server_keeps_serving(server):
     (b'{"prompt": "x", "size": "1048576x1048576"}', ["needs at least", "GiB", "smaller size"]),
     (b'{"prompt": "x", "true_cfg_scale": 4}', ["needs a --negative-prompt"]),
     (b'{"prompt": "x", "model": "flux-dev"}', ["serves the model 'shapes'"]),
+    (b'{"prompt": "x", "image": "/etc/hostname"}', ["image is not valid base64"]),
+    (b'{"prompt": "x", "image": "aGVsbG8="}', ["image cannot be read as an image"]),
+    (b'{"prompt": "x", "image": 7}', ["image must be a base64 string"]),
+    (b'{"prompt": "x", "strength": 0.5}', ["--strength", "needs --image"]),
+    (b'{"prompt": "x", "pag_scale": 3}', ["--pag-scale", "perturbed-attention guidance"]),
 ])
 def test_bad_input_is_a_400_with_the_clis_message_and_no_restart(server, body, fragments):
     before = server.health().json()["generation"]

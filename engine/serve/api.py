@@ -4,7 +4,10 @@ OpenAI's: `prompt`, `n`, `size` ("WxH" or "auto"), `response_format` ("b64_json"
 given, the served model's name), `user` (ignored). Ours: `negative_prompt`, `seed`,
 `num_inference_steps`, `guidance_scale`, `true_cfg_scale`, `max_sequence_length`, `timeout` (seconds,
 at most the server's --request-timeout) and `request_id` (the id to cancel it by; unique among the
-requests queued or running). Any other field is refused, by name.
+requests queued or running). The editing pipelines' (docs/PIPELINES.md): `image`, `mask_image`,
+`control_image` (base64 or a data: URL of a PNG, JPEG or WebP file; never a path on the server),
+`strength`, `pag_scale`, `keep_image_size`; the pipeline form follows from them as on the CLI. Any
+other field is refused, by name.
 
 `n` images are `n` requests with the seeds seed, seed + 1, …, as the CLI's --num-images: image i
 over HTTP is image i of `engine.generate --num-images n --seed seed`. A request without a seed gets
@@ -26,7 +29,13 @@ FIELDS = {
     "guidance_scale": "guidance", "true_cfg_scale": "true_cfg_scale", "max_sequence_length": "max_sequence_length",
 }
 """Body field → GenerateRequest field."""
+SCALARS = {"strength": "strength", "pag_scale": "pag_scale", "keep_image_size": "keep_image_size"}
+"""Body field → GenerateRequest field, for the editing pipelines (docs/PIPELINES.md)."""
+IMAGES = ("image", "mask_image", "control_image")
+"""Body fields carrying an input image: base64 (or a data: URL) of a PNG, JPEG or WebP file. Never a
+path: a client names no file on the server's disk."""
 OTHER_FIELDS = ("n", "size", "response_format", "model", "user", "seed", "timeout", "request_id")
+MAX_IMAGE_BYTES = 64 * 2**20
 SEED_DRAWN_BELOW = 2**32
 """Drawn seeds fit 32 bits: every client's integers (JavaScript's included) hold them exactly."""
 
@@ -48,14 +57,46 @@ def parse_size(size) -> tuple[int | None, int | None]:
     return height, width
 
 
+def decode_image(value, name: str):
+    """The PIL image in a body's base64 field; ValueError naming the field."""
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a base64 string (or a data: URL) of a PNG, JPEG or WebP image, "
+                         f"got {type(value).__name__}")
+    if value.startswith("data:"):
+        header, _, value = value.partition(",")
+        if not header.endswith(";base64"):
+            raise ValueError(f"{name}: a data: URL must be base64 (data:image/png;base64,...)")
+    if len(value) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise ValueError(f"{name} is larger than {MAX_IMAGE_BYTES // 2**20} MiB")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{name} is not valid base64") from None
+    try:
+        # Image.open's own pixel limit refuses decompression bombs (an error past 2 × MAX_IMAGE_PIXELS).
+        with Image.open(io.BytesIO(raw)) as im:
+            if im.format not in ("PNG", "JPEG", "WEBP"):
+                raise ValueError(f"{name} is a {im.format} image; send PNG, JPEG or WebP")
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{name} cannot be read as an image ({e})") from None
+
+
 def parse_body(body, *, model: str, max_images: int) -> tuple[list[GenerateRequest], dict]:
     """(one GenerateRequest per image, options: request_id, timeout) from the JSON body; ValueError."""
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object such as {\"prompt\": \"a red fox\"}")
-    unknown = sorted(set(body) - set(FIELDS) - set(OTHER_FIELDS))
+    known = [*FIELDS, *SCALARS, *IMAGES, *OTHER_FIELDS]
+    unknown = sorted(set(body) - set(known))
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))}; this server takes "
-                         f"{', '.join(sorted([*FIELDS, *OTHER_FIELDS]))}")
+                         f"{', '.join(sorted(known))}")
     if "prompt" not in body:
         raise ValueError("prompt is missing")
     if not isinstance(body["prompt"], str):
@@ -74,7 +115,8 @@ def parse_body(body, *, model: str, max_images: int) -> tuple[list[GenerateReque
         seed = draw_seed()
     elif isinstance(seed, int) and not isinstance(seed, bool) and seed <= 2**64 - 1 < seed + n - 1:
         raise ValueError(f"seed {seed} with n {n} runs past 2**64 - 1 (image i uses seed + i)")
-    fields = {ours: body[theirs] for theirs, ours in FIELDS.items() if body.get(theirs) is not None}
+    fields = {ours: body[theirs] for theirs, ours in {**FIELDS, **SCALARS}.items() if body.get(theirs) is not None}
+    fields.update({name: decode_image(body[name], name) for name in IMAGES if body.get(name) is not None})
     # GenerateRequest checks every value (engine/validation.check_fields: the CLI's messages).
     requests = [GenerateRequest(**fields, height=height, width=width, seed=seed if i == 0 else seed + i)
                 for i in range(n)]
