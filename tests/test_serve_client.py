@@ -115,3 +115,21 @@ def test_past_its_restarts_the_server_gives_up_with_the_cause(client):
     assert alive(pids) == []
     with pytest.raises(serve.Unavailable):
         client.controller.admit([GenerateRequest(prompt=P1)])
+
+
+def test_input_images_travel_as_base64_and_arrive_as_the_same_pixels(tmp_path):
+    from PIL import Image
+
+    from engine.serve import api
+    from engine.serve.client import request_body
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    mask = Image.fromarray(rng.integers(0, 2, (24, 40), dtype=np.uint8) * 255)
+    mask.save(tmp_path / "mask.png")
+    body = request_body(GenerateRequest(prompt="x", image=image, mask_image=str(tmp_path / "mask.png"), strength=0.4))
+    assert isinstance(body["image"], str) and isinstance(body["mask_image"], str) and body["strength"] == 0.4
+    (request,), _ = api.parse_body(body, model="m", max_images=1)
+    assert np.array_equal(np.asarray(request.image), np.asarray(image))
+    assert np.array_equal(np.asarray(request.mask_image), np.asarray(mask))
+    assert request.strength == 0.4 and request.control_image is None

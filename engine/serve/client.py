@@ -36,7 +36,7 @@ def _requests(request, controller_model: str, max_images: int, n: int):
     if isinstance(request, str):
         request = {"prompt": request}
     if isinstance(request, dict):
-        body = dict(request)
+        body = encode_images(request)
         if n != 1:
             body["n"] = n
         try:
@@ -170,7 +170,7 @@ class HTTPClient:
         if isinstance(request, str):
             body = {"prompt": request}
         elif isinstance(request, dict):
-            body = dict(request)
+            body = encode_images(request)
         elif isinstance(request, GenerateRequest):
             body = request_body(request)
         else:
@@ -220,7 +220,28 @@ def request_body(request: GenerateRequest) -> dict:
     }
     if request.height is not None:
         body["size"] = f"{request.width}x{request.height}"
-    return {k: v for k, v in body.items() if v is not None}
+    body.update(strength=request.strength, pag_scale=request.pag_scale, keep_image_size=request.keep_image_size or None)
+    body.update({name: getattr(request, name) for name in api.IMAGES})
+    return encode_images({k: v for k, v in body.items() if v is not None})
+
+
+def encode_images(body: dict) -> dict:
+    """The body with its input images (PIL images, or paths on the client's machine) as base64 PNG /
+    the file's own bytes: the server reads no path."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    out = dict(body)
+    for name in api.IMAGES:
+        value = out.get(name)
+        if isinstance(value, Image.Image):
+            buf = io.BytesIO()
+            value.save(buf, format="PNG")
+            out[name] = base64.b64encode(buf.getvalue()).decode("ascii")
+        elif isinstance(value, Path) or (isinstance(value, str) and Path(value).expanduser().is_file()):
+            out[name] = base64.b64encode(Path(value).expanduser().read_bytes()).decode("ascii")
+    return out
 
 
 def _retry_after(r) -> int | None:
