@@ -61,3 +61,8 @@ def run_distributed(fn, world: int, *args, timeout: float = 120.0, backend: str 
                 if p.is_alive():
                     p.kill()
         return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False)["ok"] for r in range(world)]
+
+
+def rel_l2(a, b) -> float:
+    """Relative L2 distance of `a` from the reference `b`, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.harness import run_distributed
+from tests.harness import rel_l2, run_distributed
 
 MODELS = ("sd3-tiny", "pixart-tiny", "sana-tiny", "flux-tiny")
 SIZE = {"sd3-tiny": (80, 48), "pixart-tiny": (80, 48), "sana-tiny": (64, 32), "flux-tiny": (48, 80)}
@@ -57,10 +57,6 @@ def _run(world: int, dirs: dict[str, str]):
     return out
 
 
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     from engine.models import get_preset
@@ -92,7 +88,7 @@ def test_single_process_equals_diffusers(dirs, single):
             ref = ref if key == 0 else torch.from_numpy(ref)
             got = single[(model, "{}")][key]
             assert torch.isfinite(ref).all() and got.shape == ref.shape, model
-            assert _rel(got, ref) <= 1e-5, f"{model} request {key}: differs from diffusers by {_rel(got, ref):.2e}"
+            assert rel_l2(got, ref) <= 1e-5, f"{model} request {key}: differs from diffusers by {rel_l2(got, ref):.2e}"
         assert single[(model, "{}")][1].shape[0] == 4  # 2 prompts × 2 images (Flux: 1 × 4)
 
 
@@ -102,7 +98,7 @@ def test_cfg_layouts_equal_single_process(dirs, single, world):
     for rank, res in enumerate(results):
         for (model, degrees), (lat, imgs) in res.items():
             ref_lat, ref_imgs = single[(model, "{}")]
-            err, err_img = _rel(lat, ref_lat), _rel(imgs, ref_imgs)
+            err, err_img = rel_l2(lat, ref_lat), rel_l2(imgs, ref_imgs)
             assert err <= 1e-4, f"rank {rank} {model} {degrees}: latents rel L2 {err:.2e}"
             assert err_img <= 1e-4, f"rank {rank} {model} {degrees}: batch images rel L2 {err_img:.2e}"
 

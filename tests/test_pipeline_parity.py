@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.harness import run_distributed
+from tests.harness import rel_l2, run_distributed
 
 CASES = [dict(height=128, width=128, max_sequence_length=512), dict(height=112, width=144, max_sequence_length=77)]
 # (ulysses, ring, vae_parallel, text encoders)
@@ -52,10 +52,6 @@ def _generate_all(world: int, model_dir: str):
     return out
 
 
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 @pytest.fixture(scope="module")
 def single(tiny_flux_dir):
     return _generate_all(1, tiny_flux_dir)
@@ -72,8 +68,8 @@ def test_single_process_equals_diffusers_flux_pipeline(tiny_flux_dir, single):
         ref_img = pipe(**kw, generator=torch.Generator("cpu").manual_seed(7), output_type="np").images
         lat, img = single[(1, 1, "auto", i)]
         assert torch.isfinite(ref).all()
-        assert _rel(lat, ref) <= 1e-5, f"case {case}: latents differ from diffusers by {_rel(lat, ref):.2e}"
-        assert _rel(img, torch.from_numpy(ref_img)) <= 1e-5
+        assert rel_l2(lat, ref) <= 1e-5, f"case {case}: latents differ from diffusers by {rel_l2(lat, ref):.2e}"
+        assert rel_l2(img, torch.from_numpy(ref_img)) <= 1e-5
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -83,6 +79,6 @@ def test_every_layout_equals_single_process(tiny_flux_dir, single, world):
         for (u, r, vae, i), (lat, img) in res.items():
             ref_lat, ref_img = single[(1, 1, "auto", i)]
             assert lat.shape == ref_lat.shape
-            err = _rel(lat, ref_lat)
+            err = rel_l2(lat, ref_lat)
             assert err <= 1e-4, f"rank {rank} ulysses {u} ring {r} case {CASES[i]}: latents rel L2 {err:.2e}"
-            assert _rel(img, ref_img) <= 1e-4, f"rank {rank} ulysses {u} ring {r} vae {vae}: image differs"
+            assert rel_l2(img, ref_img) <= 1e-4, f"rank {rank} ulysses {u} ring {r} vae {vae}: image differs"

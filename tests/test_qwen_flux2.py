@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.harness import run_distributed
+from tests.harness import rel_l2, run_distributed
 
 MODELS = ("qwen-image-tiny", "flux2-dev-tiny", "flux2-klein-tiny")
 PROMPT, OTHER, NEGATIVE = "a small red circle top left", "a green tree", "blue stripes"
@@ -114,13 +114,9 @@ def _modulate_index_errors(world: int) -> dict:
         applied = apply_plan(model, family("qwen-image").plan, mesh, ParallelAttention(mesh))
         got = model(**kw)[0]
         applied.remove()
-        out[str(degrees)] = _rel(got, ref)
+        out[str(degrees)] = rel_l2(got, ref)
     assert torch.equal(model(**kw)[0], ref)  # remove() put everything back
     return out
-
-
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +144,7 @@ def test_single_process_equals_diffusers(dirs, single):
                       generator=torch.Generator("cpu").manual_seed(req.seed), output_type="latent")
             ref, got = pipe(**kw).images, single[(model, "{}", i)]
             assert torch.isfinite(ref).all() and got.shape == ref.shape, model
-            assert _rel(got, ref) <= 1e-5, f"{model} request {i}: differs from diffusers by {_rel(got, ref):.2e}"
+            assert rel_l2(got, ref) <= 1e-5, f"{model} request {i}: differs from diffusers by {rel_l2(got, ref):.2e}"
     # The padded prompt did get a mask: the batch's two prompts keep different token counts.
     qwen = DiffusionPipeline.from_pretrained(dirs["qwen-image-tiny"], dtype=torch.float32, local_files_only=True)
     _, mask = qwen.encode_prompt([PROMPT, OTHER], device="cpu")
@@ -164,7 +160,7 @@ def test_layouts_equal_single_process(dirs, single, world):
             assert err <= 1e-5, f"rank {rank} zero_cond_t transformer {layout}: rel L2 {err:.2e}"
         assert {(m, i) for m, _, i in res} == {(m, i) for m, _, i in expected}
         for (model, degrees, i), lat in res.items():
-            err = _rel(lat, single[(model, "{}", i)])
+            err = rel_l2(lat, single[(model, "{}", i)])
             assert err <= 1e-4, f"rank {rank} {model} {degrees} request {i}: latents rel L2 {err:.2e}"
 
 

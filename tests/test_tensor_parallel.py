@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.harness import run_distributed
+from tests.harness import rel_l2, run_distributed
 
 CASE = dict(height=112, width=144, max_sequence_length=77)
 LAYOUTS = {2: [dict(tp=2)], 4: [dict(tp=4), dict(tp=2, ulysses=2), dict(tp=2, ring=2)]}
@@ -51,10 +51,6 @@ def _family_runs(tp: int) -> dict:
     return out
 
 
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def _engine_runs(world: int, model_dir: str):
     from engine import Engine, EngineConfig
     from shardiff_parallel.mesh import Mesh
@@ -87,7 +83,7 @@ def _engine_runs(world: int, model_dir: str):
         applied = apply_plan(model, family("flux").plan, mesh, ParallelAttention(mesh))
         got = model(**kw)[0]
         applied.remove()
-        out["direct tp2 cfg2"] = _rel(got, ref)
+        out["direct tp2 cfg2"] = rel_l2(got, ref)
         # remove() put the full weights back.
         assert torch.equal(model(**kw)[0], ref)
     return out
@@ -107,7 +103,7 @@ def single(tiny_flux_dir):
 def test_tp_layouts_equal_single_process(tiny_flux_dir, single, world):
     for rank, res in enumerate(run_distributed(_engine_runs, world, world, tiny_flux_dir, timeout=300)):
         for layout, lat in res.items():
-            err = lat if isinstance(lat, float) else _rel(lat, single.get(layout, single["flux"]))
+            err = lat if isinstance(lat, float) else rel_l2(lat, single.get(layout, single["flux"]))
             assert err <= 1e-5, f"{world} ranks, rank {rank}, {layout}: rel L2 {err:.2e}"
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from engine.toy import data, train
-from tests.harness import run_distributed
+from tests.harness import rel_l2, run_distributed
 
 # The training script's closing-check prompts (colours × shapes × positions × backgrounds).
 PROMPTS = train.REPORT_PROMPTS
@@ -123,17 +123,13 @@ def _generate_layouts(layouts):
     return out
 
 
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def test_two_processes_reproduce_the_single_process_image():
     (ref_lat, ref_img), = _generate_layouts([dict(ulysses=1, ring=1)]).values()
     assert data.check_image(_u8(ref_img.numpy()), PARALLEL_PROMPT) == []
     for rank, res in enumerate(run_distributed(_generate_layouts, 2, LAYOUTS, timeout=240)):
         for layout, (lat, img) in res.items():
-            assert _rel(lat, ref_lat) <= 1e-4, f"rank {rank} {dict(layout)}: latents rel L2 {_rel(lat, ref_lat):.2e}"
-            assert _rel(img, ref_img) <= 1e-4, f"rank {rank} {dict(layout)}: image rel L2 {_rel(img, ref_img):.2e}"
+            assert rel_l2(lat, ref_lat) <= 1e-4, f"rank {rank} {dict(layout)}: latents rel L2 {rel_l2(lat, ref_lat):.2e}"
+            assert rel_l2(img, ref_img) <= 1e-4, f"rank {rank} {dict(layout)}: image rel L2 {rel_l2(img, ref_img):.2e}"
 
 
 def test_cli_default_model_writes_the_asked_image(tmp_path: Path):

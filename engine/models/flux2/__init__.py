@@ -34,11 +34,11 @@ from engine.presets.components import (
     qwen3_lm,
 )
 from engine.presets.spec import Component, PresetSpec
-from shardiff_parallel.plan import ModelPlan, SeqDim
+from shardiff_parallel.plan import ModelPlan
 from shardiff_parallel.tensor import PACKED, Colwise, Rowwise
 
 from ..family import Family, PipelineSpec, ModelInfo, vae_scale
-from ..flux import FLUX_DEV_SCHEDULER
+from ..flux import FLUX_DEV_SCHEDULER, FLUX_PLAN
 from ..flux.attention import FluxParallelAttnProcessor
 from ..mmdit import COL, GATHER, ROW, check_tp_widths
 from .attention import Flux2SingleStreamParallelAttnProcessor
@@ -65,13 +65,9 @@ FLUX2_TP_PLAN = {
 }
 
 FLUX2_PLAN = ModelPlan(
-    split_inputs={
-        "hidden_states": SeqDim("image", 1),
-        "img_ids": SeqDim("image", -2),
-        "encoder_hidden_states": SeqDim("text", 1),
-        "txt_ids": SeqDim("text", -2),
-    },
-    gather_output=SeqDim("image", 1),
+    # Flux's token streams: text and image pieces with their ids.
+    split_inputs=FLUX_PLAN.split_inputs,
+    gather_output=FLUX_PLAN.gather_output,
     attention={
         "transformer_blocks.*.attn": FluxParallelAttnProcessor,
         "single_transformer_blocks.*.attn": Flux2SingleStreamParallelAttnProcessor,
