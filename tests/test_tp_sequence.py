@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from tests.harness import run_distributed
-from tests.test_tensor_parallel import _rel, tiny_flux_dir  # noqa: F401 (a fixture)
+from tests.harness import rel_l2
+from tests.test_tensor_parallel import tiny_flux_dir  # noqa: F401 (a fixture)
 
 CASE = dict(height=112, width=128, max_sequence_length=24, num_images_per_prompt=2)
 TEXT, IMAGE = 24, 56
@@ -130,10 +131,10 @@ def test_sequence_form_equals_single_process_and_all_reduce_form(tiny_flux_dir, 
         for layout, r in res.items():
             where = f"{world} ranks, rank {rank}, {layout}"
             ref = single[r["cfg"]]
-            assert _rel(r["seq"], ref) <= 1e-5, f"{where}: sequence form vs 1 process {_rel(r['seq'], ref):.2e}"
-            assert _rel(r["allreduce"], ref) <= 1e-5, where
-            assert _rel(r["seq"], r["allreduce"]) <= 1e-5, where
-            assert _rel(r["overlap"], ref) <= 1e-5, f"{where}: overlap form vs 1 process {_rel(r['overlap'], ref):.2e}"
+            assert rel_l2(r["seq"], ref) <= 1e-5, f"{where}: sequence form vs 1 process {rel_l2(r['seq'], ref):.2e}"
+            assert rel_l2(r["allreduce"], ref) <= 1e-5, where
+            assert rel_l2(r["seq"], r["allreduce"]) <= 1e-5, where
+            assert rel_l2(r["overlap"], ref) <= 1e-5, f"{where}: overlap form vs 1 process {rel_l2(r['overlap'], ref):.2e}"
             # Between blocks each TP rank holds 1/tp of its sp piece in the sequence form, all of it otherwise.
             piece = [TEXT // r["sp"], IMAGE // r["sp"]]
             assert r["seq_tokens"] == r["overlap_tokens"] == [n // r["tp"] for n in piece], (where, r["seq_tokens"])
@@ -162,7 +163,7 @@ def _compiled(model_dir: str, tp_comm: str):
 @pytest.mark.parametrize("tp_comm", ["sequence", "overlap"])
 def test_compiled_blocks_match(tiny_flux_dir, single, tp_comm):  # noqa: F811
     for rank, (latents, breaks) in enumerate(run_distributed(_compiled, 2, tiny_flux_dir, tp_comm, timeout=300)):
-        assert _rel(latents, single[False]) <= 1e-5, f"rank {rank}: {_rel(latents, single[False]):.2e}"
+        assert rel_l2(latents, single[False]) <= 1e-5, f"rank {rank}: {rel_l2(latents, single[False]):.2e}"
         assert breaks == 0, f"rank {rank}: {breaks} graph breaks"
 
 
