@@ -40,13 +40,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image", default=None,
                    help="input image: img2img on a text-to-image model; the image to inpaint, fill or edit (Kontext)")
     g.add_argument("--mask-image", default=None, help="inpainting mask (white = repaint), with --image")
-    g.add_argument("--control-image", default=None, help="control image of a Flux Control (Canny / Depth) model")
+    g.add_argument("--control-image", default=None,
+                   help="control image: of a ControlNet (--controlnet), or of a Flux Control (Canny / Depth) model")
+    g.add_argument("--controlnet-scale", type=_scales, default=None,
+                   help="ControlNet residual scale, or one per --controlnet comma-separated (default: the pipeline's, 1.0)")
+    g.add_argument("--control-mode", type=int, default=None,
+                   help="Flux Union ControlNets: the control type, in the ControlNet's own numbering")
     g.add_argument("--strength", type=float, default=None,
                    help="img2img / inpainting: share of the denoising redone, in (0, 1] (default: the pipeline's)")
     g.add_argument("--pag-scale", type=float, default=None,
                    help="perturbed-attention guidance scale: runs the family's PAG pipeline (SD3, Sana, PixArt-Σ, SD, SDXL)")
     g.add_argument("--keep-image-size", action="store_true",
                    help="Kontext: keep the input image's size instead of the nearest resolution Kontext was trained at")
+
+
+def _scales(text: str):
+    """"0.7" → 0.7; "0.7,0.5" → (0.7, 0.5)."""
+    values = tuple(float(v) for v in text.split(","))
+    return values[0] if len(values) == 1 else values
 
 
 def prompts_from_args(args) -> list[str]:
@@ -72,7 +83,8 @@ def requests_from_args(args) -> list[GenerateRequest]:
             steps=args.steps, guidance=args.guidance, true_cfg_scale=args.true_cfg_scale, seed=args.seed + i,
             max_sequence_length=args.max_sequence_length, image=args.image, mask_image=args.mask_image,
             control_image=args.control_image, strength=args.strength, pag_scale=args.pag_scale,
-            keep_image_size=args.keep_image_size,
+            keep_image_size=args.keep_image_size, controlnet_scale=args.controlnet_scale,
+            control_mode=args.control_mode,
         )
         for i, prompt in enumerate(every)
     ]

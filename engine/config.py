@@ -5,6 +5,7 @@ The CLI and the Python API share these dataclasses; the CLI is a thin argparse l
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -78,11 +79,18 @@ class EngineConfig:
     loras: tuple = ()
     """LoRAs fused into the weights at load: "PATH[:SCALE]" strings or (path, scale) pairs, safetensors
     files in any format diffusers reads (engine/lora.py; switch later with Engine.set_loras)."""
+    controlnets: tuple = ()
+    """ControlNet directories (config.json + safetensors; engine/controlnet.py), loaded beside the model:
+    every request then runs the family's ControlNet pipeline (it needs a control image). Several: the
+    family's multi-ControlNet form, their residuals summed."""
 
     def __post_init__(self):
         from .lora import parse_lora
 
         object.__setattr__(self, "loras", tuple(parse_lora(v) for v in self.loras))
+        if isinstance(self.controlnets, (str, os.PathLike)):
+            object.__setattr__(self, "controlnets", (self.controlnets,))
+        object.__setattr__(self, "controlnets", tuple(str(c) for c in self.controlnets))
         check_tp_comm(self.tp_comm)
         check_placement(self.text_encoders)
         if self.parallel not in ("auto", "cfg", "dp"):
@@ -136,6 +144,11 @@ class GenerateRequest:
     directory: its pipeline's default)."""
     keep_image_size: bool = False
     """Kontext: keep the input image's size instead of resizing it to the nearest trained resolution."""
+    controlnet_scale: float | tuple | None = None
+    """ControlNet residual scale (diffusers' controlnet_conditioning_scale): one number, or one per
+    ControlNet; None: the pipeline's default (1.0)."""
+    control_mode: int | None = None
+    """Flux Union ControlNets: the control type (canny, depth, …: the ControlNet's own numbering)."""
 
     def __post_init__(self):
         # The same checks for the CLI, the Python API and the server (engine/validation.py).

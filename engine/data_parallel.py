@@ -61,6 +61,8 @@ def use_layout(engine, parallel: ParallelConfig) -> None:
     if parallel == engine.parallel:
         return
     engine.plan.remove()
+    for plan in engine.controlnet_plans:
+        plan.remove()
     mesh = engine.meshes.get(parallel)
     if mesh is None:
         mesh = Mesh.build(parallel, engine.device, timeout=timedelta(seconds=engine.config.timeout_s))
@@ -68,6 +70,7 @@ def use_layout(engine, parallel: ParallelConfig) -> None:
     engine.parallel, engine.mesh = parallel, mesh
     engine.attention = ParallelAttention(mesh, engine.config.attention_backend)
     engine.plan = apply_plan(engine.denoiser, engine.family.pipeline_plan, mesh, engine.attention)
+    engine.controlnet_plans = engine.apply_controlnet_plans(mesh)
     engine.capture_graphs()
     engine.install_vae_split()
     engine.pipe.set_progress_bar_config(disable=not mesh.is_first, leave=False)

@@ -25,6 +25,7 @@ from shardiff_parallel.config import ParallelConfig, resolve_degrees
 from shardiff_parallel.plan import apply_plan
 from shardiff_parallel.tensor import local_shards
 
+from engine.controlnet import apply_controlnet_plans, check_controlnets, load_controlnets
 from engine.loading import inspect_model, load_pipeline
 from engine.loading.auto_tp import choose_tp
 from engine.loading.sharded import load_sharded_denoiser
@@ -69,6 +70,7 @@ class Engine:
         """Why `--tp auto` chose TP (empty when it did not)."""
         device = torch.device("cpu")
         loras, self.lora_notes = [], []
+        controlnet_dirs = []
         """Notes on the LoRAs for the user (keys that match no layer)."""
         try:
             device = pick_device(config.device)
@@ -107,6 +109,10 @@ class Engine:
                 config, self.family, parallel, world=world, explicit_layout=self.explicit_layout, dtype=self.dtype,
                 gpu_bytes=_gpu_bytes(device))
             loras, self.lora_notes = check_loras(config.loras, config.model, self.family, self.info)
+            if config.controlnets and self.family.pipeline(self.info.pipeline_class).controlnet:
+                raise ValueError(f"--controlnet: the model directory's {self.info.pipeline_class} holds its own "
+                                 "ControlNet; leave --controlnet out (or give the text-to-image model directory)")
+            controlnet_dirs = check_controlnets(config.controlnets, config.model, self.family, parallel)
         except ValueError as e:
             error = str(e)
         timeout = timedelta(seconds=config.timeout_s)
@@ -138,7 +144,11 @@ class Engine:
             )
         self.pipe.set_progress_bar_config(disable=not self.mesh.is_first, leave=False)
         self.text_encoders.install(self.pipe)
-        self.pipelines = Pipelines(self.pipe, self.family, self.info, self.dtype, on_new=self.text_encoders.install)
+        # The engine's ControlNet(s): loaded from --controlnet, or the model directory's own.
+        self.controlnet = (load_controlnets(controlnet_dirs, self.family, dtype=self.dtype, device=device)
+                           if controlnet_dirs else getattr(self.pipe, "controlnet", None))
+        self.pipelines = Pipelines(self.pipe, self.family, self.info, self.dtype, on_new=self.text_encoders.install,
+                                   controlnet=self.controlnet)
         """The loaded pipeline and its img2img / inpainting / PAG forms (engine/pipelines.py)."""
         self.attention = ParallelAttention(self.mesh, config.attention_backend)
         self.denoiser = getattr(self.pipe, self.family.denoiser)
@@ -147,6 +157,7 @@ class Engine:
         """LoRAs fused into this rank's weights (engine/lora.py)."""
         self.loras.set(loras)
         self.plan = apply_plan(self.denoiser, self.family.pipeline_plan, self.mesh, self.attention)
+        self.controlnet_plans = self.apply_controlnet_plans(self.mesh)
         if config.compile:
             from engine.runtime.compile import compile_denoiser
 
@@ -157,6 +168,12 @@ class Engine:
         self.vae_split = None
         """The VAE's applied row-split plan over the mesh's image ranks (engine/vae_parallel.py), or None."""
         self.install_vae_split()
+
+    def apply_controlnet_plans(self, mesh) -> list:
+        """The ControlNets' plans on `mesh` (none without a ControlNet)."""
+        if self.controlnet is None or self.family.controlnet is None:
+            return []
+        return apply_controlnet_plans(self.controlnet, self.family, mesh, self.attention)
 
     def install_vae_split(self) -> None:
         """(Re)install the VAE's row split on the current mesh (its image group changes with the layout)."""
@@ -202,7 +219,7 @@ class Engine:
         CLI and the server."""
         memory = available_bytes(self.device, _local_ranks())
         checked = check_request(request, self.info, self.family, parallel, dtype=self.dtype, memory_bytes=memory,
-                                vae_parallel=self.config.vae_parallel)
+                                vae_parallel=self.config.vae_parallel, controlnets=len(self.config.controlnets))
         return checked.call
 
     def choose_layout(self, requests: list[GenerateRequest]) -> tuple[ParallelConfig, str]:
@@ -234,7 +251,7 @@ class Engine:
             use_layout(self, layout)
         height, width = call.height, call.width
         pipe = self.pipelines.get(call.spec)
-        self.pipelines.bind(pipe, call, self.plan, self.denoiser)
+        self.pipelines.bind(pipe, call, self.plan, self.denoiser, self.controlnet_plans)
         if self.graphs is not None and self.pipelines.processors_changed(call):
             # A graph replays the processors it was captured with; PAG swaps some for the call.
             self.capture_graphs()
@@ -295,6 +312,8 @@ class Engine:
             self.vae_split.remove()
             self.vae_split = None
         self.plan.remove()
+        for plan in self.controlnet_plans:
+            plan.remove()
         self.text_encoders.remove()
 
 

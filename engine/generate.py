@@ -83,6 +83,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "parallel for several; cfg / dp force one")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA (.safetensors, any format diffusers reads) fused into the weights; repeat for several")
+    p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                   help="ControlNet directory (config.json + safetensors), split like the model; repeat for several "
+                        "(their residuals summed); requests then need --control-image")
 
 
 def engine_config(args) -> EngineConfig:
@@ -92,7 +95,7 @@ def engine_config(args) -> EngineConfig:
         tp_comm=args.tp_comm, dtype=args.dtype, device=args.device, compile=args.compile,
         cuda_graphs=args.cuda_graphs, vae_parallel=args.vae_parallel, text_encoders=args.text_encoders,
         attention_backend=args.attention_backend, timeout_s=args.timeout, parallel=args.parallel,
-        loras=tuple(args.lora),
+        loras=tuple(args.lora), controlnets=tuple(args.controlnet),
     )
 
 

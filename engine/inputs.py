@@ -20,7 +20,7 @@ from .image_io import image_sha256
 IMAGE_FIELDS = {"image": "RGB", "mask_image": "L", "control_image": "RGB"}
 """Request field → the PIL mode the pipelines get it in."""
 FLAGS = {"image": "--image", "mask_image": "--mask-image", "control_image": "--control-image",
-         "strength": "--strength", "pag_scale": "--pag-scale"}
+         "strength": "--strength", "pag_scale": "--pag-scale", "controlnet": "--controlnet"}
 
 
 def _is_image_value(value) -> bool:

@@ -22,7 +22,7 @@ import torch
 
 from .inputs import FLAGS, IMAGE_FIELDS, default_size, fit, load_inputs, record
 
-ORDER = ("image", "mask_image", "pag")
+ORDER = ("controlnet", "image", "mask_image", "pag")
 """The order in which a request's additions move from one pipeline class to another."""
 # Family call arguments a pipeline may not take, with the value that means "not asked for" and the flag
 # that asks for it: a class without them (FluxFill has no true CFG) runs when they are unset, and says
@@ -52,15 +52,18 @@ class PreparedCall:
 
 
 def _takes(spec, what: str) -> bool:
+    if what == "controlnet":
+        return spec.controlnet
     return spec.pag if what == "pag" else what in spec.inputs
 
 
-def choose(family, directory_class: str, request):
+def choose(family, directory_class: str, request, *, controlnets: int = 0):
     """The PipelineSpec of `family` that runs `request` on a model whose model_index names
-    `directory_class`; ValueError (no collective) when the request asks for what no form of it does."""
+    `directory_class` (with `controlnets` ControlNets loaded beside it: its ControlNet form); ValueError
+    (no collective) when the request asks for what no form of it does."""
     spec = family.pipeline(directory_class)
     brings = [n for n in IMAGE_FIELDS if getattr(request, n) is not None]
-    asks = brings + (["pag"] if request.pag_scale is not None else [])
+    asks = brings + (["pag"] if request.pag_scale is not None else []) + (["controlnet"] if controlnets else [])
     for what in ORDER:
         if what in asks and not _takes(spec, what):
             if what not in spec.variants:
@@ -79,13 +82,16 @@ def choose(family, directory_class: str, request):
 
 def _no_form(family, spec, what: str) -> str:
     flag = FLAGS["pag_scale" if what == "pag" else what]
-    have = [p.cls for p in family.pipelines if _takes(p, what)]
+    have = [p.cls for p in family.pipelines if _takes(p, what) and (what == "controlnet" or not p.controlnet)]
     kind = {"image": "an input image", "mask_image": "an inpainting mask", "control_image": "a control image",
-            "pag": "perturbed-attention guidance"}[what]
+            "pag": "perturbed-attention guidance", "controlnet": "a ControlNet"}[what]
+    hint = ""
+    if what == "control_image" and any(p.controlnet for p in family.pipelines):
+        hint = "; or give a ControlNet (--controlnet DIR)"
     if not have:
-        return f"{flag}: shardiff runs no {family.name} pipeline that takes {kind}"
+        return f"{flag}: shardiff runs no {family.name} pipeline that takes {kind}{hint}"
     return (f"{flag}: {spec.cls} has no form that takes {kind}; the {family.name} pipelines that do: "
-            f"{', '.join(have)} (a model directory of one of those, or of the text-to-image one)")
+            f"{', '.join(have)} (a model directory of one of those, or of the text-to-image one){hint}")
 
 
 def _call_params(cls_name: str) -> dict:
@@ -106,16 +112,22 @@ def fit_call(cls_name: str, kwargs: dict) -> dict:
     return out
 
 
-def prepare_call(request, info, family, resolve_size) -> PreparedCall:
+def prepare_call(request, info, family, resolve_size, *, controlnets: int = 0) -> PreparedCall:
     """Choose the pipeline, read the input images, build the call; ValueError for bad input, no
     collective, no weights (engine/validation.py runs it for the CLI, the API and the server).
-    `resolve_size(request, default)` → (height, width): the size rule, `default` the input image's size."""
-    spec = choose(family, info.pipeline_class, request)
+    `resolve_size(request, default)` → (height, width): the size rule, `default` the input image's size.
+    `controlnets`: how many ControlNets the engine holds."""
+    spec = choose(family, info.pipeline_class, request, controlnets=controlnets)
     images = load_inputs(request)
     height, width = resolve_size(request, default_size(images, info.spatial_multiple))
     kwargs = fit_call(spec.cls, family.call_kwargs(request))
     for name, image in images.items():
-        kwargs[name] = image if spec.sized else fit(image, height, width)
+        kwargs[spec.arg(name)] = image if spec.sized else fit(image, height, width)
+    if spec.controlnet:
+        kwargs.update(controlnet_call(spec, request, max(controlnets, 1), kwargs.pop(spec.arg("control_image"))))
+    elif request.controlnet_scale is not None or request.control_mode is not None:
+        raise ValueError(f"{'--controlnet-scale' if request.controlnet_scale is not None else '--control-mode'}: "
+                         f"{spec.cls} runs no ControlNet (give --controlnet DIR)")
     if request.strength is not None:
         kwargs["strength"] = request.strength
     if spec.pag:
@@ -127,6 +139,25 @@ def prepare_call(request, info, family, resolve_size) -> PreparedCall:
     return PreparedCall(spec, kwargs, height, width, branches(family, spec, kwargs), records)
 
 
+def controlnet_call(spec, request, nets: int, control_image) -> dict:
+    """The ControlNet arguments of a call: the control image (one per net: the same image for each),
+    the residual scales, the Union mode."""
+    scales = request.controlnet_scale
+    if isinstance(scales, (tuple, list)) and len(scales) not in (1, nets):
+        raise ValueError(f"--controlnet-scale: {len(scales)} values for {nets} ControlNets (give one, or one per net)")
+    params = _call_params(spec.cls)
+    out = {spec.arg("control_image"): control_image if nets == 1 else [control_image] * nets}
+    if scales is not None:
+        values = list(scales) if isinstance(scales, (tuple, list)) else [scales]
+        values = values * nets if len(values) == 1 else values
+        out["controlnet_conditioning_scale"] = values[0] if nets == 1 else values
+    if request.control_mode is not None:
+        if "control_mode" not in params:
+            raise ValueError(f"--control-mode: {spec.cls} takes none (it is for Flux Union ControlNets)")
+        out["control_mode"] = request.control_mode if nets == 1 else [request.control_mode] * nets
+    return out
+
+
 def branches(family, spec, kwargs: dict) -> int | None:
     """Guidance branches the pipeline batches: [uncond,] cond[, perturbed] (diffusers' order); None for
     families that run the guidance branches as two sequential calls (Flux true CFG)."""
@@ -135,8 +166,9 @@ def branches(family, spec, kwargs: dict) -> int | None:
     return 1 + family.uses_cfg(kwargs) + (spec.pag and kwargs.get("pag_scale", 0) > 0)
 
 
-def from_pipe(cls_name: str, base, dtype: torch.dtype):
-    """diffusers' `cls_name.from_pipe(base)`: the same module objects, nothing loaded or copied."""
+def from_pipe(cls_name: str, base, dtype: torch.dtype, **components):
+    """diffusers' `cls_name.from_pipe(base)`: the same module objects, nothing loaded or copied;
+    `components` adds modules the base has not (a ControlNet)."""
     import diffusers
     import diffusers.utils.logging as dlog
 
@@ -149,7 +181,7 @@ def from_pipe(cls_name: str, base, dtype: torch.dtype):
     verbosity = dlog.get_verbosity()
     dlog.set_verbosity_error()
     try:
-        return cls.from_pipe(base, dtype=dtype, **extra)
+        return cls.from_pipe(base, dtype=dtype, **extra, **components)
     finally:
         dlog.set_verbosity(verbosity)
 
@@ -157,9 +189,11 @@ def from_pipe(cls_name: str, base, dtype: torch.dtype):
 class Pipelines:
     """The engine's pipelines: the loaded one, and those made from its components when a request needs them."""
 
-    def __init__(self, base, family, info, dtype: torch.dtype, on_new=None):
-        """`on_new(pipe)`: called for each pipeline made here (the engine wraps its text encoding)."""
+    def __init__(self, base, family, info, dtype: torch.dtype, on_new=None, controlnet=None):
+        """`on_new(pipe)`: called for each pipeline made here (the engine wraps its text encoding).
+        `controlnet`: the engine's ControlNet (or multi-ControlNet wrapper), for the ControlNet forms."""
         self.base, self.family, self.info, self.dtype, self.on_new = base, family, info, dtype, on_new
+        self.controlnet = controlnet
         self._made = {type(base).__name__: base}
         self._last_pag: str | None = None
 
@@ -167,7 +201,8 @@ class Pipelines:
         """The pipeline of `spec`, made with `from_pipe` on first use (shared modules, no copy)."""
         pipe = self._made.get(spec.cls)
         if pipe is None:
-            pipe = self._made[spec.cls] = from_pipe(spec.cls, self.base, self.dtype)
+            extra = {"controlnet": self.controlnet} if spec.controlnet and self.controlnet is not None else {}
+            pipe = self._made[spec.cls] = from_pipe(spec.cls, self.base, self.dtype, **extra)
             if self.on_new is not None:
                 self.on_new(pipe)
         pipe.set_progress_bar_config(**getattr(self.base, "_progress_bar_config", {}))
@@ -180,9 +215,12 @@ class Pipelines:
         changed, self._last_pag = pag != self._last_pag, pag
         return changed
 
-    def bind(self, pipe, call: PreparedCall, applied, denoiser) -> None:
-        """Set up the plan for this call (no collective)."""
+    def bind(self, pipe, call: PreparedCall, applied, denoiser, others=()) -> None:
+        """Set up the plan for this call (no collective); `others`: the applied plans of the models that
+        feed the denoiser (ControlNets), which split the same batch."""
         applied.context.branches = call.branches
+        for plan in others:
+            plan.context.branches = call.branches
         if call.spec.pag:
             assert applied.perturbed is not None, f"{self.family.name}'s plan has no perturbed-attention entry"
             for processor in applied.perturbed:

@@ -100,6 +100,16 @@ def check_fields(request) -> None:
             raise ValueError(f"{name} must be a finite number, got {v}")
         if v < 0:
             raise ValueError(f"{name} must be ≥ 0, got {v}")
+    scales = request.controlnet_scale
+    if scales is not None:
+        values = list(scales) if isinstance(scales, (tuple, list)) else [scales]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"--controlnet-scale must be finite numbers ≥ 0 (one, or one per ControlNet), got {scales!r}")
+        if not values:
+            raise ValueError("--controlnet-scale: give at least one value")
+    if request.control_mode is not None:
+        _integer("--control-mode", request.control_mode, low=0)
     from .inputs import check_request_inputs
 
     check_request_inputs(request)  # input images, strength, pag_scale (engine/inputs.py)
@@ -138,11 +148,12 @@ def resolve_size(request, info, default: tuple[int, int] | None = None) -> tuple
 
 
 def check_request(request, info, family, layout: ParallelConfig, *, dtype: torch.dtype = torch.float32,
-                  memory_bytes: int | None = None, vae_parallel: str = "auto") -> CheckedRequest:
+                  memory_bytes: int | None = None, vae_parallel: str = "auto", controlnets: int = 0) -> CheckedRequest:
     """`request` on `family`'s model `info`, run on `layout`; ValueError (one line), no collective.
 
     `memory_bytes`: what one rank can still allocate (`available_bytes`); None skips the memory check.
     `vae_parallel`: the engine's --vae-parallel (`on` needs a latent row per rank of the image).
+    `controlnets`: the ControlNets the engine holds (the request then runs the ControlNet form).
     """
     from .pipelines import prepare_call
 
@@ -150,7 +161,8 @@ def check_request(request, info, family, layout: ParallelConfig, *, dtype: torch
     if request.negative_prompt is None and request.true_cfg_scale > 1:
         raise ValueError("--true-cfg-scale > 1 needs a --negative-prompt")
     # The pipeline class the request selects (img2img, inpainting, PAG, …) and its arguments.
-    call = prepare_call(request, info, family, lambda r, default: resolve_size(r, info, default))
+    call = prepare_call(request, info, family, lambda r, default: resolve_size(r, info, default),
+                        controlnets=controlnets)
     family_kwargs, height, width = call.kwargs, call.height, call.width
     family.check_cfg(layout.degrees(), family_kwargs, info, call.branches)
     family.check_size(info, layout, height, width)
@@ -230,6 +242,7 @@ def check_requests(requests: list, target: Target) -> tuple[ParallelConfig, str,
 
     layout, why = choose_layout(target, requests)
     checked = [check_request(r, target.info, target.family, layout, dtype=target.dtype,
-                             memory_bytes=target.memory_bytes, vae_parallel=target.config.vae_parallel)
+                             memory_bytes=target.memory_bytes, vae_parallel=target.config.vae_parallel,
+                             controlnets=len(target.config.controlnets))
                for r in requests]
     return layout, why, checked

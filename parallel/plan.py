@@ -47,6 +47,16 @@ class SeqDim:
 
 
 @dataclass(frozen=True)
+class JointSeqDim:
+    """A tensor whose dimension `dim` is the concatenation of whole token groups, in this order (a
+    rotary table over [text, image] built inside forward). Each group's segment is split by that
+    group's split; at most one group may have no split yet in this call: it gets the remaining length."""
+
+    groups: tuple[str, ...]
+    dim: int
+
+
+@dataclass(frozen=True)
 class RowsArg:
     """The forward argument `arg` of a module is the row count of token grid `tokens` (the module
     reshapes its tokens to rows × columns); under a split it becomes this rank's row count."""
@@ -143,6 +153,16 @@ class ModelPlan:
     perturbed: PerturbedPlan | None = None
     """How the layers that perturbed-attention guidance (PAG) perturbs run under the mesh
     (parallel/perturbed.py); None: the family has no PAG pipeline."""
+    residual_outputs: SeqDim | None = None
+    """The model's outputs are residuals for another model of the same mesh (a ControlNet's per-block
+    samples, every tensor of its output) in this token group: they leave it as this rank's piece of the
+    tokens (sp) and of the batch (cfg), never gathered; the model they feed lists them in its
+    `residual_inputs`. A UNet ControlNet's residuals are split over the batch only."""
+    residual_inputs: Mapping[str, SeqDim | None] = field(default_factory=dict)
+    """forward kwarg (a tensor, or a tuple / list of tensors) → its token group: residuals added to the
+    model's own pieces (a ControlNet's block samples). Each tensor arrives either as this rank's piece
+    (the ControlNet ran under the same plan) or whole; only a whole one is split, any other length is an
+    error. None: batch only (UNets). Split over cfg with the `batch_inputs`, along dim 0."""
 
 
 @dataclass
@@ -230,9 +250,8 @@ def apply_plan(model: torch.nn.Module, plan: ModelPlan, mesh: Mesh, attention: P
             seq_tp.install()
     split_seq = mesh.size("sp") > 1
     split_batch = mesh.size("cfg") > 1
-    assert not split_seq or plan.gather_output is not None or plan.gather_modules or plan.runs, (
-        "a sequence-parallel plan must say what to gather"
-    )
+    assert (not split_seq or plan.gather_output is not None or plan.gather_modules or plan.runs
+            or plan.residual_outputs is not None), "a sequence-parallel plan must say what to gather"
     pairs = None
     if split_batch and plan.cfg_pairs:
         from .cfg_pairs import CfgPairs
@@ -351,11 +370,54 @@ def _split_grids(plan: ModelPlan, ctx: SeqContext, module: torch.nn.Module, argu
         ctx.rows[group].split = RowSplit(tuple(units), me, ctx.mesh.group("sp"))
 
 
-def _split_tokens(ctx: SeqContext, x: torch.Tensor, where: SeqDim, what: str) -> torch.Tensor:
+def _split_tokens(ctx: SeqContext, x: torch.Tensor, where: SeqDim | JointSeqDim, what: str) -> torch.Tensor:
     """This sp rank's piece of `x`, recording (or checking against) its token group's split."""
+    if isinstance(where, JointSeqDim):
+        return _split_joint(ctx, x, where, what)
     dim = where.dim % x.ndim
     sizes = _group_sizes(ctx, where.tokens, x.shape[dim], what)
     return take_piece(x, dim, sizes, ctx.mesh.coord("sp"))
+
+
+def _split_joint(ctx: SeqContext, x: torch.Tensor, where: JointSeqDim, what: str) -> torch.Tensor:
+    dim = where.dim % x.ndim
+    unknown = [g for g in where.groups if g not in ctx.sizes]
+    if len(unknown) > 1:
+        raise ValueError(f"{what}: the lengths of {unknown} are not known yet, so {where.groups} cannot be split")
+    if unknown:
+        rest = x.shape[dim] - sum(sum(ctx.sizes[g]) for g in where.groups if g != unknown[0])
+        _group_sizes(ctx, unknown[0], rest, what)
+    lengths = [sum(ctx.sizes[g]) for g in where.groups]
+    if sum(lengths) != x.shape[dim]:
+        raise ValueError(f"{what}: {x.shape[dim]} entries, not the {sum(lengths)} of {where.groups}")
+    me = ctx.mesh.coord("sp")
+    parts = x.split(lengths, dim=dim)
+    return torch.cat([take_piece(p, dim, ctx.sizes[g], me) for p, g in zip(parts, where.groups)], dim=dim)
+
+
+def _residual_piece(ctx: SeqContext, x, where: SeqDim | None, batch: tuple[int, int] | None, name: str, *,
+                    split_seq: bool):
+    """This rank's piece of residual input `x`: batch (cfg), then tokens (sp); a piece already is one."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(_residual_piece(ctx, t, where, batch, name, split_seq=split_seq) for t in x)
+    if not isinstance(x, torch.Tensor):
+        return x
+    if batch is not None:
+        whole, mine = batch
+        if x.shape[0] == whole and whole != mine:
+            per_rank = _branches_per_rank(ctx)
+            x = _batch_piece(x, 0, per_rank, ctx.mesh.coord("cfg"), name)
+        elif x.shape[0] != mine:
+            raise ValueError(f"{name} has batch {x.shape[0]}: neither the whole batch {whole} nor this rank's {mine}")
+    if split_seq and where is not None:
+        sizes, me = ctx.sizes[where.tokens], ctx.mesh.coord("sp")
+        dim = where.dim % x.ndim
+        if x.shape[dim] == sum(sizes):
+            x = take_piece(x, dim, sizes, me)
+        elif x.shape[dim] != sizes[me]:
+            raise ValueError(f"{name} has {x.shape[dim]} {where.tokens!r} tokens: neither all {sum(sizes)} nor "
+                             f"this rank's {sizes[me]}")
+    return x
 
 
 def _modules(model: torch.nn.Module, name: str) -> list[torch.nn.Module]:
@@ -535,6 +597,7 @@ def _split_hook(plan: ModelPlan, ctx: SeqContext, sig: inspect.Signature, *, spl
         if ctx.skip:
             return None
         bound = sig.bind_partial(*args, **kwargs)
+        batch = None
         if split_batch and not plan.cfg_pairs:
             # Each cfg rank runs whole branches: contiguous runs of the batch, in the pipeline's order.
             per_rank, me_cfg = _branches_per_rank(ctx), mesh.coord("cfg")
@@ -542,7 +605,10 @@ def _split_hook(plan: ModelPlan, ctx: SeqContext, sig: inspect.Signature, *, spl
             ctx.branch_range = (start, start + per_rank[me_cfg])
             for name, dim in plan.batch_inputs.items():
                 if bound.arguments.get(name) is not None:
-                    bound.arguments[name] = _batch_piece(bound.arguments[name], dim, per_rank, me_cfg, name)
+                    x = bound.arguments[name]
+                    bound.arguments[name] = _batch_piece(x, dim, per_rank, me_cfg, name)
+                    if batch is None and isinstance(x, torch.Tensor) and x.ndim and dim == 0:
+                        batch = (x.shape[0], bound.arguments[name].shape[0])
         if split_seq:
             ctx.sizes = {}
             _split_grids(plan, ctx, module, bound.arguments)
@@ -550,6 +616,10 @@ def _split_hook(plan: ModelPlan, ctx: SeqContext, sig: inspect.Signature, *, spl
                 x = bound.arguments.get(name)
                 if x is not None:
                     bound.arguments[name] = _split_tokens(ctx, x, where, f"in {name!r}")
+        for name, where in plan.residual_inputs.items():
+            if bound.arguments.get(name) is not None:
+                bound.arguments[name] = _residual_piece(ctx, bound.arguments[name], where, batch, name,
+                                                        split_seq=split_seq)
         return bound.args, bound.kwargs
 
     return hook
@@ -580,6 +650,8 @@ def _gather_hook(plan: ModelPlan, ctx: SeqContext, *, split_seq: bool, split_bat
             return output
         for rows in ctx.rows.values():
             rows.split = None
+        if plan.residual_outputs is not None:
+            return output  # this rank's pieces, for the model they feed (its residual_inputs)
         if isinstance(output, tuple):
             return (gather(output[0]), *output[1:])
         if isinstance(output, torch.Tensor):

@@ -47,6 +47,14 @@ def component_class(model: str | Path, name: str) -> str | None:
     return entry[1] if isinstance(entry, list) and len(entry) == 2 else None
 
 
+def component_config(model: str | Path, name: str) -> dict:
+    """The config of pipeline component `name`, from the preset or the directory (no weights)."""
+    if is_preset(model):
+        return PRESETS[model].config(name)
+    path = model_dir(model)
+    return read_json(path / name / "config.json", f"model directory {path}")
+
+
 def _is_setting(value) -> bool:
     """A pipeline setting (is_distilled, requires_safety_checker, …), not a component entry."""
     return isinstance(value, (bool, int, float, str))

@@ -84,6 +84,14 @@ class PipelineSpec:
     form, "pag" → its PAG form."""
     call_extra: Callable[..., dict] | None = None
     """(request, height, width) → further call arguments of this class (Kontext: its size rule)."""
+    controlnet: bool = False
+    """A ControlNet pipeline: its `controlnet` component is the engine's ControlNet(s)."""
+    arg_names: Mapping[str, str] = field(default_factory=dict)
+    """Input field → this class's call argument, where they differ (SD / SDXL ControlNet pipelines take
+    the control image as `image`)."""
+
+    def arg(self, name: str) -> str:
+        return self.arg_names.get(name, name)
 
 
 def pipeline_specs(*specs: PipelineSpec) -> tuple[PipelineSpec, ...]:
@@ -91,8 +99,30 @@ def pipeline_specs(*specs: PipelineSpec) -> tuple[PipelineSpec, ...]:
     names = {s.cls for s in specs}
     for s in specs:
         for what, target in s.variants.items():
-            assert what in ("image", "mask_image", "pag") and target in names, f"{s.cls}: bad variant {what} → {target}"
+            assert what in ("controlnet", "image", "mask_image", "pag") and target in names, (
+                f"{s.cls}: bad variant {what} → {target}")
     return specs
+
+
+@dataclass(kw_only=True, frozen=True)
+class ControlNetSpec:
+    """The ControlNets a family runs (engine/controlnet.py loads and checks them): a ControlNet is a
+    denoiser of its own, with its own plan applied on the same mesh."""
+
+    classes: tuple[str, ...]
+    """diffusers model classes (a ControlNet directory's config.json `_class_name`)."""
+    plan: ModelPlan
+    """Its plan: the denoiser's attention processors and TP styles, its inputs split like the
+    denoiser's, its residuals left split (`residual_outputs`) for the denoiser's `residual_inputs`."""
+    check: Callable[[dict, dict], list[str]]
+    """(denoiser config, ControlNet config) → what does not match, one phrase each (empty: fits)."""
+    multi: str | None = None
+    """diffusers' wrapper of several ControlNets of this kind (summing their residuals), if any."""
+    sequence_refusal: Callable[[dict], str | None] = lambda config: None
+    """ControlNet config → why it cannot run under a sequence split (None: it can)."""
+    derive: Callable[..., dict] | None = None
+    """(denoiser config, layers, **options) → the config of a ControlNet of that model with `layers`
+    blocks (random-weight ControlNets for tests and benchmarks: engine/controlnet.py)."""
 
 
 ConfigReader = Callable[..., ModelInfo]
@@ -168,6 +198,8 @@ class Family:
     encode_methods: tuple[str, ...] = ("encode_prompt",)
     """The pipeline's methods that run its text encoders (`--text-encoders first` runs them on one rank
     and broadcasts what they return: engine/text_encoders/broadcast.py)."""
+    controlnet: ControlNetSpec | None = None
+    """The ControlNets this family runs (`--controlnet`); None: none."""
     token_counts: Callable[..., dict[str, int]] | None = None
     """(ModelInfo, pipeline kwargs, height, width) → tokens of each group of the plan's sequence, so
     that `--tp-comm sequence` can check its even split before any collective (the split itself checks

@@ -6,7 +6,7 @@ given, the served model's name), `user` (ignored). Ours: `negative_prompt`, `see
 at most the server's --request-timeout) and `request_id` (the id to cancel it by; unique among the
 requests queued or running). The editing pipelines' (docs/PIPELINES.md): `image`, `mask_image`,
 `control_image` (base64 or a data: URL of a PNG, JPEG or WebP file; never a path on the server),
-`strength`, `pag_scale`, `keep_image_size`; the pipeline form follows from them as on the CLI. Any
+`strength`, `pag_scale`, `keep_image_size`, `controlnet_scale`, `control_mode`; the pipeline form follows from them as on the CLI. Any
 other field is refused, by name.
 
 `n` images are `n` requests with the seeds seed, seed + 1, …, as the CLI's --num-images: image i
@@ -29,7 +29,8 @@ FIELDS = {
     "guidance_scale": "guidance", "true_cfg_scale": "true_cfg_scale", "max_sequence_length": "max_sequence_length",
 }
 """Body field → GenerateRequest field."""
-SCALARS = {"strength": "strength", "pag_scale": "pag_scale", "keep_image_size": "keep_image_size"}
+SCALARS = {"strength": "strength", "pag_scale": "pag_scale", "keep_image_size": "keep_image_size",
+           "controlnet_scale": "controlnet_scale", "control_mode": "control_mode"}
 """Body field → GenerateRequest field, for the editing pipelines (docs/PIPELINES.md)."""
 IMAGES = ("image", "mask_image", "control_image")
 """Body fields carrying an input image: base64 (or a data: URL) of a PNG, JPEG or WebP file. Never a

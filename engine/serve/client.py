@@ -220,7 +220,8 @@ def request_body(request: GenerateRequest) -> dict:
     }
     if request.height is not None:
         body["size"] = f"{request.width}x{request.height}"
-    body.update(strength=request.strength, pag_scale=request.pag_scale, keep_image_size=request.keep_image_size or None)
+    body.update(strength=request.strength, pag_scale=request.pag_scale, keep_image_size=request.keep_image_size or None,
+                controlnet_scale=request.controlnet_scale, control_mode=request.control_mode)
     body.update({name: getattr(request, name) for name in api.IMAGES})
     return encode_images({k: v for k, v in body.items() if v is not None})
 

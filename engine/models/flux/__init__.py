@@ -22,9 +22,9 @@ import torch
 
 from engine.presets.components import CLIP_L, FLUX_VAE, T5_XXL, TINY_CLIP_L, TINY_KL, TINY_T5, clip_text, kl_vae, t5_encoder
 from engine.presets.spec import Component, PresetSpec
-from shardiff_parallel.plan import ModelPlan, SeqDim
+from shardiff_parallel.plan import JointSeqDim, ModelPlan, SeqDim
 
-from ..family import Family, ModelInfo, PipelineSpec, pipeline_specs, prompt_kwargs, vae_scale
+from ..family import ControlNetSpec, Family, ModelInfo, PipelineSpec, pipeline_specs, prompt_kwargs, vae_scale
 from ..mmdit import check_tp_widths
 from .attention import FluxParallelAttnProcessor
 from .tp import FLUX_TP_PLAN, FLUX_TP_SEQUENCE_PLAN
@@ -46,6 +46,75 @@ FLUX_PLAN = ModelPlan(
     },
     tensor=FLUX_TP_PLAN,
     tensor_sequence=FLUX_TP_SEQUENCE_PLAN,
+    # A ControlNet's block samples, added to the image stream: split like it (FLUX_CONTROLNET_PLAN
+    # leaves them so).
+    residual_inputs={"controlnet_block_samples": SeqDim("image", 1),
+                     "controlnet_single_block_samples": SeqDim("image", 1)},
+)
+
+# FluxControlNetModel: the same blocks over the same streams. A Union ControlNet prepends one mode
+# token to the text stream inside forward (and one id to txt_ids), so the text is not split at the
+# input — every rank would prepend it — but where the first block receives it; the rotary table
+# (over [text + mode, image]) where `pos_embed` returns it, each group's segment by its own split.
+# The image stream and the control latents are split at the input; the block samples leave as this
+# rank's pieces (`residual_outputs`), which the transformer adds to its own pieces. No batch inputs:
+# under true CFG the pipeline runs the ControlNet once (cond) for both transformer calls, so every
+# cfg rank runs it whole-batch.
+_ROTARY = JointSeqDim(("text", "image"), 0)
+FLUX_CONTROLNET_PLAN = ModelPlan(
+    split_inputs={"hidden_states": SeqDim("image", 1), "controlnet_cond": SeqDim("image", 1)},
+    split_modules={"pos_embed": (_ROTARY, _ROTARY)},
+    split_module_inputs={"transformer_blocks.0": {"encoder_hidden_states": SeqDim("text", 1)}},
+    attention=FLUX_PLAN.attention,
+    residual_outputs=SeqDim("image", 1),
+    tensor=FLUX_TP_PLAN,
+)
+
+_CONTROLNET_MATCH = ("num_attention_heads", "attention_head_dim", "in_channels", "joint_attention_dim",
+                     "pooled_projection_dim", "guidance_embeds", "axes_dims_rope", "patch_size")
+
+
+def check_flux_controlnet(transformer: dict, controlnet: dict) -> list[str]:
+    """What of a FluxControlNetModel config does not match the transformer's (diffusers' defaults
+    where a config leaves a key out)."""
+    import inspect
+
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    def value(config, cls, key):
+        default = inspect.signature(cls.__init__).parameters[key].default
+        v = config.get(key, default)
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    out = [f"{k} {value(controlnet, FluxControlNetModel, k)} (the transformer's: "
+           f"{value(transformer, FluxTransformer2DModel, k)})"
+           for k in _CONTROLNET_MATCH
+           if value(controlnet, FluxControlNetModel, k) != value(transformer, FluxTransformer2DModel, k)]
+    if int(controlnet.get("num_layers", 19)) < 1:
+        out.append("num_layers 0 (shardiff splits the text stream where the first dual-stream block takes it)")
+    return out
+
+
+def flux_controlnet_sequence_refusal(controlnet: dict) -> str | None:
+    if controlnet.get("conditioning_embedding_channels") is not None:
+        return ("this Flux ControlNet takes its control image in pixels (conditioning_embedding_channels: an "
+                "input hint block of convolutions), which is not split by tokens: run it without --ulysses / --ring")
+    return None
+
+
+def derive_flux_controlnet(transformer: dict, layers: int, *, single_layers: int = 0, num_mode: int | None = None) -> dict:
+    """A FluxControlNetModel config for `transformer` (InstantX's Union for FLUX.1-dev: 5 dual-stream
+    and 10 single-stream blocks, 10 modes)."""
+    keep = ("patch_size", "in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+            "pooled_projection_dim", "guidance_embeds", "axes_dims_rope")
+    return {**{k: transformer[k] for k in keep if k in transformer}, "num_layers": layers,
+            "num_single_layers": single_layers, "num_mode": num_mode}
+
+
+FLUX_CONTROLNET = ControlNetSpec(
+    classes=("FluxControlNetModel",), plan=FLUX_CONTROLNET_PLAN, check=check_flux_controlnet,
+    multi="FluxMultiControlNetModel", sequence_refusal=flux_controlnet_sequence_refusal,
+    derive=derive_flux_controlnet,
 )
 
 # Where FluxPipeline's own default image size comes from when the VAE config has none.
@@ -99,10 +168,18 @@ def kontext_reference_tokens(info, kwargs: dict) -> int:
 
 _IMAGE, _MASK, _CONTROL = "image", "mask_image", "control_image"
 FLUX_PIPELINES = pipeline_specs(
-    PipelineSpec(cls="FluxPipeline", variants={"image": "FluxImg2ImgPipeline"}),
+    PipelineSpec(cls="FluxPipeline", variants={"image": "FluxImg2ImgPipeline", "controlnet": "FluxControlNetPipeline"}),
     PipelineSpec(cls="FluxImg2ImgPipeline", inputs=(_IMAGE,), required=(_IMAGE,), strength=True,
-                 variants={"mask_image": "FluxInpaintPipeline"}),
-    PipelineSpec(cls="FluxInpaintPipeline", inputs=(_IMAGE, _MASK), required=(_IMAGE, _MASK), strength=True),
+                 variants={"mask_image": "FluxInpaintPipeline", "controlnet": "FluxControlNetImg2ImgPipeline"}),
+    PipelineSpec(cls="FluxInpaintPipeline", inputs=(_IMAGE, _MASK), required=(_IMAGE, _MASK), strength=True,
+                 variants={"controlnet": "FluxControlNetInpaintPipeline"}),
+    # ControlNets (`--controlnet`): the ControlNet's residuals added to the transformer's blocks.
+    PipelineSpec(cls="FluxControlNetPipeline", inputs=(_CONTROL,), required=(_CONTROL,), controlnet=True,
+                 variants={"image": "FluxControlNetImg2ImgPipeline"}),
+    PipelineSpec(cls="FluxControlNetImg2ImgPipeline", inputs=(_IMAGE, _CONTROL), required=(_IMAGE, _CONTROL),
+                 strength=True, controlnet=True, variants={"mask_image": "FluxControlNetInpaintPipeline"}),
+    PipelineSpec(cls="FluxControlNetInpaintPipeline", inputs=(_IMAGE, _MASK, _CONTROL),
+                 required=(_IMAGE, _MASK, _CONTROL), strength=True, controlnet=True),
     # FLUX.1-Fill: its own transformer (masked image and mask as extra input channels).
     PipelineSpec(cls="FluxFillPipeline", inputs=(_IMAGE, _MASK), required=(_IMAGE, _MASK), strength=True),
     # FLUX.1-Kontext: edits the reference image; without one it draws from text alone.
@@ -231,5 +308,5 @@ FAMILY = Family(
     name="flux", pipelines=FLUX_PIPELINES, plan=FLUX_PLAN, read_info=read_flux_info,
     call_kwargs=flux_call_kwargs, bench_kwargs=flux_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "tp", "cfg"}), check_tp=check_tp_widths,
-    uses_cfg=flux_uses_cfg, cfg_pairs=True, token_counts=flux_token_counts,
+    uses_cfg=flux_uses_cfg, cfg_pairs=True, token_counts=flux_token_counts, controlnet=FLUX_CONTROLNET,
 )
