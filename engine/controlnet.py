@@ -102,22 +102,29 @@ def apply_controlnet_plans(controlnet, family, mesh, attention) -> list:
     return [apply_plan(net, family.controlnet.plan, mesh, attention) for net in controlnet_modules(controlnet)]
 
 
-def save_random_controlnet(model, family, out, layers: int, *, seed: int = 0, **options) -> Path:
-    """A ControlNet of `family`'s model `model` with random weights — the zero-initialised output
-    projections too, so that its residuals matter — saved as a directory (safetensors); for tests and
-    benchmarks (no weights can be downloaded)."""
+def random_controlnet(family, denoiser_config: dict, layers: int, *, seed: int = 0, device="cpu",
+                      dtype: torch.dtype = torch.float32, **options) -> torch.nn.Module:
+    """A ControlNet for `family`'s denoiser config, with random weights — the zero-initialised output
+    projections too, so that its residuals matter — (no weights can be downloaded: tests, benchmarks)."""
     import diffusers
 
     spec = family.controlnet
     assert spec is not None and spec.derive is not None, f"{family.name} has no ControlNet to derive"
-    config = spec.derive(component_config(model, family.denoiser), layers, **options)
+    config = spec.derive(denoiser_config, layers, **options)
     torch.manual_seed(seed)
-    net = getattr(diffusers, spec.classes[0])(**config)
+    with torch.device(device):
+        net = getattr(diffusers, spec.classes[0])(**config)
     with torch.no_grad():
-        for name, p in net.named_parameters():
+        for p in net.parameters():
             if p.ndim and not p.abs().sum():
-                # zero_module()'d by diffusers (the ControlNet starts as a no-op when trained).
+                # zero_module()'d by diffusers (a ControlNet starts as a no-op when trained).
                 p.normal_(0.0, 0.02 if p.ndim > 1 else 0.01)
+    return net.to(dtype).eval()
+
+
+def save_random_controlnet(model, family, out, layers: int, *, seed: int = 0, **options) -> Path:
+    """`random_controlnet` for the model `model` (preset or directory), saved as a directory (safetensors)."""
+    net = random_controlnet(family, component_config(model, family.denoiser), layers, seed=seed, **options)
     out = Path(out)
     net.save_pretrained(out, safe_serialization=True)
     return out

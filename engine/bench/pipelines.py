@@ -10,7 +10,10 @@ real length, latent output):
   image sequence (1024²: 4096 + 4096 image tokens);
 - `lora`: t2i with a random rank-`--lora-rank` LoRA on every linear of the transformer's blocks. Our
   layouts fuse it (engine/lora.py): the same weights' shapes, so no slower than `t2i`; `diffusers` runs it
-  as diffusers does after `load_lora_weights` (PEFT layers, unfused).
+  as diffusers does after `load_lora_weights` (PEFT layers, unfused);
+- `controlnet`: FluxControlNetPipeline with a random ControlNet of InstantX's FLUX.1-dev Union shape
+  (5 dual-stream + 10 single-stream blocks, 10 control modes; `--controlnet-layers D,S`), a random
+  control image, mode 0, scale 0.7. Our layouts apply the ControlNet's own plan too (engine/controlnet.py).
 Systems: `diffusers` (the pipeline as is, its default attention) and our layouts (engine.bench names:
 `1`, `u2`, `u4:compile`, …; a layout of n ranks uses ranks 0..n-1).
 
@@ -46,8 +49,9 @@ from shardiff_parallel.plan import apply_plan
 
 from .layouts import parse_layout
 
-CASES = ("t2i", "img2img", "kontext", "lora")
-PIPELINE_OF_CASE = {"img2img": "FluxImg2ImgPipeline", "kontext": "FluxKontextPipeline"}
+CASES = ("t2i", "img2img", "kontext", "lora", "controlnet")
+PIPELINE_OF_CASE = {"img2img": "FluxImg2ImgPipeline", "kontext": "FluxKontextPipeline",
+                    "controlnet": "FluxControlNetPipeline"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     p.add_argument("--systems", default="diffusers,1", help="diffusers and/or our layouts (engine.bench names)")
+    p.add_argument("--controlnet-layers", default="5,10",
+                   help="dual-stream,single-stream blocks of the `controlnet` case (InstantX's Union: 5,10)")
     p.add_argument("--strength", type=float, default=1.0,
                    help="img2img strength (1.0: every step runs, so the per-step figure is comparable)")
     p.add_argument("--lora-rank", type=int, default=64)
@@ -159,17 +165,26 @@ def main(argv=None) -> None:
         save_file({k: v.to(dtype) for k, v in random_lora(base.transformer, args.lora_rank).items()}, lora_path)
     results, reference = [], {}
     for case in cases:
-        pipe = base
+        pipe, controlnet = base, None
+        if case == "controlnet":
+            from engine.controlnet import random_controlnet
+
+            double, single = (int(v) for v in args.controlnet_layers.split(","))
+            controlnet = random_controlnet(fam, dict(base.transformer.config), double, single_layers=single,
+                                           num_mode=10, device=device, dtype=dtype)
         if case in PIPELINE_OF_CASE:
             from engine.pipelines import from_pipe
 
-            pipe = from_pipe(PIPELINE_OF_CASE[case], base, dtype)
+            extra = {"controlnet": controlnet} if controlnet is not None else {}
+            pipe = from_pipe(PIPELINE_OF_CASE[case], base, dtype, **extra)
             pipe.set_progress_bar_config(disable=True)
         kwargs = dict(embeds, height=args.size, width=args.size)
         if case == "img2img":
             kwargs.update(image=_image(args.size), strength=args.strength)
         if case == "kontext":
             kwargs.update(image=_image(args.size), max_area=args.size * args.size, _auto_resize=not args.keep_image_size)
+        if case == "controlnet":
+            kwargs.update(control_image=_image(args.size), control_mode=0, controlnet_conditioning_scale=0.7)
         for system in systems:
             lay = layouts.get(system)
             member = lay is None and env.rank == 0 or lay is not None and env.rank < lay.config.world_size
@@ -190,6 +205,11 @@ def main(argv=None) -> None:
                         mesh = meshes[system]
                         applied = apply_plan(base.transformer, fam.pipeline_plan, mesh, ParallelAttention(mesh))
                         undo.insert(0, applied.remove)
+                        if controlnet is not None:
+                            from engine.controlnet import apply_controlnet_plans
+
+                            for plan in apply_controlnet_plans(controlnet, fam, mesh, ParallelAttention(mesh)):
+                                undo.insert(0, plan.remove)
                         if lay.compile:
                             from engine.runtime.compile import compile_denoiser, uncompile
 
