@@ -269,7 +269,12 @@ class Engine:
             self.vae_split.last.clear()
         _sync(self.device)
         start = time.perf_counter()
-        out = pipe(**kwargs)
+        # Some pipelines also draw from torch's global generator (the SD3 ControlNet pipeline samples its
+        # control image's latents with no generator): seeded from the request, so every rank draws the
+        # same and the image is reproducible; the caller's global generator state is left as it was.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(request.seed)
+            out = pipe(**kwargs)
         _sync(self.device)
         seconds = time.perf_counter() - start
         params = {

@@ -187,6 +187,9 @@ class SeqContext:
     [uncond, cond] = 2, PAG's [uncond, cond, perturbed] = 3 or [cond, perturbed] = 2, one = 1. The
     cfg ranks take whole branches, contiguous and in order (`split_sizes(branches, cfg)`: 3 over 2 →
     [2, 1]). None: as many branches as cfg ranks (equal parts of the batch)."""
+    pending: list = field(default_factory=list)
+    """Residual inputs waiting for their token group's split (models that make their tokens inside
+    forward, SD3): (list the model reads, its token group, name); filled in when the split is known."""
     branch_range: tuple[int, int] | None = None
     """Branches [start, stop) of the current call that this rank computes (set by the batch split);
     None: all of them (no cfg split)."""
@@ -348,6 +351,7 @@ def _group_sizes(ctx: SeqContext, tokens: str, n: int, what: str) -> list[int]:
     sizes = ctx.sizes.get(tokens)
     if sizes is None:
         sizes = ctx.sizes[tokens] = split_sizes(n, ctx.mesh.size("sp"))
+        _resolve_pending(ctx, tokens)
     elif sum(sizes) != n:
         raise ValueError(
             f"inputs of token group {tokens!r} disagree in length ({n} tokens {what}, {sum(sizes)} elsewhere)"
@@ -393,6 +397,29 @@ def _split_joint(ctx: SeqContext, x: torch.Tensor, where: JointSeqDim, what: str
     me = ctx.mesh.coord("sp")
     parts = x.split(lengths, dim=dim)
     return torch.cat([take_piece(p, dim, ctx.sizes[g], me) for p, g in zip(parts, where.groups)], dim=dim)
+
+
+def _resolve_pending(ctx: SeqContext, tokens: str) -> None:
+    """Split, in place, the residual lists that waited for group `tokens` (the model has not read them
+    yet: it makes its tokens first)."""
+    for entry in [e for e in ctx.pending if e[1].tokens == tokens]:
+        ctx.pending.remove(entry)
+        residuals, where, name = entry
+        residuals[:] = _residual_piece(ctx, residuals, where, None, name, split_seq=True)
+
+
+def _residual_input(ctx: SeqContext, x, where: SeqDim | None, batch, name: str, *, split_seq: bool):
+    """A residual input of a forward call: its batch piece now; its token piece now, or — when its group's
+    split is not known yet (made inside forward) — as a list filled in once it is."""
+    x = _residual_piece(ctx, x, where, batch, name, split_seq=False)
+    if not split_seq or where is None or not isinstance(x, (tuple, list, torch.Tensor)):
+        return x
+    if where.tokens in ctx.sizes:
+        return _residual_piece(ctx, x, where, None, name, split_seq=True)
+    assert isinstance(x, (tuple, list)), f"{name}: a lone residual tensor cannot wait for its group's split"
+    pending = list(x)
+    ctx.pending.append((pending, where, name))
+    return pending
 
 
 def _residual_piece(ctx: SeqContext, x, where: SeqDim | None, batch: tuple[int, int] | None, name: str, *,
@@ -610,7 +637,7 @@ def _split_hook(plan: ModelPlan, ctx: SeqContext, sig: inspect.Signature, *, spl
                     if batch is None and isinstance(x, torch.Tensor) and x.ndim and dim == 0:
                         batch = (x.shape[0], bound.arguments[name].shape[0])
         if split_seq:
-            ctx.sizes = {}
+            ctx.sizes, ctx.pending = {}, []
             _split_grids(plan, ctx, module, bound.arguments)
             for name, where in plan.split_inputs.items():
                 x = bound.arguments.get(name)
@@ -618,7 +645,7 @@ def _split_hook(plan: ModelPlan, ctx: SeqContext, sig: inspect.Signature, *, spl
                     bound.arguments[name] = _split_tokens(ctx, x, where, f"in {name!r}")
         for name, where in plan.residual_inputs.items():
             if bound.arguments.get(name) is not None:
-                bound.arguments[name] = _residual_piece(ctx, bound.arguments[name], where, batch, name,
+                bound.arguments[name] = _residual_input(ctx, bound.arguments[name], where, batch, name,
                                                         split_seq=split_seq)
         return bound.args, bound.kwargs
 

@@ -18,20 +18,24 @@ from tests.harness import rel_l2, run_distributed
 
 PROMPT, NEGATIVE = "a small red circle top left", "blue stripes"
 FLUX = dict(height=48, width=80, max_sequence_length=24, guidance=3.5, controlnet_scale=0.8)
-# case → (ControlNets, request fields, the diffusers class it must select)
+SD3 = dict(height=80, width=48, max_sequence_length=24, guidance=4.5, negative_prompt=NEGATIVE, controlnet_scale=0.7)
+# case → (base model, ControlNets, request fields, the diffusers class it must select)
 CASES = {
-    "cn": (("cn",), dict(FLUX, control_image="CTRL"), "FluxControlNetPipeline"),
-    "cn-i2i": (("cn",), dict(FLUX, control_image="CTRL", image="IMG", strength=0.7), "FluxControlNetImg2ImgPipeline"),
-    "cn-cfg": (("cn",), dict(FLUX, control_image="CTRL", negative_prompt=NEGATIVE, true_cfg_scale=3.0),
+    "cn": ("flux", ("cn",), dict(FLUX, control_image="CTRL"), "FluxControlNetPipeline"),
+    "cn-i2i": ("flux", ("cn",), dict(FLUX, control_image="CTRL", image="IMG", strength=0.7),
+               "FluxControlNetImg2ImgPipeline"),
+    "cn-cfg": ("flux", ("cn",), dict(FLUX, control_image="CTRL", negative_prompt=NEGATIVE, true_cfg_scale=3.0),
                "FluxControlNetPipeline"),
-    "union": (("union",), dict(FLUX, control_image="CTRL", control_mode=2), "FluxControlNetPipeline"),
-    "multi": (("cn", "cn2"), dict(FLUX, control_image="CTRL", controlnet_scale=(0.8, 0.5)), "FluxControlNetPipeline"),
+    "union": ("flux", ("union",), dict(FLUX, control_image="CTRL", control_mode=2), "FluxControlNetPipeline"),
+    "multi": ("flux", ("cn", "cn2"), dict(FLUX, control_image="CTRL", controlnet_scale=(0.8, 0.5)),
+              "FluxControlNetPipeline"),
+    "sd3": ("sd3", ("sd3cn",), dict(SD3, control_image="CTRL"), "StableDiffusion3ControlNetPipeline"),
 }
 LAYOUTS = [  # (degrees, cases), on 2 processes
-    (dict(ulysses=2), ["cn", "cn-i2i", "union"]),
-    (dict(ring=2), ["cn", "multi"]),
-    (dict(tp=2), ["cn", "union"]),
-    (dict(cfg=2), ["cn-cfg"]),
+    (dict(ulysses=2), ["cn", "cn-i2i", "union", "sd3"]),
+    (dict(ring=2), ["cn", "multi", "sd3"]),
+    (dict(tp=2), ["cn", "union", "sd3"]),
+    (dict(cfg=2), ["cn-cfg", "sd3"]),
 ]
 
 
@@ -42,12 +46,14 @@ def files(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("controlnet")
     base = str(get_preset("flux-tiny").save(root / "flux"))
+    sd3 = str(get_preset("sd3-tiny").save(root / "sd3"))
     flux = family("flux")
     return {
-        "base": base,
+        "base": base, "flux": base, "sd3": sd3,
         "cn": str(save_random_controlnet(base, flux, root / "cn", 2, single_layers=1, seed=1)),
         "cn2": str(save_random_controlnet(base, flux, root / "cn2", 1, single_layers=2, seed=2)),
         "union": str(save_random_controlnet(base, flux, root / "union", 1, single_layers=1, num_mode=4, seed=3)),
+        "sd3cn": str(save_random_controlnet(sd3, family("sd3"), root / "sd3cn", 1, seed=4)),
     }
 
 
@@ -63,7 +69,7 @@ def _request(case: str):
     from engine import GenerateRequest
 
     images = _images()
-    fields = {k: images.get(v, v) if isinstance(v, str) else v for k, v in CASES[case][1].items()}
+    fields = {k: images.get(v, v) if isinstance(v, str) else v for k, v in CASES[case][2].items()}
     return GenerateRequest(prompt=PROMPT, steps=2, seed=11, **fields)
 
 
@@ -72,11 +78,11 @@ def _run(world: int, files: dict, layouts) -> dict:
 
     out = {}
     for degrees, cases in layouts:
-        for nets in dict.fromkeys(CASES[c][0] for c in cases):
-            engine = Engine(EngineConfig(model=files["base"], controlnets=tuple(files[n] for n in nets), **degrees))
-            for case in (c for c in cases if CASES[c][0] == nets):
+        for base, nets in dict.fromkeys(CASES[c][:2] for c in cases):
+            engine = Engine(EngineConfig(model=files[base], controlnets=tuple(files[n] for n in nets), **degrees))
+            for case in (c for c in cases if CASES[c][:2] == (base, nets)):
                 result = engine.generate(_request(case), output_type="latent")
-                assert result.params["pipeline"] == CASES[case][2], result.params["pipeline"]
+                assert result.params["pipeline"] == CASES[case][3], result.params["pipeline"]
                 out[(str(degrees), case)] = result.latents.clone()
             if degrees.get("ulysses") == 2 and nets == ("cn",):
                 out["residual_pieces"] = _residual_lengths(engine)
@@ -102,11 +108,12 @@ def single(files):
 def _diffusers(files: dict, case: str) -> torch.Tensor:
     import diffusers
 
-    nets, fields, cls = CASES[case]
+    base, nets, fields, cls = CASES[case]
     fields, images = dict(fields), _images()
-    models = [diffusers.FluxControlNetModel.from_pretrained(files[n]) for n in nets]
+    kind = {"flux": diffusers.FluxControlNetModel, "sd3": diffusers.SD3ControlNetModel}[base]
+    models = [kind.from_pretrained(files[n]) for n in nets]
     controlnet = models[0] if len(models) == 1 else diffusers.FluxMultiControlNetModel(models)
-    pipe = getattr(diffusers, cls).from_pretrained(files["base"], controlnet=controlnet)
+    pipe = getattr(diffusers, cls).from_pretrained(files[base], controlnet=controlnet)
     kw = dict(prompt=PROMPT, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(11),
               output_type="latent", guidance_scale=fields.pop("guidance"), height=fields.pop("height"),
               width=fields.pop("width"), max_sequence_length=fields.pop("max_sequence_length"))
@@ -117,10 +124,13 @@ def _diffusers(files: dict, case: str) -> torch.Tensor:
     if "image" in fields:
         kw["image"] = images[fields.pop("image")]
     kw.update(fields)
+    # The SD3 ControlNet pipeline samples its control latents from the global generator; the engine
+    # seeds it with the request's seed.
+    torch.manual_seed(11)
     return pipe(**kw).images
 
 
-@pytest.mark.parametrize("case", ["cn", "union", "multi", "cn-cfg"])
+@pytest.mark.parametrize("case", ["cn", "union", "multi", "cn-cfg", "sd3"])
 def test_single_process_equals_diffusers(files, single, case):
     assert rel_l2(single[case], _diffusers(files, case)) <= 1e-5
 
@@ -129,7 +139,7 @@ def test_the_controlnet_changes_the_image(files, single):
     from engine import Engine, EngineConfig, GenerateRequest
 
     engine = Engine(EngineConfig(model=files["base"]))
-    fields = {k: v for k, v in CASES["cn"][1].items() if k not in ("control_image", "controlnet_scale")}
+    fields = {k: v for k, v in CASES["cn"][2].items() if k not in ("control_image", "controlnet_scale")}
     plain = engine.generate(GenerateRequest(prompt=PROMPT, steps=2, seed=11, **fields), output_type="latent").latents
     engine.close()
     assert rel_l2(single["cn"], plain) > 0.05

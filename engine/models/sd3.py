@@ -34,7 +34,7 @@ from shardiff_parallel.plan import ModelPlan, SeqContext, SeqDim
 from shardiff_parallel.sharding import gather_pieces
 
 from .dit import dit_info
-from .family import Family, PipelineSpec, pipeline_specs, prompt_kwargs, vae_scale
+from .family import ControlNetSpec, Family, PipelineSpec, pipeline_specs, prompt_kwargs, vae_scale
 from .mmdit import COL, MMDIT_TP_PLAN, ROW, check_tp_widths
 from .qkv import project_qkv
 
@@ -167,11 +167,60 @@ SD3_PLAN = ModelPlan(
         perturbed=SD3PerturbedAttnProcessor,
         normal=lambda ctx, attention: SD3ParallelAttnProcessor(ctx, attention, qk_norm=False),
     ),
+    # A ControlNet's block samples, added to the image tokens: split like them (SD3_CONTROLNET_PLAN).
+    residual_inputs={"block_controlnet_hidden_states": SeqDim("image", 1)},
 )
+
+# SD3ControlNetModel: joint blocks over the same streams; it patchifies the latents (`pos_embed`) and
+# the control latents (`pos_embed_input`) itself, both split where they return their tokens, as the text
+# where `context_embedder` returns it. The pipeline batches [negative, prompt] for it too (a cfg split);
+# its block samples leave as this rank's pieces for the transformer.
+SD3_CONTROLNET_PLAN = ModelPlan(
+    split_modules={"pos_embed": SeqDim("image", 1), "pos_embed_input": SeqDim("image", 1),
+                   "context_embedder": SeqDim("text", 1)},
+    attention={"transformer_blocks.*.attn": SD3ParallelAttnProcessor},
+    batch_inputs={"hidden_states": 0, "encoder_hidden_states": 0, "pooled_projections": 0, "timestep": 0,
+                  "controlnet_cond": 0},
+    residual_outputs=SeqDim("image", 1),
+    tensor=SD3_TP_PLAN,
+)
+_SD3_CONTROLNET_MATCH = ("num_attention_heads", "attention_head_dim", "in_channels", "patch_size",
+                         "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "qk_norm")
+
+
+def check_sd3_controlnet(transformer: dict, controlnet: dict) -> list[str]:
+    import inspect
+
+    from diffusers import SD3ControlNetModel, SD3Transformer2DModel
+
+    def value(config, cls, key):
+        return config.get(key, inspect.signature(cls.__init__).parameters[key].default)
+
+    out = [f"{k} {value(controlnet, SD3ControlNetModel, k)} (the transformer's: {value(transformer, SD3Transformer2DModel, k)})"
+           for k in _SD3_CONTROLNET_MATCH
+           if value(controlnet, SD3ControlNetModel, k) != value(transformer, SD3Transformer2DModel, k)]
+    if not value(controlnet, SD3ControlNetModel, "use_pos_embed"):
+        out.append("use_pos_embed false (SD3.5-style ControlNets that take the transformer's patch embedding "
+                   "are not supported yet)")
+    return out
+
+
+def derive_sd3_controlnet(transformer: dict, layers: int) -> dict:
+    keep = ("sample_size", "patch_size", "in_channels", "attention_head_dim", "num_attention_heads",
+            "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
+            "pos_embed_max_size", "qk_norm")
+    return {**{k: transformer[k] for k in keep if k in transformer}, "num_layers": layers}
+
+
+SD3_CONTROLNET = ControlNetSpec(classes=("SD3ControlNetModel",), plan=SD3_CONTROLNET_PLAN, check=check_sd3_controlnet,
+                                multi="SD3MultiControlNetModel", derive=derive_sd3_controlnet)
 
 SD3_PIPELINES = pipeline_specs(
     PipelineSpec(cls="StableDiffusion3Pipeline",
-                 variants={"image": "StableDiffusion3Img2ImgPipeline", "pag": "StableDiffusion3PAGPipeline"}),
+                 variants={"image": "StableDiffusion3Img2ImgPipeline", "pag": "StableDiffusion3PAGPipeline",
+                           "controlnet": "StableDiffusion3ControlNetPipeline"}),
+    PipelineSpec(cls="StableDiffusion3ControlNetPipeline", inputs=("control_image",), required=("control_image",),
+                 controlnet=True),
     PipelineSpec(cls="StableDiffusion3Img2ImgPipeline", inputs=("image",), required=("image",), strength=True,
                  variants={"mask_image": "StableDiffusion3InpaintPipeline", "pag": "StableDiffusion3PAGImg2ImgPipeline"}),
     PipelineSpec(cls="StableDiffusion3InpaintPipeline", inputs=("image", "mask_image"), required=("image", "mask_image"),
@@ -246,5 +295,5 @@ PRESETS = (
 FAMILY = Family(
     name="sd3", pipelines=SD3_PIPELINES, plan=SD3_PLAN, read_info=read_sd3_info,
     call_kwargs=prompt_kwargs, bench_kwargs=sd3_bench_kwargs, presets=PRESETS,
-    axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_tp_widths,
+    axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_tp_widths, controlnet=SD3_CONTROLNET,
 )
