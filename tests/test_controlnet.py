@@ -18,6 +18,7 @@ from tests.harness import rel_l2, run_distributed
 
 PROMPT, NEGATIVE = "a small red circle top left", "blue stripes"
 FLUX = dict(height=48, width=80, max_sequence_length=24, guidance=3.5, controlnet_scale=0.8)
+UNET = dict(height=64, width=64, guidance=7.0, negative_prompt=NEGATIVE, controlnet_scale=0.9)
 SD3 = dict(height=80, width=48, max_sequence_length=24, guidance=4.5, negative_prompt=NEGATIVE, controlnet_scale=0.7)
 # case → (base model, ControlNets, request fields, the diffusers class it must select)
 CASES = {
@@ -30,12 +31,15 @@ CASES = {
     "multi": ("flux", ("cn", "cn2"), dict(FLUX, control_image="CTRL", controlnet_scale=(0.8, 0.5)),
               "FluxControlNetPipeline"),
     "sd3": ("sd3", ("sd3cn",), dict(SD3, control_image="CTRL"), "StableDiffusion3ControlNetPipeline"),
+    "sd": ("sd", ("sdcn",), dict(UNET, control_image="CTRL"), "StableDiffusionControlNetPipeline"),
+    "sd-i2i": ("sd", ("sdcn",), dict(UNET, control_image="CTRL", image="IMG", strength=0.7),
+               "StableDiffusionControlNetImg2ImgPipeline"),
 }
 LAYOUTS = [  # (degrees, cases), on 2 processes
     (dict(ulysses=2), ["cn", "cn-i2i", "union", "sd3"]),
     (dict(ring=2), ["cn", "multi", "sd3"]),
     (dict(tp=2), ["cn", "union", "sd3"]),
-    (dict(cfg=2), ["cn-cfg", "sd3"]),
+    (dict(cfg=2), ["cn-cfg", "sd3", "sd", "sd-i2i"]),
 ]
 
 
@@ -54,6 +58,8 @@ def files(tmp_path_factory):
         "cn2": str(save_random_controlnet(base, flux, root / "cn2", 1, single_layers=2, seed=2)),
         "union": str(save_random_controlnet(base, flux, root / "union", 1, single_layers=1, num_mode=4, seed=3)),
         "sd3cn": str(save_random_controlnet(sd3, family("sd3"), root / "sd3cn", 1, seed=4)),
+        "sd": (sd := str(get_preset("sd1.5-tiny").save(root / "sd"))),
+        "sdcn": str(save_random_controlnet(sd, family("sd"), root / "sdcn", 0, seed=5)),
     }
 
 
@@ -110,19 +116,23 @@ def _diffusers(files: dict, case: str) -> torch.Tensor:
 
     base, nets, fields, cls = CASES[case]
     fields, images = dict(fields), _images()
-    kind = {"flux": diffusers.FluxControlNetModel, "sd3": diffusers.SD3ControlNetModel}[base]
+    kind = {"flux": diffusers.FluxControlNetModel, "sd3": diffusers.SD3ControlNetModel,
+            "sd": diffusers.ControlNetModel}[base]
     models = [kind.from_pretrained(files[n]) for n in nets]
     controlnet = models[0] if len(models) == 1 else diffusers.FluxMultiControlNetModel(models)
     pipe = getattr(diffusers, cls).from_pretrained(files[base], controlnet=controlnet)
     kw = dict(prompt=PROMPT, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(11),
               output_type="latent", guidance_scale=fields.pop("guidance"), height=fields.pop("height"),
-              width=fields.pop("width"), max_sequence_length=fields.pop("max_sequence_length"))
+              width=fields.pop("width"))
+    if "max_sequence_length" in fields:
+        kw["max_sequence_length"] = fields.pop("max_sequence_length")
     scale = fields.pop("controlnet_scale")
     kw["controlnet_conditioning_scale"] = list(scale) if isinstance(scale, tuple) else scale
     control = images[fields.pop("control_image")]
-    kw["control_image"] = control if len(nets) == 1 else [control] * len(nets)
+    control = control if len(nets) == 1 else [control] * len(nets)
     if "image" in fields:
         kw["image"] = images[fields.pop("image")]
+    kw["image" if cls == "StableDiffusionControlNetPipeline" else "control_image"] = control
     kw.update(fields)
     # The SD3 ControlNet pipeline samples its control latents from the global generator; the engine
     # seeds it with the request's seed.
@@ -130,7 +140,7 @@ def _diffusers(files: dict, case: str) -> torch.Tensor:
     return pipe(**kw).images
 
 
-@pytest.mark.parametrize("case", ["cn", "union", "multi", "cn-cfg", "sd3"])
+@pytest.mark.parametrize("case", ["cn", "union", "multi", "cn-cfg", "sd3", "sd", "sd-i2i"])
 def test_single_process_equals_diffusers(files, single, case):
     assert rel_l2(single[case], _diffusers(files, case)) <= 1e-5
 

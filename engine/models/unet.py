@@ -26,9 +26,9 @@ import torch
 from engine.presets.components import CLIP_G, CLIP_L, SD_VAE, SDXL_VAE, TINY_CLIP_L, TINY_KL, clip_text, kl_vae
 from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.config import ParallelConfig
-from shardiff_parallel.plan import ModelPlan
+from shardiff_parallel.plan import ModelPlan, SeqDim
 
-from .family import Family, ModelInfo, PipelineSpec, pipeline_specs, vae_scale
+from .family import ControlNetSpec, Family, ModelInfo, PipelineSpec, pipeline_specs, vae_scale
 from .pag import VALUE_IDENTITY
 
 # The UNet's forward inputs that carry the [uncond, cond] batch. SDXL's added_cond_kwargs
@@ -40,7 +40,50 @@ UNET_PLAN = ModelPlan(
     },
     # The PAG pipelines perturb the self-attention (attn1) of the blocks they name ("mid" by default).
     perturbed=VALUE_IDENTITY,
+    # A ControlNet's residuals, batched like `sample` (split over cfg only: UNets split no tokens).
+    residual_inputs={"down_block_additional_residuals": None, "mid_block_additional_residual": None},
 )
+
+# ControlNetModel: the UNet's encoder again. The pipeline batches [uncond, cond] for it too (the control
+# image twice), so each cfg rank runs its branch and keeps its residuals for its UNet half: no gather.
+# (The token group is nominal: UNet ControlNets are split over the batch only.)
+UNET_CONTROLNET_PLAN = ModelPlan(
+    batch_inputs={"sample": 0, "timestep": 0, "encoder_hidden_states": 0, "controlnet_cond": 0,
+                  "class_labels": 0, "timestep_cond": 0, "attention_mask": 0, "added_cond_kwargs": 0},
+    residual_outputs=SeqDim("image", 1),
+)
+_UNET_CONTROLNET_MATCH = ("in_channels", "block_out_channels", "cross_attention_dim", "down_block_types",
+                          "layers_per_block", "attention_head_dim", "transformer_layers_per_block",
+                          "addition_embed_type", "projection_class_embeddings_input_dim")
+
+
+def check_unet_controlnet(unet: dict, controlnet: dict) -> list[str]:
+    import inspect
+
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    def value(config, cls, key):
+        v = config.get(key, inspect.signature(cls.__init__).parameters[key].default)
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    return [f"{k} {value(controlnet, ControlNetModel, k)} (the UNet's: {value(unet, UNet2DConditionModel, k)})"
+            for k in _UNET_CONTROLNET_MATCH
+            if value(controlnet, ControlNetModel, k) != value(unet, UNet2DConditionModel, k)]
+
+
+def derive_unet_controlnet(unet: dict, layers: int = 0) -> dict:
+    """A ControlNetModel config mirroring the UNet's encoder (`layers` is not used: a UNet ControlNet
+    copies the whole encoder)."""
+    import inspect
+
+    from diffusers import ControlNetModel
+
+    params = inspect.signature(ControlNetModel.__init__).parameters
+    return {k: v for k, v in unet.items() if k in params and not k.startswith("_")}
+
+
+UNET_CONTROLNET = ControlNetSpec(classes=("ControlNetModel",), plan=UNET_CONTROLNET_PLAN, check=check_unet_controlnet,
+                                 multi="MultiControlNetModel", derive=derive_unet_controlnet)
 
 
 def unet_pipelines(prefix: str) -> tuple[PipelineSpec, ...]:
@@ -49,10 +92,16 @@ def unet_pipelines(prefix: str) -> tuple[PipelineSpec, ...]:
     t2i, i2i, inp = f"{prefix}Pipeline", f"{prefix}Img2ImgPipeline", f"{prefix}InpaintPipeline"
     pag_t2i, pag_i2i, pag_inp = f"{prefix}PAGPipeline", f"{prefix}PAGImg2ImgPipeline", f"{prefix}PAGInpaintPipeline"
     image, both = ("image",), ("image", "mask_image")
+    cn_t2i, cn_i2i, control = f"{prefix}ControlNetPipeline", f"{prefix}ControlNetImg2ImgPipeline", ("control_image",)
     return pipeline_specs(
-        PipelineSpec(cls=t2i, variants={"image": i2i, "pag": pag_t2i}),
+        PipelineSpec(cls=t2i, variants={"image": i2i, "pag": pag_t2i, "controlnet": cn_t2i}),
         PipelineSpec(cls=i2i, inputs=image, required=image, strength=True, sized=False,
-                     variants={"mask_image": inp, "pag": pag_i2i}),
+                     variants={"mask_image": inp, "pag": pag_i2i, "controlnet": cn_i2i}),
+        # ControlNets (`--controlnet`); the text-to-image one takes the control image as `image`.
+        PipelineSpec(cls=cn_t2i, inputs=control, required=control, controlnet=True,
+                     arg_names={"control_image": "image"}, variants={"image": cn_i2i}),
+        PipelineSpec(cls=cn_i2i, inputs=("image", "control_image"), required=("image", "control_image"),
+                     strength=True, controlnet=True),
         PipelineSpec(cls=inp, inputs=both, required=both, strength=True, variants={"pag": pag_inp}),
         PipelineSpec(cls=pag_t2i, pag=True, variants={"image": pag_i2i}),
         PipelineSpec(cls=pag_i2i, inputs=image, required=image, strength=True, sized=False, pag=True,
@@ -269,7 +318,7 @@ def _unet_family(name: str, prefix: str, presets) -> Family:
     return Family(
         name=name, pipelines=unet_pipelines(prefix), plan=UNET_PLAN, read_info=functools.partial(read_unet_info, family=name), call_kwargs=unet_call_kwargs,
         bench_kwargs=unet_bench_kwargs, presets=presets, axes=frozenset({"cfg", "dp"}), denoiser="unet",
-        refusals=REFUSALS, layout=unet_layout, gpu_dtype=torch.float16,
+        refusals=REFUSALS, layout=unet_layout, gpu_dtype=torch.float16, controlnet=UNET_CONTROLNET,
     )
 
 
