@@ -112,7 +112,8 @@ class Engine:
             if config.controlnets and self.family.pipeline(self.info.pipeline_class).controlnet:
                 raise ValueError(f"--controlnet: the model directory's {self.info.pipeline_class} holds its own "
                                  "ControlNet; leave --controlnet out (or give the text-to-image model directory)")
-            controlnet_dirs = check_controlnets(config.controlnets, config.model, self.family, parallel)
+            controlnet_dirs = check_controlnets(config.controlnets, config.model, self.family, parallel,
+                                                cuda_graphs=config.cuda_graphs)
         except ValueError as e:
             error = str(e)
         timeout = timedelta(seconds=config.timeout_s)
@@ -285,6 +286,7 @@ class Engine:
             "pipeline": call.spec.cls,
             "inputs": call.records,
             "loras": self.loras.records,
+            "controlnets": list(self.config.controlnets),
             "layout": self.parallel.describe(),
             "size": [width, height],
             "parallel": self.parallel.degrees(),

@@ -31,15 +31,16 @@ CASES = {
     "multi": ("flux", ("cn", "cn2"), dict(FLUX, control_image="CTRL", controlnet_scale=(0.8, 0.5)),
               "FluxControlNetPipeline"),
     "sd3": ("sd3", ("sd3cn",), dict(SD3, control_image="CTRL"), "StableDiffusion3ControlNetPipeline"),
+    "sana": ("sana", ("sanacn",), dict(SD3, height=64, width=32, control_image="CTRL"), "SanaControlNetPipeline"),
     "sd": ("sd", ("sdcn",), dict(UNET, control_image="CTRL"), "StableDiffusionControlNetPipeline"),
     "sd-i2i": ("sd", ("sdcn",), dict(UNET, control_image="CTRL", image="IMG", strength=0.7),
                "StableDiffusionControlNetImg2ImgPipeline"),
 }
 LAYOUTS = [  # (degrees, cases), on 2 processes
-    (dict(ulysses=2), ["cn", "cn-i2i", "union", "sd3"]),
+    (dict(ulysses=2), ["cn", "cn-i2i", "union", "sd3", "sana"]),
     (dict(ring=2), ["cn", "multi", "sd3"]),
-    (dict(tp=2), ["cn", "union", "sd3"]),
-    (dict(cfg=2), ["cn-cfg", "sd3", "sd", "sd-i2i"]),
+    (dict(tp=2), ["cn", "union", "sd3", "sana"]),
+    (dict(cfg=2), ["cn-cfg", "sd3", "sd", "sd-i2i", "sana"]),
 ]
 
 
@@ -58,6 +59,8 @@ def files(tmp_path_factory):
         "cn2": str(save_random_controlnet(base, flux, root / "cn2", 1, single_layers=2, seed=2)),
         "union": str(save_random_controlnet(base, flux, root / "union", 1, single_layers=1, num_mode=4, seed=3)),
         "sd3cn": str(save_random_controlnet(sd3, family("sd3"), root / "sd3cn", 1, seed=4)),
+        "sana": (sana := str(get_preset("sana-tiny").save(root / "sana"))),
+        "sanacn": str(save_random_controlnet(sana, family("sana"), root / "sanacn", 1, seed=6)),
         "sd": (sd := str(get_preset("sd1.5-tiny").save(root / "sd"))),
         "sdcn": str(save_random_controlnet(sd, family("sd"), root / "sdcn", 0, seed=5)),
     }
@@ -117,7 +120,7 @@ def _diffusers(files: dict, case: str) -> torch.Tensor:
     base, nets, fields, cls = CASES[case]
     fields, images = dict(fields), _images()
     kind = {"flux": diffusers.FluxControlNetModel, "sd3": diffusers.SD3ControlNetModel,
-            "sd": diffusers.ControlNetModel}[base]
+            "sd": diffusers.ControlNetModel, "sana": diffusers.SanaControlNetModel}[base]
     models = [kind.from_pretrained(files[n]) for n in nets]
     controlnet = models[0] if len(models) == 1 else diffusers.FluxMultiControlNetModel(models)
     pipe = getattr(diffusers, cls).from_pretrained(files[base], controlnet=controlnet)
@@ -134,13 +137,15 @@ def _diffusers(files: dict, case: str) -> torch.Tensor:
         kw["image"] = images[fields.pop("image")]
     kw["image" if cls == "StableDiffusionControlNetPipeline" else "control_image"] = control
     kw.update(fields)
+    if base == "sana":  # as the engine calls PixArt / Sana: the exact size, no caption cleaning
+        kw.update(use_resolution_binning=False, clean_caption=False)
     # The SD3 ControlNet pipeline samples its control latents from the global generator; the engine
     # seeds it with the request's seed.
     torch.manual_seed(11)
     return pipe(**kw).images
 
 
-@pytest.mark.parametrize("case", ["cn", "union", "multi", "cn-cfg", "sd3", "sd", "sd-i2i"])
+@pytest.mark.parametrize("case", ["cn", "union", "multi", "cn-cfg", "sd3", "sana", "sd", "sd-i2i"])
 def test_single_process_equals_diffusers(files, single, case):
     assert rel_l2(single[case], _diffusers(files, case)) <= 1e-5
 

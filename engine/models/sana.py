@@ -42,6 +42,7 @@ Legend: B batch, S this rank's tokens, H heads (this rank's under TP), D head di
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ from shardiff_parallel.plan import ModelPlan, RowsArg, SeqContext, SeqDim, grid_
 from shardiff_parallel.tensor import Colwise, Rowwise, SplitNorm
 
 from .dit import dit_info
-from .family import Family, PipelineSpec, pipeline_specs, vae_scale
+from .family import ControlNetSpec, Family, PipelineSpec, pipeline_specs, vae_scale
 from .pag import ValueIdentityAttention
 from .mmdit import COL, GATHER, ROW
 from .pixart import pixart_bench_kwargs, pixart_call_kwargs
@@ -177,10 +178,48 @@ SANA_PLAN = ModelPlan(
     # split) without the Q/K norms, as diffusers' PAG processors.
     perturbed=PerturbedPlan(perturbed=ValueIdentityAttention,
                             normal=lambda ctx, attention: SanaLinearAttnProcessor(ctx, attention, qk_norm=False)),
+    # A ControlNet's block samples, added to the image tokens: split in the same rows (SANA_CONTROLNET_PLAN).
+    residual_inputs={"controlnet_block_samples": SeqDim("image", 1)},
 )
+# SanaControlNetModel: the same blocks over the same row-split grid (its `patch_embed` embeds the latents
+# and the control latents, both split where it returns them); its block samples stay split.
+SANA_CONTROLNET_PLAN = replace(
+    SANA_PLAN, gather_modules={}, residual_inputs={}, perturbed=None, residual_outputs=SeqDim("image", 1),
+    batch_inputs={**SANA_PLAN.batch_inputs, "controlnet_cond": 0},
+)
+_SANA_CONTROLNET_MATCH = ("in_channels", "num_attention_heads", "attention_head_dim", "num_cross_attention_heads",
+                          "cross_attention_head_dim", "cross_attention_dim", "caption_channels", "mlp_ratio",
+                          "patch_size", "sample_size")
+
+
+def check_sana_controlnet(transformer: dict, controlnet: dict) -> list[str]:
+    import inspect
+
+    from diffusers import SanaControlNetModel, SanaTransformer2DModel
+
+    def value(config, cls, key):
+        return config.get(key, inspect.signature(cls.__init__).parameters[key].default)
+
+    return [f"{k} {value(controlnet, SanaControlNetModel, k)} (the transformer's: {value(transformer, SanaTransformer2DModel, k)})"
+            for k in _SANA_CONTROLNET_MATCH
+            if value(controlnet, SanaControlNetModel, k) != value(transformer, SanaTransformer2DModel, k)]
+
+
+def derive_sana_controlnet(transformer: dict, layers: int) -> dict:
+    import inspect
+
+    from diffusers import SanaControlNetModel
+
+    params = inspect.signature(SanaControlNetModel.__init__).parameters
+    return {**{k: v for k, v in transformer.items() if k in params and not k.startswith("_")}, "num_layers": layers}
+
+
+SANA_CONTROLNET = ControlNetSpec(classes=("SanaControlNetModel",), plan=SANA_CONTROLNET_PLAN,
+                                 check=check_sana_controlnet, derive=derive_sana_controlnet)
 SANA_PIPELINES = pipeline_specs(
-    PipelineSpec(cls="SanaPipeline", variants={"pag": "SanaPAGPipeline"}),
+    PipelineSpec(cls="SanaPipeline", variants={"pag": "SanaPAGPipeline", "controlnet": "SanaControlNetPipeline"}),
     PipelineSpec(cls="SanaPAGPipeline", pag=True),
+    PipelineSpec(cls="SanaControlNetPipeline", inputs=("control_image",), required=("control_image",), controlnet=True),
 )
 
 
@@ -285,5 +324,5 @@ FAMILY = Family(
     name="sana", pipelines=SANA_PIPELINES, plan=SANA_PLAN, read_info=read_sana_info,
     call_kwargs=pixart_call_kwargs, bench_kwargs=pixart_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_sana_tp, heads_split=False,
-    check_size=check_sana_size,
+    check_size=check_sana_size, controlnet=SANA_CONTROLNET,
 )
