@@ -214,6 +214,8 @@ def test_bad_controlnets_are_refused_before_any_collective(files, tmp_path):
 
     with pytest.raises(ValueError, match="--tp-comm allreduce"):
         check_controlnets((files["cn"],), files["base"], family("flux"), ParallelConfig(tp=2, tp_comm="sequence"))
+    with pytest.raises(ValueError, match="--cuda-graphs"):
+        check_controlnets((files["cn"],), files["base"], family("flux"), ParallelConfig(), cuda_graphs=True)
     # Requests: a ControlNet needs a control image; scales and modes need a ControlNet.
     engine = Engine(EngineConfig(model=files["base"], controlnets=(files["cn"],)))
     with pytest.raises(ValueError, match="needs --control-image"):
