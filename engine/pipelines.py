@@ -2,8 +2,9 @@
 
 The choice starts at the model directory's class (model_index.json: FluxFillPipeline,
 FluxKontextPipeline, StableDiffusion3Pipeline, …) and follows the family's `PipelineSpec.variants`
-links (engine/models/*) for what the request brings that the class does not take: `--image` → its
-img2img form, then `--mask-image` → its inpainting form, then `--pag-scale` → its PAG form. Each
+links (engine/models/*) for what the request brings that the class does not take: the engine's
+`--controlnet` → its ControlNet form, `--image` → its img2img form, then `--mask-image` → its
+inpainting form, then `--pag-scale` → its PAG form. Each
 pipeline other than the loaded one is made once with diffusers' `from_pipe` — the same module objects,
 no weight loaded or copied — and kept, so the plan applied to the denoiser, LoRAs fused into it and
 compiled blocks serve every one of them.
