@@ -69,13 +69,33 @@ def check_controlnets(paths, model, family, parallel, *, cuda_graphs: bool = Fal
             raise ValueError(f"--controlnet {raw}: no .safetensors weights"
                              + (f" (only pickles: {', '.join(pickles)}; convert them: pickle files can run code "
                                 "when loaded)" if pickles else ""))
-        mismatches = spec.check(base, config)
+        mismatches = config_mismatches(spec, base, cls, config) + spec.refusals(config)
         if mismatches:
             raise ValueError(f"--controlnet {raw} does not fit this {family.name} model: {'; '.join(mismatches)}")
         refusal = spec.sequence_refusal(config) if parallel.sp > 1 else None
         if refusal:
             raise ValueError(f"--controlnet {raw}: {refusal}")
         out.append(ControlNetDir(path, cls, config))
+    return out
+
+
+def _value(cls_name: str, config: dict, key: str):
+    """`config[key]`, or the class's default where the config leaves it out (lists for tuples)."""
+    import inspect
+
+    import diffusers
+
+    v = config.get(key, inspect.signature(getattr(diffusers, cls_name).__init__).parameters[key].default)
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def config_mismatches(spec, denoiser: dict, cls: str, controlnet: dict) -> list[str]:
+    """The entries of `spec.match` in which the ControlNet's config differs from the denoiser's, named."""
+    out = []
+    for key in spec.match:
+        mine, theirs = _value(cls, controlnet, key), _value(spec.denoiser_class, denoiser, key)
+        if mine != theirs:
+            out.append(f"{key} {mine} (the denoiser's: {theirs})")
     return out
 
 
@@ -111,9 +131,14 @@ def random_controlnet(family, denoiser_config: dict, layers: int, *, seed: int =
     projections too, so that its residuals matter — (no weights can be downloaded: tests, benchmarks)."""
     import diffusers
 
+    import inspect
+
     spec = family.controlnet
-    assert spec is not None and spec.derive is not None, f"{family.name} has no ControlNet to derive"
-    config = spec.derive(denoiser_config, layers, **options)
+    assert spec is not None, f"{family.name} has no ControlNet"
+    params = inspect.signature(getattr(diffusers, spec.classes[0]).__init__).parameters
+    # The denoiser's entries the ControlNet takes (widths, heads, embeddings), then its own.
+    config = {**{k: v for k, v in denoiser_config.items() if k in params and not k.startswith("_")},
+              **spec.derive(layers, **options)}
     torch.manual_seed(seed)
     with torch.device(device):
         net = getattr(diffusers, spec.classes[0])(**config)

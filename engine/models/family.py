@@ -114,15 +114,20 @@ class ControlNetSpec:
     plan: ModelPlan
     """Its plan: the denoiser's attention processors and TP styles, its inputs split like the
     denoiser's, its residuals left split (`residual_outputs`) for the denoiser's `residual_inputs`."""
-    check: Callable[[dict, dict], list[str]]
-    """(denoiser config, ControlNet config) → what does not match, one phrase each (empty: fits)."""
+    denoiser_class: str
+    """The denoiser's diffusers class (whose defaults fill what its config leaves out)."""
+    match: tuple[str, ...]
+    """Config entries the ControlNet must share with the denoiser (engine/controlnet.py names those
+    that differ)."""
+    refusals: Callable[[dict], list[str]] = lambda config: []
+    """ControlNet config → what else of it shardiff does not run, one phrase each."""
     multi: str | None = None
     """diffusers' wrapper of several ControlNets of this kind (summing their residuals), if any."""
     sequence_refusal: Callable[[dict], str | None] = lambda config: None
     """ControlNet config → why it cannot run under a sequence split (None: it can)."""
-    derive: Callable[..., dict] | None = None
-    """(denoiser config, layers, **options) → the config of a ControlNet of that model with `layers`
-    blocks (random-weight ControlNets for tests and benchmarks: engine/controlnet.py)."""
+    derive: Callable[..., dict] = lambda layers: {}
+    """(layers, **options) → what a ControlNet config of `layers` blocks sets beyond the entries it takes
+    from the denoiser's config (random-weight ControlNets for tests and benchmarks: engine/controlnet.py)."""
 
 
 ConfigReader = Callable[..., ModelInfo]

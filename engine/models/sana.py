@@ -187,35 +187,13 @@ SANA_CONTROLNET_PLAN = replace(
     SANA_PLAN, gather_modules={}, residual_inputs={}, perturbed=None, residual_outputs=SeqDim("image", 1),
     batch_inputs={**SANA_PLAN.batch_inputs, "controlnet_cond": 0},
 )
-_SANA_CONTROLNET_MATCH = ("in_channels", "num_attention_heads", "attention_head_dim", "num_cross_attention_heads",
-                          "cross_attention_head_dim", "cross_attention_dim", "caption_channels", "mlp_ratio",
-                          "patch_size", "sample_size")
-
-
-def check_sana_controlnet(transformer: dict, controlnet: dict) -> list[str]:
-    import inspect
-
-    from diffusers import SanaControlNetModel, SanaTransformer2DModel
-
-    def value(config, cls, key):
-        return config.get(key, inspect.signature(cls.__init__).parameters[key].default)
-
-    return [f"{k} {value(controlnet, SanaControlNetModel, k)} (the transformer's: {value(transformer, SanaTransformer2DModel, k)})"
-            for k in _SANA_CONTROLNET_MATCH
-            if value(controlnet, SanaControlNetModel, k) != value(transformer, SanaTransformer2DModel, k)]
-
-
-def derive_sana_controlnet(transformer: dict, layers: int) -> dict:
-    import inspect
-
-    from diffusers import SanaControlNetModel
-
-    params = inspect.signature(SanaControlNetModel.__init__).parameters
-    return {**{k: v for k, v in transformer.items() if k in params and not k.startswith("_")}, "num_layers": layers}
-
-
-SANA_CONTROLNET = ControlNetSpec(classes=("SanaControlNetModel",), plan=SANA_CONTROLNET_PLAN,
-                                 check=check_sana_controlnet, derive=derive_sana_controlnet)
+SANA_CONTROLNET = ControlNetSpec(
+    classes=("SanaControlNetModel",), plan=SANA_CONTROLNET_PLAN, denoiser_class="SanaTransformer2DModel",
+    match=("in_channels", "num_attention_heads", "attention_head_dim", "num_cross_attention_heads",
+           "cross_attention_head_dim", "cross_attention_dim", "caption_channels", "mlp_ratio", "patch_size",
+           "sample_size"),
+    derive=lambda layers: dict(num_layers=layers),
+)
 SANA_PIPELINES = pipeline_specs(
     PipelineSpec(cls="SanaPipeline", variants={"pag": "SanaPAGPipeline", "controlnet": "SanaControlNetPipeline"}),
     PipelineSpec(cls="SanaPAGPipeline", pag=True),

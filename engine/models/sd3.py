@@ -184,36 +184,15 @@ SD3_CONTROLNET_PLAN = ModelPlan(
     residual_outputs=SeqDim("image", 1),
     tensor=SD3_TP_PLAN,
 )
-_SD3_CONTROLNET_MATCH = ("num_attention_heads", "attention_head_dim", "in_channels", "patch_size",
-                         "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "qk_norm")
-
-
-def check_sd3_controlnet(transformer: dict, controlnet: dict) -> list[str]:
-    import inspect
-
-    from diffusers import SD3ControlNetModel, SD3Transformer2DModel
-
-    def value(config, cls, key):
-        return config.get(key, inspect.signature(cls.__init__).parameters[key].default)
-
-    out = [f"{k} {value(controlnet, SD3ControlNetModel, k)} (the transformer's: {value(transformer, SD3Transformer2DModel, k)})"
-           for k in _SD3_CONTROLNET_MATCH
-           if value(controlnet, SD3ControlNetModel, k) != value(transformer, SD3Transformer2DModel, k)]
-    if not value(controlnet, SD3ControlNetModel, "use_pos_embed"):
-        out.append("use_pos_embed false (SD3.5-style ControlNets that take the transformer's patch embedding "
-                   "are not supported yet)")
-    return out
-
-
-def derive_sd3_controlnet(transformer: dict, layers: int) -> dict:
-    keep = ("sample_size", "patch_size", "in_channels", "attention_head_dim", "num_attention_heads",
-            "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
-            "pos_embed_max_size", "qk_norm")
-    return {**{k: transformer[k] for k in keep if k in transformer}, "num_layers": layers}
-
-
-SD3_CONTROLNET = ControlNetSpec(classes=("SD3ControlNetModel",), plan=SD3_CONTROLNET_PLAN, check=check_sd3_controlnet,
-                                multi="SD3MultiControlNetModel", derive=derive_sd3_controlnet)
+SD3_CONTROLNET = ControlNetSpec(
+    classes=("SD3ControlNetModel",), plan=SD3_CONTROLNET_PLAN, denoiser_class="SD3Transformer2DModel",
+    match=("num_attention_heads", "attention_head_dim", "in_channels", "patch_size", "joint_attention_dim",
+           "caption_projection_dim", "pooled_projection_dim", "qk_norm"),
+    refusals=lambda c: [] if c.get("use_pos_embed", True) else [
+        "use_pos_embed false (SD3.5-style ControlNets that take the transformer's patch embedding are not supported yet)"],
+    multi="SD3MultiControlNetModel",
+    derive=lambda layers: dict(num_layers=layers, dual_attention_layers=()),
+)
 
 SD3_PIPELINES = pipeline_specs(
     PipelineSpec(cls="StableDiffusion3Pipeline",

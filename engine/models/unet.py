@@ -52,38 +52,14 @@ UNET_CONTROLNET_PLAN = ModelPlan(
                   "class_labels": 0, "timestep_cond": 0, "attention_mask": 0, "added_cond_kwargs": 0},
     residual_outputs=SeqDim("image", 1),
 )
-_UNET_CONTROLNET_MATCH = ("in_channels", "block_out_channels", "cross_attention_dim", "down_block_types",
-                          "layers_per_block", "attention_head_dim", "transformer_layers_per_block",
-                          "addition_embed_type", "projection_class_embeddings_input_dim")
-
-
-def check_unet_controlnet(unet: dict, controlnet: dict) -> list[str]:
-    import inspect
-
-    from diffusers import ControlNetModel, UNet2DConditionModel
-
-    def value(config, cls, key):
-        v = config.get(key, inspect.signature(cls.__init__).parameters[key].default)
-        return list(v) if isinstance(v, (list, tuple)) else v
-
-    return [f"{k} {value(controlnet, ControlNetModel, k)} (the UNet's: {value(unet, UNet2DConditionModel, k)})"
-            for k in _UNET_CONTROLNET_MATCH
-            if value(controlnet, ControlNetModel, k) != value(unet, UNet2DConditionModel, k)]
-
-
-def derive_unet_controlnet(unet: dict, layers: int = 0) -> dict:
-    """A ControlNetModel config mirroring the UNet's encoder (`layers` is not used: a UNet ControlNet
-    copies the whole encoder)."""
-    import inspect
-
-    from diffusers import ControlNetModel
-
-    params = inspect.signature(ControlNetModel.__init__).parameters
-    return {k: v for k, v in unet.items() if k in params and not k.startswith("_")}
-
-
-UNET_CONTROLNET = ControlNetSpec(classes=("ControlNetModel",), plan=UNET_CONTROLNET_PLAN, check=check_unet_controlnet,
-                                 multi="MultiControlNetModel", derive=derive_unet_controlnet)
+# A UNet ControlNet mirrors the whole encoder: nothing to set per layer count (`derive`'s default).
+UNET_CONTROLNET = ControlNetSpec(
+    classes=("ControlNetModel",), plan=UNET_CONTROLNET_PLAN, denoiser_class="UNet2DConditionModel",
+    match=("in_channels", "block_out_channels", "cross_attention_dim", "down_block_types", "layers_per_block",
+           "attention_head_dim", "transformer_layers_per_block", "addition_embed_type",
+           "projection_class_embeddings_input_dim"),
+    multi="MultiControlNetModel",
+)
 
 
 def unet_pipelines(prefix: str) -> tuple[PipelineSpec, ...]:

@@ -70,29 +70,10 @@ FLUX_CONTROLNET_PLAN = ModelPlan(
     tensor=FLUX_TP_PLAN,
 )
 
-_CONTROLNET_MATCH = ("num_attention_heads", "attention_head_dim", "in_channels", "joint_attention_dim",
-                     "pooled_projection_dim", "guidance_embeds", "axes_dims_rope", "patch_size")
-
-
-def check_flux_controlnet(transformer: dict, controlnet: dict) -> list[str]:
-    """What of a FluxControlNetModel config does not match the transformer's (diffusers' defaults
-    where a config leaves a key out)."""
-    import inspect
-
-    from diffusers import FluxControlNetModel, FluxTransformer2DModel
-
-    def value(config, cls, key):
-        default = inspect.signature(cls.__init__).parameters[key].default
-        v = config.get(key, default)
-        return list(v) if isinstance(v, (list, tuple)) else v
-
-    out = [f"{k} {value(controlnet, FluxControlNetModel, k)} (the transformer's: "
-           f"{value(transformer, FluxTransformer2DModel, k)})"
-           for k in _CONTROLNET_MATCH
-           if value(controlnet, FluxControlNetModel, k) != value(transformer, FluxTransformer2DModel, k)]
+def flux_controlnet_refusals(controlnet: dict) -> list[str]:
     if int(controlnet.get("num_layers", 19)) < 1:
-        out.append("num_layers 0 (shardiff splits the text stream where the first dual-stream block takes it)")
-    return out
+        return ["num_layers 0 (shardiff splits the text stream where the first dual-stream block takes it)"]
+    return []
 
 
 def flux_controlnet_sequence_refusal(controlnet: dict) -> str | None:
@@ -102,19 +83,15 @@ def flux_controlnet_sequence_refusal(controlnet: dict) -> str | None:
     return None
 
 
-def derive_flux_controlnet(transformer: dict, layers: int, *, single_layers: int = 0, num_mode: int | None = None) -> dict:
-    """A FluxControlNetModel config for `transformer` (InstantX's Union for FLUX.1-dev: 5 dual-stream
-    and 10 single-stream blocks, 10 modes)."""
-    keep = ("patch_size", "in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
-            "pooled_projection_dim", "guidance_embeds", "axes_dims_rope")
-    return {**{k: transformer[k] for k in keep if k in transformer}, "num_layers": layers,
-            "num_single_layers": single_layers, "num_mode": num_mode}
-
-
 FLUX_CONTROLNET = ControlNetSpec(
-    classes=("FluxControlNetModel",), plan=FLUX_CONTROLNET_PLAN, check=check_flux_controlnet,
-    multi="FluxMultiControlNetModel", sequence_refusal=flux_controlnet_sequence_refusal,
-    derive=derive_flux_controlnet,
+    classes=("FluxControlNetModel",), plan=FLUX_CONTROLNET_PLAN, denoiser_class="FluxTransformer2DModel",
+    match=("num_attention_heads", "attention_head_dim", "in_channels", "joint_attention_dim", "pooled_projection_dim",
+           "guidance_embeds", "axes_dims_rope", "patch_size"),
+    refusals=flux_controlnet_refusals, multi="FluxMultiControlNetModel",
+    sequence_refusal=flux_controlnet_sequence_refusal,
+    # InstantX's Union for FLUX.1-dev: 5 dual-stream and 10 single-stream blocks, 10 modes.
+    derive=lambda layers, single_layers=0, num_mode=None: dict(num_layers=layers, num_single_layers=single_layers,
+                                                               num_mode=num_mode),
 )
 
 # Where FluxPipeline's own default image size comes from when the VAE config has none.
