@@ -133,3 +133,7 @@ def test_input_images_travel_as_base64_and_arrive_as_the_same_pixels(tmp_path):
     assert np.array_equal(np.asarray(request.image), np.asarray(image))
     assert np.array_equal(np.asarray(request.mask_image), np.asarray(mask))
     assert request.strength == 0.4 and request.control_image is None
+    # A body that already carries base64 (longer than any file name) passes through unchanged.
+    from engine.serve.client import encode_images
+
+    assert encode_images(body) == body

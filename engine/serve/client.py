@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+from pathlib import Path
 
 from engine.config import GenerateRequest
 from engine.driver import GenerateResult
@@ -229,8 +230,6 @@ def request_body(request: GenerateRequest) -> dict:
 def encode_images(body: dict) -> dict:
     """The body with its input images (PIL images, or paths on the client's machine) as base64 PNG /
     the file's own bytes: the server reads no path."""
-    from pathlib import Path
-
     from PIL import Image
 
     out = dict(body)
@@ -240,9 +239,17 @@ def encode_images(body: dict) -> dict:
             buf = io.BytesIO()
             value.save(buf, format="PNG")
             out[name] = base64.b64encode(buf.getvalue()).decode("ascii")
-        elif isinstance(value, Path) or (isinstance(value, str) and Path(value).expanduser().is_file()):
+        elif isinstance(value, (str, Path)) and _is_file(value):
             out[name] = base64.b64encode(Path(value).expanduser().read_bytes()).decode("ascii")
     return out
+
+
+def _is_file(value) -> bool:
+    """A path of an existing file (a base64 string is none: too long for a name, or no such file)."""
+    try:
+        return Path(value).expanduser().is_file()
+    except OSError:
+        return False
 
 
 def _retry_after(r) -> int | None:
