@@ -405,45 +405,50 @@ def _resolve_pending(ctx: SeqContext, tokens: str) -> None:
     for entry in [e for e in ctx.pending if e[1].tokens == tokens]:
         ctx.pending.remove(entry)
         residuals, where, name = entry
-        residuals[:] = _residual_piece(ctx, residuals, where, None, name, split_seq=True)
+        residuals[:] = _each(residuals, lambda t: _residual_tokens(ctx, t, where, name))
 
 
 def _residual_input(ctx: SeqContext, x, where: SeqDim | None, batch, name: str, *, split_seq: bool):
     """A residual input of a forward call: its batch piece now; its token piece now, or — when its group's
     split is not known yet (made inside forward) — as a list filled in once it is."""
-    x = _residual_piece(ctx, x, where, batch, name, split_seq=False)
-    if not split_seq or where is None or not isinstance(x, (tuple, list, torch.Tensor)):
+    if batch is not None:
+        x = _each(x, lambda t: _residual_batch(ctx, t, batch, name))
+    if not split_seq or where is None:
         return x
     if where.tokens in ctx.sizes:
-        return _residual_piece(ctx, x, where, None, name, split_seq=True)
+        return _each(x, lambda t: _residual_tokens(ctx, t, where, name))
     assert isinstance(x, (tuple, list)), f"{name}: a lone residual tensor cannot wait for its group's split"
     pending = list(x)
     ctx.pending.append((pending, where, name))
     return pending
 
 
-def _residual_piece(ctx: SeqContext, x, where: SeqDim | None, batch: tuple[int, int] | None, name: str, *,
-                    split_seq: bool):
-    """This rank's piece of residual input `x`: batch (cfg), then tokens (sp); a piece already is one."""
+def _each(x, fn):
+    """`fn` of each tensor in `x` (a tensor, or a tuple / list of them)."""
     if isinstance(x, (tuple, list)):
-        return type(x)(_residual_piece(ctx, t, where, batch, name, split_seq=split_seq) for t in x)
-    if not isinstance(x, torch.Tensor):
-        return x
-    if batch is not None:
-        whole, mine = batch
-        if x.shape[0] == whole and whole != mine:
-            per_rank = _branches_per_rank(ctx)
-            x = _batch_piece(x, 0, per_rank, ctx.mesh.coord("cfg"), name)
-        elif x.shape[0] != mine:
-            raise ValueError(f"{name} has batch {x.shape[0]}: neither the whole batch {whole} nor this rank's {mine}")
-    if split_seq and where is not None:
-        sizes, me = ctx.sizes[where.tokens], ctx.mesh.coord("sp")
-        dim = where.dim % x.ndim
-        if x.shape[dim] == sum(sizes):
-            x = take_piece(x, dim, sizes, me)
-        elif x.shape[dim] != sizes[me]:
-            raise ValueError(f"{name} has {x.shape[dim]} {where.tokens!r} tokens: neither all {sum(sizes)} nor "
-                             f"this rank's {sizes[me]}")
+        return type(x)(_each(t, fn) for t in x)
+    return fn(x) if isinstance(x, torch.Tensor) else x
+
+
+def _residual_batch(ctx: SeqContext, x: torch.Tensor, batch: tuple[int, int], name: str) -> torch.Tensor:
+    """This cfg rank's branches of a residual: cut from a whole batch, kept if it is this rank's already."""
+    whole, mine = batch
+    if x.shape[0] == whole and whole != mine:
+        return _batch_piece(x, 0, _branches_per_rank(ctx), ctx.mesh.coord("cfg"), name)
+    if x.shape[0] != mine:
+        raise ValueError(f"{name} has batch {x.shape[0]}: neither the whole batch {whole} nor this rank's {mine}")
+    return x
+
+
+def _residual_tokens(ctx: SeqContext, x: torch.Tensor, where: SeqDim, name: str) -> torch.Tensor:
+    """This sp rank's tokens of a residual: cut from all of them, kept if they are this rank's already."""
+    sizes, me = ctx.sizes[where.tokens], ctx.mesh.coord("sp")
+    dim = where.dim % x.ndim
+    if x.shape[dim] == sum(sizes):
+        return take_piece(x, dim, sizes, me)
+    if x.shape[dim] != sizes[me]:
+        raise ValueError(f"{name} has {x.shape[dim]} {where.tokens!r} tokens: neither all {sum(sizes)} nor "
+                         f"this rank's {sizes[me]}")
     return x
 
 
@@ -677,6 +682,7 @@ def _gather_hook(plan: ModelPlan, ctx: SeqContext, *, split_seq: bool, split_bat
             return output
         for rows in ctx.rows.values():
             rows.split = None
+        assert not ctx.pending, f"residual inputs {[e[2] for e in ctx.pending]} were never split: their tokens never came"
         if plan.residual_outputs is not None:
             return output  # this rank's pieces, for the model they feed (its residual_inputs)
         if isinstance(output, tuple):
