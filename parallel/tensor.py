@@ -202,8 +202,9 @@ def local_numel(model: torch.nn.Module, plan: Mapping[str, Style], tp: int, t: i
     return total
 
 
-Reduce = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-"""(input with split features, this rank's weight columns, the whole bias or None) → the reduced output."""
+Reduce = Callable[[torch.Tensor, "RowParallelLinear"], torch.Tensor]
+"""(input with split features, the layer) → the reduced output. The layer's `partial(x, bias)` is this
+rank's partial product (bf16, or FP8: parallel/fp8.py); a fused form reads `layer.weight` itself."""
 
 
 class LinearStandIn(torch.nn.Linear):
@@ -218,15 +219,22 @@ class LinearStandIn(torch.nn.Linear):
 
 
 class RowParallelLinear(LinearStandIn):
-    """A `Rowwise` linear that also reduces: `reduce(x, weight, bias)` instead of `x @ weightᵀ + bias`
-    (a fused matmul + reduce-scatter, parallel/collective_matmul.py, replaces the matmul itself)."""
+    """A `Rowwise` linear that also reduces: `reduce(x, layer)` instead of `x @ weightᵀ + bias`
+    (a fused matmul + reduce-scatter, parallel/collective_matmul.py, replaces the matmul itself).
+    `matmul`: this rank's partial product when it is not `x @ weightᵀ` (FP8: parallel/fp8.py)."""
 
     def __init__(self, linear: torch.nn.Linear, reduce: Reduce):
         super().__init__(linear)
         self.reduce = reduce
+        self.matmul: torch.nn.Module | None = None
+
+    def partial(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.matmul is not None:
+            return self.matmul(x, bias)
+        return torch.nn.functional.linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduce(x, self.weight, self.bias)
+        return self.reduce(x, self)
 
 
 class RowParallelConv2d(torch.nn.Conv2d):
@@ -287,8 +295,8 @@ class SplitRMSNorm(torch.nn.Module):
 def all_reduce_linear(group, t: int) -> Reduce:
     """The all-reduce form: the bias joins the sum once, added by TP rank 0 before the all-reduce."""
 
-    def reduce(x, weight, bias):
-        out = torch.nn.functional.linear(x, weight, bias if t == 0 else None)
+    def reduce(x, layer):
+        out = layer.partial(x, layer.bias if t == 0 else None)
         dist.all_reduce(out, group=group)
         return out
 

@@ -348,17 +348,19 @@ class SequenceTP:
             return None
         if self.overlap and isinstance(where, Fused):
 
-            def fused(x, weight, bias):
+            def fused(x, layer):
+                assert layer.matmul is None, f"{name}: the fused reduce-scatter multiplies by the bf16 weight"
                 dim = where.dim % x.ndim
-                out = matmul_reduce_scatter(self._rank_major_rows(x, where), weight, self.T, self.group, fused=self.fused)
+                out = matmul_reduce_scatter(self._rank_major_rows(x, where), layer.weight, self.T, self.group,
+                                            fused=self.fused)
                 # Every rank adds the whole bias to its own tokens, after the sum.
-                return (out if bias is None else out + bias).movedim(0, dim)
+                return (out if layer.bias is None else out + layer.bias).movedim(0, dim)
 
             return fused
 
-        def plain(x, weight, bias):
+        def plain(x, layer):
             # The bias joins the sum once: TP rank 0 adds it before the reduce-scatter.
-            return self.reduce_scatter(torch.nn.functional.linear(x, weight, bias if self.t == 0 else None), where)
+            return self.reduce_scatter(layer.partial(x, layer.bias if self.t == 0 else None), where)
 
         return plain
 
