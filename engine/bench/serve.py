@@ -217,9 +217,12 @@ def main(argv=None) -> None:
             job = client.job([request(args, i)], encoding=Encoding())
             encoded.append(job.total_s - job.generate_s - job.encode_s)
             encode_times.append(job.encode_s)
-        total = args.requests or 8
-        plain, _ = load(lambda i: streamed(client.url, args, i, None), 1, total)
-        with_partials, _ = load(lambda i: streamed(client.url, args, i, 3), 1, total)
+        plain, with_partials = [], []
+        for i in range(max(8, args.baseline_requests)):  # interleaved, as the baseline's with / without stop
+            for partials, times in ((None, plain), (3, with_partials)):
+                start = time.perf_counter()
+                streamed(client.url, args, i, partials)
+                times.append(time.perf_counter() - start)
     finally:
         http.close()
         client.close()
