@@ -169,6 +169,8 @@ class Engine:
         self.vae_split = None
         """The VAE's applied row-split plan over the mesh's image ranks (engine/vae_parallel.py), or None."""
         self.install_vae_split()
+        self.gate = None
+        """A PreparationGate (engine/runtime/gate.py) that every pipeline call runs inside, or None."""
 
     def apply_controlnet_plans(self, mesh) -> list:
         """The ControlNets' plans on `mesh` (none without a ControlNet)."""
@@ -275,7 +277,7 @@ class Engine:
         # same and the image is reproducible; the caller's global generator state is left as it was.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(request.seed)
-            out = pipe(**kwargs)
+            out = self.call_pipeline(pipe, kwargs)
         _sync(self.device)
         seconds = time.perf_counter() - start
         params = {
@@ -304,6 +306,14 @@ class Engine:
         if output_type == "latent":
             return GenerateResult(None, images, params, seconds)
         return GenerateResult(images[0], None, params, seconds, images=list(images))
+
+    def call_pipeline(self, pipe, kwargs: dict):
+        """`pipe(**kwargs)`, inside `self.gate` when one is set: an exception that every rank raises
+        before the call's first collective is then agreed on as a request error (engine/runtime/gate.py)."""
+        if self.gate is None:
+            return pipe(**kwargs)
+        with self.gate.pipeline_call():
+            return pipe(**kwargs)
 
     def describe_vae(self, request: GenerateRequest, layout: ParallelConfig | None = None) -> str:
         """What the VAE decode of `request` will do on `layout` (default: the current one), for the layout line."""

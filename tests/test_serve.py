@@ -12,13 +12,11 @@ from __future__ import annotations
 import base64
 import io
 import os
-import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -26,70 +24,18 @@ import psutil
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from serve_server import REPO, Server, env, wait_for as _wait
+
 P1 = "a red circle top left on a white background"
 P2 = "a blue square bottom right on a yellow background"
-LONG = 100_000  # denoising steps of a request that only ends when stopped
-START_TIMEOUT = 240
-
-
-def _env():
-    env = dict(os.environ)
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
-
-
-class Server:
-    def __init__(self, tmp: Path, *args: str):
-        self.log_path = tmp / "server.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.serve", "--procs", "2", "--port", "0", *args],
-            cwd=REPO, env=_env(), stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: the finalizer can end every process of it
-        )
-        deadline = time.monotonic() + START_TIMEOUT
-        while not (m := re.search(r"listening on (http://[\d.]+:\d+)", self.text())):
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.text()
-            time.sleep(0.1)
-        self.url = m.group(1)
-        self.http = httpx.Client(base_url=self.url, timeout=120)
-        self.wait_ready()
-
-    def text(self) -> str:
-        return self.log_path.read_text()
-
-    def health(self) -> httpx.Response:
-        return self.http.get("/health")
-
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> dict:
-        deadline = time.monotonic() + timeout
-        while (r := self.health()).status_code != 200:
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.text()
-            time.sleep(0.1)
-        return r.json()
-
-    def post(self, **body) -> httpx.Response:
-        return self.http.post("/v1/images/generations", json=body)
-
-    def metric(self, name: str) -> float:
-        text = self.http.get("/metrics").text
-        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-        return float(m.group(1)) if m else 0.0
-
-    def kill(self) -> None:
-        self.http.close()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self.log.close()
+LONG = 100_000  # denoising steps of a request that only ends when stopped (the server's --max-steps allows it)
+_env = env
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("serve"), "--max-queue", "4", "--restart-backoff", "0.2",
-               "--stop-grace", "30")
+               "--stop-grace", "30", "--max-steps", str(LONG))
     yield s
     s.kill()
 
@@ -187,13 +133,6 @@ def _background(server, results: dict, key, **body):
     return t
 
 
-def _wait(predicate, timeout=60.0, what=""):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_full_queue_answers_429_at_once_and_cancels(server):
     results: dict = {}
     threads = [_background(server, results, "long", prompt=P1, num_inference_steps=LONG, request_id="long")]
@@ -243,7 +182,8 @@ def test_deadline_answers_504_and_the_server_keeps_serving(server):
     (b'{"prompt": "x",', ["not valid JSON"]),
     (b'["a red fox"]', ["JSON object"]),
     (b'{"negative_prompt": "x"}', ["prompt is missing"]),
-    (b'{"prompt": "x", "quality": "hd"}', ["unknown field", "'quality'"]),
+    (b'{"prompt": "x", "frame_count": 3}', ["unknown field", "'frame_count'"]),
+    (b'{"prompt": "x", "quality": "hd"}', ["quality must be auto, low, medium or high"]),
     (b'{"prompt": "x", "size": "65x64"}', ["--width 65", "multiple of 16", "64 or 80"]),
     (b'{"prompt": "x", "size": "big"}', ["WIDTHxHEIGHT"]),
     (b'{"prompt": "x", "num_inference_steps": 0}', ["--steps", "positive"]),
@@ -261,6 +201,22 @@ def test_deadline_answers_504_and_the_server_keeps_serving(server):
     (b'{"prompt": "x", "image": 7}', ["image must be a base64 string"]),
     (b'{"prompt": "x", "strength": 0.5}', ["--strength", "needs --image"]),
     (b'{"prompt": "x", "pag_scale": 3}', ["--pag-scale", "perturbed-attention guidance"]),
+    # Bounds: the operator's and the model's, before any rank works.
+    (b'{"prompt": "x", "num_inference_steps": 1000000000}', ["--steps 1000000000", f"--max-steps {LONG}"]),
+    (b'{"prompt": "' + b"a" * 10_001 + b'"}', ["10001 characters", "--max-prompt-chars 10000"]),
+    (b'{"prompt": "x", "negative_prompt": "' + b"a" * 10_001 + b'"}', ["negative prompt", "--max-prompt-chars"]),
+    (b'{"prompt": "x", "max_sequence_length": 1000}', ["--max-sequence-length 1000", "512 tokens"]),
+    (b'{"prompt": "x", "request_id": "a/b"}', ["request_id must be", "printable ASCII"]),
+    (b'{"prompt": "x", "request_id": "' + b"r" * 129 + b'"}', ["request_id must be 1 to 128"]),
+    (b'{"prompt": "x", "output_format": "gif"}', ["output_format 'gif'", "png, jpeg or webp"]),
+    (b'{"prompt": "x", "output_compression": 50}', ["output_compression is for output_format jpeg or webp"]),
+    (b'{"prompt": "x", "background": "transparent"}', ["transparent", "opaque RGB"]),
+    (b'{"prompt": "x", "partial_images": 2}', ["partial_images", "\"stream\": true"]),
+    (b'{"prompt": "x", "stream": true, "partial_images": 4}', ["partial_images must be an integer from 0 to 3"]),
+    # Bodies Python's own parser refuses: a 500 before, a 400 now.
+    (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", ["not valid JSON", "nested too deeply"]),
+    (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", ["not valid JSON", "too many digits"]),
+    (b'{"prompt": "\xff"}', ["not valid JSON", "not UTF-8"]),
 ])
 def test_bad_input_is_a_400_with_the_clis_message_and_no_restart(server, body, fragments):
     before = server.health().json()["generation"]
@@ -270,6 +226,22 @@ def test_bad_input_is_a_400_with_the_clis_message_and_no_restart(server, body, f
     for fragment in fragments:
         assert fragment in message, message
     assert server.health().json()["generation"] == before
+
+
+def test_twenty_refused_requests_in_a_row_leave_the_group_untouched(server):
+    # What reached the ranks and restarted the group before (a max_sequence_length over the model's 512,
+    # a billion steps, a 10 MB prompt): each a 400 now, the group serving on, nothing restarted.
+    health = server.health().json()
+    restarts = server.metric("shardiff_restarts_total")
+    bodies = [{"prompt": "x", "max_sequence_length": 513 + i} for i in range(18)]
+    bodies += [{"prompt": "x", "num_inference_steps": 10**9}, {"prompt": "x" * 10_000_000}]
+    for body in bodies:
+        assert error_of(server.post(**body), 400)
+    after = server.health()
+    assert after.status_code == 200
+    assert after.json()["generation"] == health["generation"] and after.json()["workers"] == health["workers"]
+    assert server.metric("shardiff_restarts_total") == restarts == 0
+    assert np.array_equal(image_of(server.post(prompt=P1, seed=5, num_inference_steps=3)), REFERENCE[(P1, 5, 3)])
 
 
 def test_killing_a_rank_mid_request_gives_a_500_then_a_restart(server):
@@ -313,14 +285,18 @@ def test_sigterm_finishes_the_running_request_and_leaves_no_process(server):
     assert "Traceback" not in shutdown, shutdown
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--procs", "1", "--ulysses", "2"], "--ulysses 2 does not divide the 1 sequence-parallel processes"),  # by the rank
-    (["--procs", "1", "--warmup-sizes", "72x64"], "--warmup-sizes 72x64: --width 72 is not a multiple of 16"),
+@pytest.mark.parametrize("args, fragment, status", [
+    # Found by the rank (exit 1), or before any rank starts (exit 2).
+    (["--procs", "1", "--ulysses", "2"], "--ulysses 2 does not divide the 1 sequence-parallel processes", 1),
+    (["--procs", "1", "--warmup-sizes", "72x64"], "--warmup-sizes 72x64: --width 72 is not a multiple of 16", 2),
+    (["--procs", "1", "--lora", "missing.safetensors"], "missing.safetensors", 2),  # before any rank starts
 ])
-def test_a_configuration_mistake_ends_the_server_at_once_with_one_line(args, fragment):
+def test_a_configuration_mistake_ends_the_server_at_once_with_one_line(args, fragment, status):
     r = subprocess.run([sys.executable, "-m", "engine.serve", "--port", "0", *args],
                        cwd=REPO, env=_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
-    assert r.returncode != 0
+    assert r.returncode == status, r.stderr
+    if status == 2:  # found without a rank: no worker was started
+        assert "model group" not in r.stderr and "listening on" not in r.stderr, r.stderr
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and fragment in errors[0], r.stderr
     assert "Traceback" not in r.stderr, r.stderr

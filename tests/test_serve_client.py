@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from engine import EngineConfig, GenerateRequest, serve
+from engine.limits import Limits, ModelLimits
 
 P1 = "a red circle top left on a white background"
 P2 = "a large green triangle in the center on a black background"
@@ -24,7 +25,8 @@ P2 = "a large green triangle in the center on a black background"
 def client():
     # No restart allowed: the last test kills a rank and the server must give up. A warm-up size makes
     # /health wait for one generation first.
-    c = serve.start(EngineConfig(), procs=2, port=0, max_queue=8, max_restarts=0, warmup_sizes=((64, 64),))
+    c = serve.start(EngineConfig(), procs=2, port=0, max_queue=8, max_restarts=0, warmup_sizes=((64, 64),),
+                    limits=Limits(max_steps=100_000))
     yield c
     c.close()
 
@@ -90,6 +92,28 @@ def test_errors_are_the_servers_one_line_messages(client):
         client.generate(GenerateRequest(prompt=P1, steps=100_000), timeout=1.0)
     batch = client.generate_batch([GenerateRequest(prompt=P1, seed=s, steps=2) for s in (1, 2)])
     assert [r.params["seed"] for r in batch] == [1, 2]
+
+
+def test_what_the_pipeline_refuses_on_every_rank_is_a_400_and_the_group_goes_on(client):
+    # The controller's own check of the model's limit taken away: the request reaches the ranks, the
+    # pipeline's check_inputs refuses it on each before the first collective, the ranks agree on it
+    # (engine/runtime/gate.py), and the group serves on — twenty times in a row, no restart.
+    controller = client.controller
+    health, kept = client.health(), controller.model_limits
+    controller.model_limits = ModelLimits(max_sequence_length=None)
+    try:
+        for i in range(20):
+            with pytest.raises(serve.BadRequest, match="the pipeline refused the request: `max_sequence_length` "
+                                                        f"cannot be greater than 512 but is {513 + i}"):
+                client.generate(GenerateRequest(prompt=P1, steps=2, max_sequence_length=513 + i))
+    finally:
+        controller.model_limits = kept
+    after = client.health()
+    assert after["status"] == "ready" and after["generation"] == health["generation"]
+    assert after["workers"] == health["workers"]
+    assert controller.metrics.restarts._value.get() == 0
+    assert controller.metrics.requests.labels("rejected")._value.get() >= 20
+    assert client.generate(GenerateRequest(prompt=P1, seed=1, steps=2)).params["steps"] == 2
 
 
 def test_past_its_restarts_the_server_gives_up_with_the_cause(client):

@@ -11,8 +11,11 @@
    base64 in a thread pool), p50 / p99, and the throughput.
 3. What the controller adds per request: p50 of the client at concurrency 1 minus p50 of the
    baseline; and, from the server's own clocks, admission → answer minus the first rank's
-   generate_batch (`total_s - generate_s`, no client threads). PNG encoding of one answer is timed
-   apart (it is the response format's cost, off the event loop).
+   generate_batch (`total_s - generate_s`, no client threads) — for the in-process client's PIL
+   images, and for HTTP's answers, whose PNG the first rank encodes and sends as base64 text
+   (`total_s - generate_s - encode_s`; the rank's encoding is reported apart).
+4. What streaming adds: HTTP at concurrency 1 with `"stream": true, "partial_images": 3` (time to
+   the completed event) minus HTTP without.
 
 Latency at concurrency c includes the wait behind the c - 1 requests ahead: one request runs at a
 time per model group, by design. p99 of a few requests is their maximum.
@@ -134,6 +137,21 @@ def _child_args(args) -> list[str]:
 # ------------------------------------------------------------------ 2. through the server
 
 
+def streamed(url: str, args, seed: int, partials: int | None) -> None:
+    """One HTTP request, read to its end: plain JSON (partials None) or a stream with `partials`."""
+    import httpx
+
+    body = {"prompt": args.prompt, "num_inference_steps": args.steps, "seed": seed}
+    if args.size:
+        body["size"] = f"{args.size}x{args.size}"
+    if partials is not None:
+        body.update(stream=True, partial_images=partials)
+    with httpx.stream("POST", f"{url}/v1/images/generations", json=body, timeout=3600) as r:
+        r.raise_for_status()
+        for _ in r.iter_bytes():
+            pass
+
+
 def load(fn, concurrency: int, total: int) -> tuple[list[float], float]:
     """`total` calls of fn(i) spread over `concurrency` threads; (latencies, wall seconds)."""
     latencies: list[float] = []
@@ -168,7 +186,7 @@ def main(argv=None) -> None:
         run_main(lambda: baseline(args))
         return
     from engine import serve
-    from engine.serve import api
+    from engine.serve.encode import Encoding
 
     world, _ = serve.world_size(gpus=args.gpus, procs=args.procs)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -192,13 +210,19 @@ def main(argv=None) -> None:
             lat, wall = load(lambda i: http.generate(request(args, i)), c, total)
             rows.append({"client": "http", "concurrency": c, **summary(lat, wall)})
         # The controller's own clocks, one request at a time (no queueing): admission → answer − generate.
+        encoded, encode_times = [], []
         for i in range(max(8, args.baseline_requests)):
             job = client.job([request(args, i)])
             overheads.append(job.total_s - job.generate_s)
-        sample = client.job([request(args, 0)])
-        start = time.perf_counter()
-        api.encode_response(sample)
-        encode_s = time.perf_counter() - start
+            job = client.job([request(args, i)], encoding=Encoding())
+            encoded.append(job.total_s - job.generate_s - job.encode_s)
+            encode_times.append(job.encode_s)
+        plain, with_partials = [], []
+        for i in range(max(8, args.baseline_requests)):  # interleaved, as the baseline's with / without stop
+            for partials, times in ((None, plain), (3, with_partials)):
+                start = time.perf_counter()
+                streamed(client.url, args, i, partials)
+                times.append(time.perf_counter() - start)
     finally:
         http.close()
         client.close()
@@ -213,13 +237,19 @@ def main(argv=None) -> None:
         "overhead_ms": {
             "python_client_p50_minus_engine_p50": round(python_c1["p50_ms"] - base_p50 * 1e3, 2),
             "http_p50_minus_engine_p50": round(http_c1["p50_ms"] - base_p50 * 1e3, 2),
-            "controller_p50 (admission→answer − generate_batch)": round(percentile(overheads, 50) * 1e3, 3),
-            "png_base64_encode_one_answer": round(encode_s * 1e3, 2),
+            "controller_p50 (admission→answer − generate_batch), PIL images": round(
+                percentile(overheads, 50) * 1e3, 3),
+            "controller_p50 (admission→answer − generate_batch − encode), PNG from the rank": round(
+                percentile(encoded, 50) * 1e3, 3),
+            "png_base64_encode_on_the_first_rank_p50": round(percentile(encode_times, 50) * 1e3, 2),
+            "http_stream_3_partials_p50_minus_http_p50": round(
+                (percentile(with_partials, 50) - percentile(plain, 50)) * 1e3, 2),
             "per_step_stop_agreement (Engine.generate p50 with − without)": round(
                 (percentile(base["with_stop"], 50) - base_p50) * 1e3, 2),
         },
     }
-    print(f"\n{args.model} on {world} rank(s), layout {base['layout']}, {args.size or 'default'} px, {args.steps} steps")
+    print(f"\n{args.model} on {world} rank(s), layout {base['layout']}, {args.size or 'default'} px, "
+          f"{args.steps} steps")
     print(f"{'client':<16}{'conc.':>6}{'n':>5}{'p50 ms':>11}{'p99 ms':>11}{'img/s':>9}")
     b = record["baseline"]
     print(f"{'Engine.generate':<16}{1:>6}{b['n']:>5}{b['p50_ms']:>11.1f}{b['p99_ms']:>11.1f}{b['images_per_s']:>9.2f}")

@@ -31,17 +31,24 @@ class Stopped(Exception):
 
 
 def step_callback_kwargs(pipe, on_step) -> dict:
-    """Pipeline keyword arguments that call `on_step(step)` after every denoising step ({} for None)."""
+    """Pipeline keyword arguments that call `on_step(step)` after every denoising step ({} for None);
+    `on_step(step, pipe, latents)` when it has a true `takes_latents` attribute (previews)."""
     if on_step is None:
         return {}
+    latents_too = getattr(on_step, "takes_latents", False)
     params = inspect.signature(type(pipe).__call__).parameters
     if "callback_on_step_end" in params:
         def on_step_end(pipeline, step, timestep, callback_kwargs):
-            on_step(step)
+            if latents_too:
+                on_step(step, pipeline, callback_kwargs.get("latents"))
+            else:
+                on_step(step)
             return callback_kwargs
 
         return {"callback_on_step_end": on_step_end}
     if "callback" in params:
+        if latents_too:
+            return {"callback": lambda step, timestep, latents: on_step(step, pipe, latents), "callback_steps": 1}
         return {"callback": lambda step, timestep, latents: on_step(step), "callback_steps": 1}
     raise ValueError(f"{type(pipe).__name__} has no per-step callback: its generations cannot be stopped")
 

@@ -6,23 +6,27 @@
     with serve.start(EngineConfig(model="flux-dev", compile=True), gpus=4) as client:
         result = client.generate(GenerateRequest(prompt="a red fox", seed=7))   # thread-safe; agenerate too
 
-The package, one job per file: `supervisor.py` (the worker processes: spawn, watch, restart),
-`worker.py` (one rank's loop over the engine's SPMD API), `protocol.py` (their messages),
-`controller.py` (checks, queue, deadlines, cancels, warm-up, failures), `admission.py` (the bounded
-FIFO), `metrics.py` (Prometheus), `api.py` + `app.py` (HTTP), `client.py` (Python clients),
-`runner.py` (event loop, signals, shutdown), `cli.py` (`python -m engine.serve`). docs/SERVING.md.
+The package, one job per file: `supervisor.py` (the worker processes: spawn, watch, heartbeats,
+restart), `worker.py` (one rank's loop over the engine's SPMD API), `protocol.py` (their messages),
+`encode.py` (image files made on the first rank), `preview.py` (partial images at agreed steps),
+`controller.py` (checks, limits, queue, deadlines, cancels, warm-up, failures), `admission.py` (the
+bounded FIFO), `metrics.py` (Prometheus), `api.py` (the HTTP bodies), `forms.py` (edits' multipart
+forms), `guard.py` (Host, API key, body type and size), `stream.py` (server-sent events), `errors.py`
+(what an error body may say), `app.py` (the routes), `client.py` (Python clients), `runner.py` (event
+loop, signals, shutdown), `cli.py` (`python -m engine.serve`). docs/SERVING.md.
 """
 
 from __future__ import annotations
 
 from .controller import (
-    BadRequest, Cancelled, Conflict, DeadlineExceeded, ServeError, ServeOptions, TooManyRequests, Unavailable,
-    WorkerFailure,
+    BadRequest, Cancelled, Conflict, DeadlineExceeded, Forbidden, NotFound, PayloadTooLarge, ServeError, ServeOptions,
+    TooManyRequests, Unauthorized, Unavailable, UnsupportedMediaType, WorkerFailure,
 )
 
 __all__ = [
-    "BadRequest", "Cancelled", "Conflict", "DeadlineExceeded", "ServeError", "ServeOptions", "TooManyRequests",
-    "Unavailable", "WorkerFailure", "connect", "start", "world_size",
+    "BadRequest", "Cancelled", "Conflict", "DeadlineExceeded", "Forbidden", "NotFound", "PayloadTooLarge", "ServeError",
+    "ServeOptions", "TooManyRequests", "Unauthorized", "Unavailable", "UnsupportedMediaType", "WorkerFailure",
+    "connect", "start", "world_size",
 ]
 
 
@@ -65,8 +69,9 @@ def start(config=None, *, gpus: int | None = None, procs: int | None = None, por
     return client
 
 
-def connect(url: str, *, timeout: float = 900.0):
-    """A client of a server running elsewhere (`python -m engine.serve`), over HTTP."""
+def connect(url: str, *, timeout: float = 900.0, api_key: str | None = None):
+    """A client of a server running elsewhere (`python -m engine.serve`), over HTTP (`api_key`: the
+    server's --api-key, sent as `Authorization: Bearer`)."""
     from .client import HTTPClient
 
-    return HTTPClient(url, timeout=timeout)
+    return HTTPClient(url, timeout=timeout, api_key=api_key)

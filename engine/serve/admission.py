@@ -41,6 +41,12 @@ class Job:
     generation: int = -1
     """The worker group it was sent to."""
     timer: asyncio.TimerHandle | None = None
+    encoding: object = None
+    """How the first rank encodes the images (engine/serve/encode.Encoding); None: PIL images."""
+    previews: object = None
+    """Partial images to stream (engine/serve/preview.Previews), or None."""
+    on_partial: object = None
+    """on_partial(index, b64): called on the loop thread for each partial image."""
 
 
 class AdmissionQueue:

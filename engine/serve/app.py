@@ -1,54 +1,83 @@
 """The HTTP routes (FastAPI), over one Controller on the same event loop.
 
     POST   /v1/images/generations                 generate (OpenAI's shape, engine/serve/api.py)
+    POST   /v1/images/edits                       edit: multipart form (OpenAI's client) or JSON
     DELETE /v1/images/generations/{request_id}    cancel a queued or running request
     GET    /health                                200 when warm and ready; 503 starting/warming/restarting/stopping
     GET    /metrics                               Prometheus text
-    GET    /v1/models                             the served model (OpenAI's list shape)
+    GET    /v1/models, /v1/models/{id}            the served model (OpenAI's shapes)
 
-A client that disconnects cancels its request. PNG encoding runs in a thread pool, never on the
-event loop, so one answer being encoded does not hold up the others.
+In front of them, engine/serve/guard.py (Host, API key, body type and size). Every error is OpenAI's
+JSON shape, FastAPI's own (unknown route, wrong method) and unexpected ones included; no message
+carries an address, a source path or a port (engine/serve/errors.py). A client that disconnects
+cancels its request. Parsing a body (JSON, input images) runs in a thread pool, never on the event
+loop; the images come encoded from the first rank (engine/serve/encode.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from . import api
-from .controller import BadRequest, Controller, ServeError
+from .controller import BadRequest, Cancelled, Controller, NotFound, ServeError
+from .forms import form_body
+from .guard import Guard, loopback_hosts
 from .metrics import CONTENT_TYPE
+from .preview import Previews
+from .stream import Stream
 
 
-def build_app(controller: Controller) -> FastAPI:
+def build_app(controller: Controller, *, host: str = "127.0.0.1") -> FastAPI:
     app = FastAPI(title="shardiff", docs_url=None, redoc_url=None, openapi_url=None)
-    encoder = ThreadPoolExecutor(max_workers=4, thread_name_prefix="shardiff-png")
+    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="shardiff-parse")
+    options = controller.options
 
     def error(e: ServeError) -> JSONResponse:
         headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
         return JSONResponse(api.error_body(str(e), e.kind, e.status), status_code=e.status, headers=headers)
 
-    @app.post("/v1/images/generations")
-    async def generations(request: Request):
+    async def parse(request: Request, edit: bool):
+        """(requests, options) of an image request; BadRequest."""
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         try:
-            try:
-                body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BadRequest(f"the body is not valid JSON: {e}") from None
-            try:
-                requests, options = api.parse_body(body, model=controller.config.model,
-                                                   max_images=controller.options.max_images)
-            except ValueError as e:
-                controller.metrics.requests.labels("rejected").inc()
-                raise BadRequest(str(e)) from None
-            job = controller.admit(requests, **options)
+            if media == "multipart/form-data":
+                body = await form_body(request)
+            else:
+                raw = await request.body()
+                body = await asyncio.get_running_loop().run_in_executor(pool, _json, raw)
+            return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(
+                api.parse_body, body, model=controller.config.model, max_images=options.max_images,
+                max_input_pixels=options.max_input_pixels, edit=edit))
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+
+    async def images(request: Request, edit: bool):
+        try:
+            requests, opts = await parse(request, edit)
+        except ServeError as e:
+            controller.metrics.requests.labels(e.outcome).inc()
+            return error(e)
+        output: api.Output = opts["output"]
+        stream = Stream(controller, output, requests) if output.stream else None
+        previews = Previews(output.partial_images, output.encoding) if stream and output.partial_images else None
+        try:  # refusals are counted by the controller
+            job = controller.admit(requests, request_id=opts["request_id"], timeout=opts["timeout"],
+                                   encoding=output.encoding, previews=previews,
+                                   on_partial=stream.on_partial if stream else None)
         except ServeError as e:
             return error(e)
+        if stream is not None:
+            stream.job = job
+            return StreamingResponse(stream.events(), media_type="text/event-stream",
+                                     headers={"X-Request-Id": job.id, "Cache-Control": "no-cache"})
         answer = asyncio.ensure_future(controller.result(job))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -62,20 +91,27 @@ def build_app(controller: Controller) -> FastAPI:
         if not answer.done():
             controller.cancel(job.id)  # the client went away: nobody is left to answer
             answer.cancel()
-            return Response(status_code=499)
+            return error(Cancelled(f"request {job.id} was cancelled: the client closed the connection"))
         try:
             result = answer.result()
         except ServeError as e:
             return error(e)
-        body = await asyncio.get_running_loop().run_in_executor(encoder, api.encode_response, result)
-        return JSONResponse(body, headers={"X-Request-Id": job.id})
+        usage = api.usage(result.results, requests, controller.info.spatial_multiple)
+        return JSONResponse(api.encode_response(result, output, usage), headers={"X-Request-Id": job.id})
+
+    @app.post("/v1/images/generations")
+    async def generations(request: Request):
+        return await images(request, edit=False)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request):
+        return await images(request, edit=True)
 
     @app.delete("/v1/images/generations/{request_id}")
     async def cancel(request_id: str):
         status = controller.cancel(request_id)
         if status is None:
-            return JSONResponse(api.error_body(f"no queued or running request {request_id!r}", "not_found", 404),
-                                status_code=404)
+            return error(NotFound(f"no queued or running request {request_id[:128]!r}"))
         return {"id": request_id, "status": status}
 
     @app.get("/health")
@@ -87,13 +123,60 @@ def build_app(controller: Controller) -> FastAPI:
     async def metrics():
         return Response(controller.metrics.render(), media_type=CONTENT_TYPE)
 
+    def model_card() -> dict:
+        return {"id": controller.config.model, "object": "model", "created": int(controller.started),
+                "owned_by": "shardiff"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": controller.config.model, "object": "model",
-                                            "created": int(time.time()), "owned_by": "shardiff"}]}
+        return {"object": "list", "data": [model_card()]}
 
-    app.state.encoder = encoder
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != controller.config.model:
+            return error(NotFound(f"this server serves the model {controller.config.model!r} only"))
+        return model_card()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        kind = {404: "not_found", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
+        message = {404: "no such route", 405: f"{request.method} is not allowed here"}.get(e.status_code, str(e.detail))
+        return JSONResponse(api.error_body(message, kind, e.status_code), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        return JSONResponse(api.error_body("the request is malformed", "invalid_request_error", 400), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):
+        controller.log(f"error: {request.method} {request.url.path}: {type(e).__name__}: {e}")
+        return JSONResponse(api.error_body("internal server error", "server_error", 500), status_code=500)
+
+    app.state.pool = pool
+    app.add_middleware(Guard, max_body=options.max_body_bytes, api_key=options.api_key, hosts=loopback_hosts(host),
+                       count=lambda outcome: controller.metrics.requests.labels(outcome).inc())
+    if options.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins),
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["authorization", "content-type"],
+                           expose_headers=["x-request-id", "retry-after"])
     return app
+
+
+def _json(raw: bytes):
+    """The JSON value of a body; ValueError (deep nesting, a huge integer, bad UTF-8 included)."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the body is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise ValueError("the body is not valid JSON: it is not UTF-8 text") from None
+    except RecursionError:
+        raise ValueError("the body is not valid JSON: it is nested too deeply") from None
+    except ValueError:  # Python's own bound on an integer's digits
+        raise ValueError("the body is not valid JSON: a number has too many digits") from None
 
 
 async def _disconnected(request: Request) -> None:

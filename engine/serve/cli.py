@@ -15,6 +15,9 @@ import sys
 
 from engine.batch_cli import positive_int
 from engine.generate import add_engine_arguments, engine_config
+from engine.limits import DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_STEPS, Limits
+
+API_KEY_ENV = "SHARDIFF_API_KEY"
 
 
 def _sizes(text: str) -> tuple[tuple[int, int], ...]:
@@ -77,6 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=_positive_float, default=30.0,
                    help="on SIGTERM / SIGINT, seconds the running request may take to finish before it is stopped")
     p.add_argument("--max-images", type=positive_int, default=8, help="largest n of one request")
+    p.add_argument("--max-steps", type=positive_int, default=DEFAULT_MAX_STEPS,
+                   help="most denoising steps of one image; more: 400")
+    p.add_argument("--max-prompt-chars", type=positive_int, default=DEFAULT_MAX_PROMPT_CHARS,
+                   help="longest prompt (and negative prompt), in characters; longer: 400")
+    p.add_argument("--max-body-mb", type=_positive_float, default=64.0,
+                   help="largest request body in MiB (input images travel in it); larger: 413, unread")
+    p.add_argument("--max-input-pixels", type=positive_int, default=4096 * 4096,
+                   help="largest input image (width × height); larger: 400 before its pixels are decoded")
+    p.add_argument("--api-key", default=None,
+                   help=f"require `Authorization: Bearer KEY` on every route but /health (or set {API_KEY_ENV}; "
+                        "the flag shows in the process list, the variable does not)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let browsers on ORIGIN (https://app.example.com, or *) call the API; repeatable "
+                        "(default: none)")
+    p.add_argument("--heartbeat-timeout", type=_positive_float, default=20.0,
+                   help="seconds a rank may send nothing (not even its heartbeat, every 1 s) while serving before "
+                        "it is declared hung and the group restarted")
     add_engine_arguments(p)
     return p
 
@@ -98,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             world_size=world, threads=threads, max_queue=args.max_queue, request_timeout_s=args.request_timeout,
             warmup_sizes=args.warmup_sizes, max_restarts=args.max_restarts, restart_backoff_s=args.restart_backoff,
             stop_grace_s=args.stop_grace, drain_timeout_s=args.drain_timeout, max_images=args.max_images,
+            limits=Limits(max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars),
+            max_body_bytes=int(args.max_body_mb * 2**20), max_input_pixels=args.max_input_pixels,
+            api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, cors_origins=tuple(args.cors_origin),
+            heartbeat_timeout_s=args.heartbeat_timeout,
         )
         controller = Controller(config, options)
     except ValueError as e:

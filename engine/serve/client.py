@@ -24,7 +24,8 @@ from engine.driver import GenerateResult
 
 from . import api
 from .controller import (
-    BadRequest, Cancelled, Conflict, DeadlineExceeded, ServeError, TooManyRequests, Unavailable, WorkerFailure,
+    BadRequest, Cancelled, Conflict, DeadlineExceeded, Forbidden, NotFound, PayloadTooLarge, ServeError,
+    TooManyRequests, Unauthorized, Unavailable, UnsupportedMediaType, WorkerFailure,
 )
 
 
@@ -76,10 +77,12 @@ class Client:
         """Several GenerateRequests as one job (the engine's generate_batch: dp / cfg rules)."""
         return self._bg.call(self._run(list(requests), request_id, timeout))
 
-    def job(self, requests: list, *, request_id: str | None = None, timeout: float | None = None):
+    def job(self, requests: list, *, request_id: str | None = None, timeout: float | None = None, encoding=None):
         """Like generate_batch, but the controller's JobResult: the results and the server's clocks
-        (queue_s, generate_s on the first rank, total_s from admission to answer)."""
-        return self._bg.call(self.controller.generate(list(requests), request_id=request_id, timeout=timeout))
+        (queue_s, generate_s on the first rank, encode_s, total_s from admission to answer).
+        `encoding` (engine.serve.encode.Encoding): the images come as the HTTP answers' files (Encoded)."""
+        return self._bg.call(self.controller.generate(list(requests), request_id=request_id, timeout=timeout,
+                                                      encoding=encoding))
 
     async def agenerate(self, request, *, n: int = 1, request_id: str | None = None, timeout: float | None = None):
         results = await asyncio.wrap_future(self._bg.submit(self._one(request, n, request_id, timeout)))
@@ -123,18 +126,20 @@ async def _call(fn, *args):
     return fn(*args)
 
 
-ERRORS = {400: BadRequest, 409: Conflict, 429: TooManyRequests, 499: Cancelled, 500: WorkerFailure,
-          503: Unavailable, 504: DeadlineExceeded}
+ERRORS = {400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 413: PayloadTooLarge,
+          415: UnsupportedMediaType, 429: TooManyRequests, 499: Cancelled, 500: WorkerFailure, 503: Unavailable,
+          504: DeadlineExceeded}
 
 
 class HTTPClient:
     """A server over HTTP (`serve.connect(url)`); httpx underneath (its clients are thread-safe)."""
 
-    def __init__(self, url: str, *, timeout: float = 900.0):
+    def __init__(self, url: str, *, timeout: float = 900.0, api_key: str | None = None):
         import httpx
 
         self.url = url.rstrip("/")
-        self._sync = httpx.Client(base_url=self.url, timeout=timeout)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._sync = httpx.Client(base_url=self.url, timeout=timeout, headers=self._headers)
         self._async_timeout = timeout
 
     def generate(self, request, *, n: int = 1, request_id: str | None = None, timeout: float | None = None):
@@ -145,7 +150,7 @@ class HTTPClient:
     async def agenerate(self, request, *, n: int = 1, request_id: str | None = None, timeout: float | None = None):
         import httpx
 
-        async with httpx.AsyncClient(base_url=self.url, timeout=self._async_timeout) as client:
+        async with httpx.AsyncClient(base_url=self.url, timeout=self._async_timeout, headers=self._headers) as client:
             r = await client.post("/v1/images/generations", json=self._body(request, n, request_id, timeout))
         results = self._decode(r)
         return results[0] if n == 1 else results

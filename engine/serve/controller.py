@@ -11,8 +11,15 @@ to stop (they stop together at the next step, engine/runtime/stop.py) and the gr
 request as soon as they have. Cancels work the same way. A group that does not stop within
 `stop_grace_s` of being told is declared broken and restarted.
 
-Failures: the supervisor reports a group that lost a rank (death, out of memory, exception); the
-running request gets a 500 naming the cause, queued requests stay queued and run after the restart.
+Failures: the supervisor reports a group that lost a rank (death, out of memory, exception, a rank
+that stopped answering); the running request gets a 500 naming the cause, queued requests stay queued
+and run after the restart. A request that the ranks refuse while preparing it (the pipeline's own
+checks, on every rank before the first collective: engine/runtime/gate.py) is a 400 and the group
+goes on.
+
+Bounds: every request is checked against the operator's limits (steps, prompt length: engine/limits.py)
+and the served model's (its tokenizers' longest text) before it is queued. Every answer of a job is
+counted once in `shardiff_requests_total{outcome}`, by the error class that answered it (or "ok").
 """
 
 from __future__ import annotations
@@ -22,64 +29,28 @@ import dataclasses
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from engine.limits import Limits, check_limits, model_limits
 from engine.loading import inspect_model
 from engine.models import family
 from engine.config import GenerateRequest
 from engine.validation import Target, check_requests, resolve_size
 
 from .admission import AdmissionQueue, Job, QueueFull
+from .errors import (  # noqa: F401 — the error classes are the controller's API too
+    BadRequest, Cancelled, Conflict, DeadlineExceeded, Forbidden, NotFound, PayloadTooLarge, ServeError,
+    TooManyRequests, Unauthorized, Unavailable, UnsupportedMediaType, WorkerFailure, check_request_id, clean,
+)
 from .metrics import Metrics
-from .protocol import Cancel, Finished, Run
+from .protocol import Cancel, Finished, Partial, Run
 from .supervisor import GroupDown, GroupMessage, GroupUp, Supervisor
 
 WARMUP_STEPS = 3
 """Denoising steps of a warm-up request: the compile happens on the first call; CUDA graphs capture
 on the third call of a shape (after two eager warm-up calls)."""
-
-
-class ServeError(Exception):
-    """A request that is answered with an error: HTTP status, OpenAI-style type, one-line message."""
-
-    status = 500
-    kind = "server_error"
-
-    def __init__(self, message: str, *, retry_after: int | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class BadRequest(ServeError, ValueError):
-    """A user mistake (the CLI's message): nothing ran."""
-
-    status, kind = 400, "invalid_request_error"
-
-
-class Conflict(ServeError):
-    status, kind = 409, "conflict"
-
-
-class TooManyRequests(ServeError):
-    status, kind = 429, "queue_full"
-
-
-class Cancelled(ServeError):
-    status, kind = 499, "cancelled"
-
-
-class WorkerFailure(ServeError):
-    status, kind = 500, "worker_failed"
-
-
-class Unavailable(ServeError):
-    status, kind = 503, "unavailable"
-
-
-class DeadlineExceeded(ServeError):
-    status, kind = 504, "deadline_exceeded"
 
 
 @dataclass(frozen=True)
@@ -105,6 +76,18 @@ class ServeOptions:
     """On shutdown, how long the running request may finish before it is stopped."""
     max_images: int = 8
     """Largest `n` of one request."""
+    limits: Limits = field(default_factory=Limits)
+    """Bounds on one request's work (--max-steps, --max-prompt-chars; engine/limits.py)."""
+    max_body_bytes: int = 64 * 2**20
+    """Largest HTTP request body (--max-body-mb): 413 past it, from Content-Length or while reading."""
+    max_input_pixels: int = 4096 * 4096
+    """Largest input image, in pixels (--max-input-pixels); input images also count in the body limit."""
+    api_key: str | None = None
+    """When set, every route but /health needs `Authorization: Bearer <api_key>`."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins allowed to call from a browser (--cors-origin); none: no CORS headers at all."""
+    heartbeat_timeout_s: float = 20.0
+    """A rank that sends nothing for this long while serving is declared hung and the group restarted."""
 
 
 @dataclass
@@ -116,6 +99,8 @@ class JobResult:
     generate_s: float
     """generate_batch on the first rank."""
     total_s: float
+    encode_s: float = 0.0
+    """Encoding the images on the first rank (HTTP answers), after generate_batch."""
 
 
 class Controller:
@@ -126,19 +111,24 @@ class Controller:
         # Configs only (no weights): the model's sizes and family, for every request's checks.
         self.info = inspect_model(config.model)
         self.family = family(self.info.family)
+        self.model_limits = model_limits(config.model)
         if options.world_size < 1:
             raise ValueError(f"the model group needs at least one rank, got {options.world_size}")
+        preflight(config, self.info, self.family)
         for width, height in options.warmup_sizes or ():
             try:  # what can be checked before any rank exists; the rest when the group is up
                 resolve_size(GenerateRequest(prompt="warm-up", height=height, width=width), self.info)
             except ValueError as e:
                 raise ValueError(f"--warmup-sizes {width}x{height}: {e}") from None
         self.metrics = Metrics()
+        self.started = time.time()
         self.queue: AdmissionQueue | None = None
         self.state = "starting"
         """starting → (warming →) ready; restarting → (warming →) ready; stopping; failed."""
         self.failure: str | None = None
         """Why the server gave up (it then exits non-zero)."""
+        self.last_failure: str | None = None
+        """The cause of the group's last failure (shown by /health until the group is ready again)."""
         self.target: Target | None = None
         self.generation = -1
         self.pids: list[int] = []
@@ -154,6 +144,7 @@ class Controller:
         self.supervisor = Supervisor(
             config=config, world_size=options.world_size, threads=options.threads, emit=self._emit,
             max_restarts=options.max_restarts, backoff_s=options.restart_backoff_s,
+            heartbeat_timeout_s=options.heartbeat_timeout_s,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -187,10 +178,19 @@ class Controller:
         self._gauges()
 
     async def close(self) -> None:
-        """Shut down: the running request has drain_timeout_s to finish, then it is stopped; the
-        workers are told to exit and killed if they do not. Idempotent."""
+        """Shut down: drain (below), then the workers are told to exit and killed if they do not. Idempotent."""
         if self.done.is_set():
             return
+        await self.drain()
+        await asyncio.get_running_loop().run_in_executor(None, self.supervisor.stop)
+        if self.running is not None:
+            self._fail(self.running, Unavailable("the server is shutting down"), "shutdown")
+            self.running = None
+        self.done.set()
+
+    async def drain(self) -> None:
+        """Stop admitting, answer the queued requests 503; the running request has drain_timeout_s to
+        finish, then it is stopped and answered 503 (its ranks get up to 10 s more to stop)."""
         self.begin_shutdown()
         job = self.running
         if job is not None and not job.internal:
@@ -202,11 +202,6 @@ class Controller:
                 end = time.monotonic() + min(self.options.stop_grace_s, 10.0)
                 while self.running is job and time.monotonic() < end:
                     await asyncio.sleep(0.05)
-        await asyncio.get_running_loop().run_in_executor(None, self.supervisor.stop)
-        if self.running is not None:
-            self._fail(self.running, Unavailable("the server is shutting down"), "shutdown")
-            self.running = None
-        self.done.set()
 
     def health(self) -> dict:
         target = self.target
@@ -219,7 +214,8 @@ class Controller:
             "workers": list(self.pids),
             "queue": len(self.queue) if self.queue is not None else 0,
             "running": int(self.running is not None and not self.running.internal),
-            **({"error": self.failure} if self.failure else {}),
+            **({"error": clean(self.failure)} if self.failure else {}),
+            **({"last_failure": clean(self.last_failure)} if self.last_failure and self.state != "ready" else {}),
         }
 
     # ------------------------------------------------------------------ requests
@@ -229,13 +225,25 @@ class Controller:
         return f"img-{uuid.uuid4().hex}"
 
     def admit(self, requests: list, *, request_id: str | None = None, timeout: float | None = None,
-              output_type: str = "pil") -> Job:
-        """Check, complete and queue `requests` (one job); ServeError when refused. Loop thread only."""
+              output_type: str = "pil", encoding=None, previews=None, on_partial=None) -> Job:
+        """Check, complete and queue `requests` (one job); ServeError when refused (counted once under
+        its outcome). `encoding`: the first rank sends encoded image files (engine/serve/encode.py);
+        `previews` + `on_partial(index, b64)`: partial images (engine/serve/preview.py). Loop thread only."""
+        try:
+            return self._admit(requests, request_id, timeout, output_type, encoding, previews, on_partial)
+        except ServeError as e:
+            self.metrics.requests.labels(e.outcome).inc()
+            raise
+
+    def _admit(self, requests, request_id, timeout, output_type, encoding, previews, on_partial) -> Job:
         if self.state in ("stopping", "failed"):
-            raise Unavailable(self.failure or "the server is shutting down")
-        job_id = request_id or self.new_id()
-        if not isinstance(job_id, str) or not job_id or len(job_id) > 200:
-            raise BadRequest("request id must be a non-empty string of at most 200 characters")
+            raise Unavailable(clean(self.failure) if self.failure else "the server is shutting down")
+        job_id = self.new_id() if request_id is None else check_request_id(request_id)
+        for request in requests:
+            try:
+                check_limits(request, self.options.limits, self.model_limits, model_name=self.config.model)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
         if job_id in self.jobs:
             raise Conflict(f"request id {job_id!r} is already queued or running; ids must be unique")
         if not requests:
@@ -249,12 +257,12 @@ class Controller:
         if self.target is not None:
             requests, layout = self._complete(requests)
         job = Job(job_id, requests, layout, self.loop.create_future(), output_type=output_type,
-                  deadline=time.monotonic() + limit)
+                  deadline=time.monotonic() + limit, encoding=encoding, previews=previews, on_partial=on_partial)
         try:
             self.queue.push(job)
         except QueueFull as e:
-            self.metrics.requests.labels("queue_full").inc()
             raise TooManyRequests(str(e), retry_after=e.retry_after_s) from None
+        job.future.add_done_callback(lambda future: self._count(job, future))
         self.jobs[job_id] = job
         job.timer = self.loop.call_at(self.loop.time() + limit, self._expire, job)
         self._gauges()
@@ -287,12 +295,18 @@ class Controller:
         self._stop_running(job, error, "cancelled")
         return "stopping"
 
+    def _count(self, job: Job, future: asyncio.Future) -> None:
+        """A user job's answer, counted once by its outcome (a done-callback of its future)."""
+        if job.internal or future.cancelled():
+            return
+        error = future.exception()
+        self.metrics.requests.labels("ok" if error is None else getattr(error, "outcome", "exception")).inc()
+
     def _complete(self, requests: list):
         """(requests with their size filled in, layout); BadRequest with the CLI's message."""
         try:
             layout, _, checked = check_requests(requests, self.target)
         except ValueError as e:
-            self.metrics.requests.labels("rejected").inc()
             raise BadRequest(str(e)) from None
         done = [dataclasses.replace(r, height=c.height, width=c.width) for r, c in zip(requests, checked)]
         return done, layout
@@ -316,7 +330,8 @@ class Controller:
             if not job.internal:
                 self.metrics.queue_time.observe(job.started - job.created)
             self.running = job
-            if not self.supervisor.send(Run(job.id, job.requests, job.output_type), self.generation):
+            if not self.supervisor.send(Run(job.id, job.requests, job.output_type, job.encoding, job.previews),
+                                        self.generation):
                 # The group is going down; its GroupDown fails this job.
                 pass
             self._gauges()
@@ -349,13 +364,13 @@ class Controller:
         self._fail(job, error, cause, keep=True)
 
     def _fail(self, job: Job, error: ServeError, cause: str | None, *, keep: bool = False) -> None:
+        """Answer `job` with `error` (counted by _count under error.outcome); `cause`: also a failure
+        (shardiff_failures_total) unless it is a cancel, a shutdown or a user's mistake."""
         if not job.future.done():
             job.future.set_exception(error)
             job.future.exception()  # retrieved: no "never retrieved" warning when nobody waits any more
-            if not job.internal and cause is not None:
-                self.metrics.requests.labels(cause).inc()
-                if cause not in ("cancelled", "shutdown"):
-                    self.metrics.failures.labels(cause).inc()
+            if not job.internal and cause is not None and cause not in ("cancelled", "shutdown", "rejected"):
+                self.metrics.failures.labels(cause).inc()
         if not keep:
             self._forget(job)
 
@@ -379,9 +394,8 @@ class Controller:
             if not job.future.done():
                 now = time.monotonic()
                 job.future.set_result(JobResult(job.id, msg.results, job.started - job.created, msg.seconds,
-                                                now - job.created))
+                                                now - job.created, msg.encode_seconds))
                 if not job.internal:
-                    self.metrics.requests.labels("ok").inc()
                     self.metrics.latency.observe(now - job.created)
                     self.metrics.generate_time.observe(msg.seconds)
             if job.internal and not any(j.internal for j in self.jobs.values()):
@@ -392,7 +406,7 @@ class Controller:
             if job.internal:
                 self._give_up(f"warm-up failed: {msg.message}")
                 return
-            self._fail(job, BadRequest(msg.message), "rejected")
+            self._fail(job, BadRequest(clean(msg.message)), "rejected")
         self._gauges()
         self._kick()
 
@@ -406,6 +420,11 @@ class Controller:
         if isinstance(event, GroupMessage):
             if event.generation == self.generation and isinstance(event.message, Finished):
                 self._finished(event.message)
+            elif event.generation == self.generation and isinstance(event.message, Partial):
+                job = self.running
+                if job is not None and job.id == event.message.job_id and job.on_partial is not None \
+                        and not job.future.done():
+                    job.on_partial(event.message.index, event.message.b64)
         elif isinstance(event, GroupUp):
             self._group_up(event)
         elif isinstance(event, GroupDown):
@@ -456,6 +475,7 @@ class Controller:
 
     def _set_ready(self) -> None:
         self.state = "ready"
+        self.last_failure = None
         self.ever_ready = True
         self.metrics.ready.set(1)
         self.log("ready")
@@ -467,10 +487,10 @@ class Controller:
         self.running = None
         kind = event.kind
         self.metrics.failures.labels(kind).inc()
+        self.last_failure = event.cause
         if job is not None:
-            self._fail(job, WorkerFailure(f"the model group failed during request {job.id}: {event.cause}"), None)
-            if not job.internal:
-                self.metrics.requests.labels(kind).inc()
+            self._fail(job, WorkerFailure(f"the model group failed during request {job.id}: {clean(event.cause)}",
+                                          outcome=kind), None)
         for j in [j for j in self.jobs.values() if j.internal]:
             self.queue.remove(j.id)
             self._forget(j)
@@ -502,6 +522,16 @@ class Controller:
     def _gauges(self) -> None:
         self.metrics.queue_depth.set(sum(1 for j in self.jobs.values() if j.state == "queued" and not j.internal))
         self.metrics.running.set(int(self.running is not None and not self.running.internal))
+
+
+def preflight(config, info, fam) -> None:
+    """The server's configuration checked before any rank starts (ValueError, one line): what needs
+    no rank — the LoRA files against the model, the VAE split's plan."""
+    from engine import vae_parallel
+    from engine.lora import check_loras
+
+    check_loras(config.loras, config.model, fam, info)
+    vae_parallel.preflight(config)
 
 
 def _log(line: str) -> None:

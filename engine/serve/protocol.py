@@ -1,8 +1,10 @@
 """The messages between the controller and its workers: one socket per rank (multiprocessing.connection,
 pickled, authenticated by a per-server key), never a collective.
 
-Controller → every rank: Run, Cancel, Exit. Rank → controller: Hello (once connected), Ready (engine
-loaded), Finished (a Run ended, one way or another), Failed (this rank is going down).
+Controller → every rank: Run, Cancel, Exit. Rank → controller: Hello (once connected), Heartbeat (every
+`heartbeat_s`, from its own thread: a rank that stops sending them is hung), Ready (engine loaded),
+Partial (a streamed request's partial image, first rank), Finished (a Run ended, one way or another),
+Failed (this rank is going down).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ class WorkerSpec:
     """How many times the group was (re)started before this one."""
     threads: int
     """torch intra-op threads per rank."""
+    heartbeat_s: float = 1.0
+    """Seconds between two Heartbeats."""
+    loopback: bool = True
+    """Every rank runs on this host: the collective libraries' sockets bind the loopback interface."""
 
 
 @dataclass(frozen=True)
@@ -47,11 +53,39 @@ class Ready:
 
 
 @dataclass(frozen=True)
+class Heartbeat:
+    rank: int
+
+
+@dataclass(frozen=True)
 class Run:
     job_id: str
     requests: list
     """Complete GenerateRequests (seed, size filled in): every rank runs exactly these."""
     output_type: str = "pil"
+    encoding: object = None
+    """An engine.serve.encode.Encoding: the first rank sends the images as encoded files (Encoded);
+    None: as the pipeline returns them (GenerateResults, the in-process client's)."""
+    previews: object = None
+    """An engine.serve.preview.Previews: partial images to stream; None: none."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One image of a Run with an encoding: its file, base64, and its parameters."""
+
+    b64: str
+    params: dict
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Partial:
+    rank: int
+    job_id: str
+    index: int
+    """0, 1, … in step order."""
+    b64: str
 
 
 @dataclass(frozen=True)
@@ -71,11 +105,13 @@ class Finished:
     outcome: str
     """"done", "stopped" (an agreed stop: cancel or deadline), "rejected" (a user mistake every rank saw)."""
     results: list | None = None
-    """GenerateResults, on the first rank of a "done" job."""
+    """GenerateResults (or Encoded, for a Run with an encoding), on the first rank of a "done" job."""
     message: str = ""
     memory_bytes: int | None = None
     seconds: float = 0.0
     """Wall time of generate_batch on this rank."""
+    encode_seconds: float = 0.0
+    """Wall time of encoding the images (a Run with an encoding, first rank)."""
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """Running a controller (and its HTTP app) on an event loop: in the foreground for `python -m
 engine.serve`, on a background thread for `serve.start`.
 
-Shutdown (SIGTERM, SIGINT, or closing the in-process server): stop admitting (new requests get 503),
-answer the queued ones 503, let the running one finish for up to --drain-timeout seconds (then stop
-it at its next step), tell the workers to exit and kill any that do not. A second signal skips the
-wait. The exit status is 0 after a shutdown, 1 when the server gave up (its group could not be
-started or restarted), with the cause on stderr.
+Shutdown (SIGTERM, SIGINT, or closing the in-process server): stop admitting (new requests get 503,
+the listener stays open meanwhile), answer the queued ones 503, let the running one finish for up to
+--drain-timeout seconds (then stop it at its next step and answer it 503), and only then close the
+listener — every request in flight has had its JSON answer (or a streamed request its last event) —
+and tell the workers to exit, killing any that do not. A second signal skips the wait. The exit
+status is 0 after a shutdown, 1 when the server gave up (its group could not be started or
+restarted), with the cause on stderr.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import uvicorn
 from .app import build_app
 from .controller import Controller
 
+CLOSE_GRACE_S = 5.0
+"""Once every request is answered, how long the listener waits for the answers to be written."""
+
 
 class _Uvicorn(uvicorn.Server):
     """uvicorn without its own signal handling: ours stops the controller first, and exits 0."""
@@ -36,24 +41,26 @@ def bind(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
 
 
-async def serve(controller: Controller, sock: socket.socket | None, *, started=None) -> int:
-    """Run `controller` (and HTTP on `sock`) until shutdown or failure; the exit status."""
+async def serve(controller: Controller, sock: socket.socket | None, *, host: str = "127.0.0.1",
+                started=None) -> int:
+    """Run `controller` (and HTTP on `sock`, listening on `host`) until shutdown or failure; the exit status."""
     await controller.start()
     server = None
     tasks = {asyncio.ensure_future(controller.stopping.wait())}
     if sock is not None:
-        app = build_app(controller)
+        app = build_app(controller, host=host)
         server = _Uvicorn(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                         timeout_graceful_shutdown=controller.options.drain_timeout_s))
+                                         timeout_graceful_shutdown=CLOSE_GRACE_S))
         serving = asyncio.ensure_future(server.serve(sockets=[sock]))
         tasks.add(serving)
     if started is not None:
         started(server)
     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    await controller.drain()  # every request answered, the listener still open (503 to new ones)
     if server is not None:
         server.should_exit = True
         await serving
-        app.state.encoder.shutdown(wait=False)
+        app.state.pool.shutdown(wait=False)
     await controller.close()
     return 1 if controller.failure else 0
 
@@ -75,7 +82,7 @@ def run_foreground(controller: Controller, sock: socket.socket) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return loop.run_until_complete(serve(controller, sock, started=started))
+        return loop.run_until_complete(serve(controller, sock, host=sock.getsockname()[0], started=started))
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -100,7 +107,8 @@ class Background:
 
     def __init__(self, controller: Controller, host: str | None, port: int | None):
         self.controller = controller
-        self.sock = bind(host or "127.0.0.1", port) if port is not None else None
+        self.host = host or "127.0.0.1"
+        self.sock = bind(self.host, port) if port is not None else None
         self.loop = asyncio.new_event_loop()
         self.server = None
         self.status: int | None = None
@@ -124,7 +132,8 @@ class Background:
             self._started.set()
 
         try:
-            self.status = self.loop.run_until_complete(serve(self.controller, self.sock, started=started))
+            self.status = self.loop.run_until_complete(serve(self.controller, self.sock, host=self.host,
+                                                             started=started))
         finally:
             self._started.set()
             self.loop.close()

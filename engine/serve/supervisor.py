@@ -4,7 +4,13 @@ The controller never does GPU work: this thread starts the ranks with torch.mult
 hosts the TCPStore of their rendezvous (a fresh one per generation, the elastic agent's form: the
 ranks connect to it as clients) and a listener that each rank dials back into. It then waits on every
 rank's socket and process sentinel at once (multiprocessing.connection.wait): a message is handed to
-the controller, a closed socket or an exited process is a failure of the whole group.
+the controller, a closed socket or an exited process is a failure of the whole group, and so is a rank
+that sends nothing — not even its heartbeat — for `heartbeat_timeout_s` once the group serves (a
+stopped or hung process: its sockets stay open and its process runs, so nothing else would tell).
+
+Everything of the group listens on the loopback interface only: the rendezvous store (on a socket bound
+here and handed to torch's TCPStore), the listener the ranks dial back into, and — through the ranks'
+GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME (engine/serve/worker.py) — the collective libraries' sockets.
 
 On a failure the group is torn down (the other ranks are killed: they may be blocked in a collective
 with the dead one) after a short window that collects the other ranks' reports, so the cause names
@@ -27,12 +33,15 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge, wait
 
 from . import worker
-from .protocol import Exit, Failed, Hello, Ready, WorkerSpec
+from .protocol import Exit, Failed, Heartbeat, Hello, Ready, WorkerSpec
 
 COLLECT_S = 0.5
 """After the first failure, how long the other ranks' reports are still collected."""
 EXIT_GRACE_S = 10.0
 """How long workers get to leave after Exit before they are killed."""
+HEARTBEAT_S = 1.0
+"""Seconds between two heartbeats of a rank."""
+LOOPBACK = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -71,13 +80,16 @@ class _Group:
     conns: dict = field(default_factory=dict)
     """rank → its connection."""
     pids: dict = field(default_factory=dict)
+    seen: dict = field(default_factory=dict)
+    """rank → time.monotonic() of its last message (heartbeats included)."""
 
 
 class Supervisor:
     def __init__(self, *, config, world_size: int, threads: int, emit, max_restarts: int = 3,
-                 backoff_s: float = 1.0, startup_timeout_s: float = 1800.0):
+                 backoff_s: float = 1.0, startup_timeout_s: float = 1800.0, heartbeat_timeout_s: float = 20.0):
         """`emit(event)` is called from the supervisor thread with GroupUp / GroupMessage / GroupDown."""
         self.config = config
+        self.heartbeat_timeout_s = heartbeat_timeout_s
         self.world_size = world_size
         self.threads = threads
         self.emit = emit
@@ -193,13 +205,17 @@ class Supervisor:
         import torch.distributed as dist
         import torch.multiprocessing as mp
 
-        host = "127.0.0.1"
+        host = LOOPBACK
+        # TCPStore's own server listens on every interface; on a socket bound here it listens on loopback
+        # only (the store takes the descriptor over and closes it).
         store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
-                              timeout=timedelta(seconds=self.config.timeout_s))
+                              timeout=timedelta(seconds=self.config.timeout_s),
+                              master_listen_fd=socket.create_server((host, 0)).detach())
         listener = socket.create_server((host, 0))
         spec = WorkerSpec(config=self.config, world_size=self.world_size, controller=listener.getsockname()[:2],
                           authkey=self.authkey, store=(host, store.port), generation=self.generation,
-                          threads=self.threads)
+                          threads=self.threads, heartbeat_s=min(HEARTBEAT_S, self.heartbeat_timeout_s / 4),
+                          loopback=True)
         self._ready: dict[int, Ready] = {}
         self._broken = None
         # Spawned from this thread, which lives as long as the workers: their parent-death signal
@@ -249,12 +265,21 @@ class Supervisor:
         with self._send_lock:
             group.conns[hello.rank] = conn
             group.pids[hello.rank] = hello.pid
+        group.seen[hello.rank] = time.monotonic()
 
     def _watch(self, group: _Group):
         sentinels = {p.sentinel: r for r, p in enumerate(group.context.processes)}
+        now = time.monotonic()
+        group.seen = dict.fromkeys(range(self.world_size), now)  # loading is the startup timeout's
         while True:
             conns = dict(group.conns)
-            ready = wait([*conns.values(), *sentinels, self._wake_r])
+            quiet = min(group.seen, key=group.seen.get)
+            left = group.seen[quiet] + self.heartbeat_timeout_s - time.monotonic()
+            if left <= 0:
+                cause = (f"rank {quiet} stopped answering (no message or heartbeat for {self.heartbeat_timeout_s:g} s: "
+                         "stopped or hung)")
+                return self._collect(group, (cause, "unresponsive", False))
+            ready = wait([*conns.values(), *sentinels, self._wake_r], timeout=left)
             for obj in ready:
                 if obj == self._wake_r:
                     os.read(self._wake_r, 64)
@@ -290,6 +315,9 @@ class Supervisor:
             proc = group.context.processes[rank]
             proc.join(10.0)  # its socket closes a moment before it can be reaped
             return _death(rank, proc.exitcode), "rank_died", False
+        group.seen[rank] = time.monotonic()
+        if isinstance(msg, Heartbeat):
+            return None
         if isinstance(msg, Failed):
             return msg.message, msg.cause, msg.user_error
         if isinstance(msg, Ready):

@@ -6,11 +6,18 @@ Ready, and then waits on its socket — never inside a collective, so an idle se
 gloo timeout to hit and no busy broadcast loop. Every rank receives the same Run and calls
 `Engine.generate_batch` with it; the first rank sends the images back.
 
-Two threads: the channel thread reads the socket (a Cancel must be seen while the main thread is
-generating) and the main thread generates. A cancel sets the `AgreedStop` flag; the ranks stop at
-the same step. Anything that goes wrong mid-request (an exception, out of memory) is reported as
-Failed and the process exits: the controller restarts the whole group. If the controller goes away
-the worker exits too (its socket closes; and on Linux the kernel sends SIGKILL when the parent dies).
+Three threads: the channel thread reads the socket (a Cancel must be seen while the main thread is
+generating), the heartbeat thread says every `heartbeat_s` that the process is alive (a rank stopped
+or hung stops saying it: the supervisor notices), and the main thread generates. A cancel sets the
+`AgreedStop` flag; the ranks stop at the same step. A request the pipeline itself refuses on every
+rank while preparing it is agreed on before the first collective (engine/runtime/gate.py) and
+answered as a user error: the group goes on. Anything else that goes wrong mid-request (an exception,
+out of memory) is reported as Failed and the process exits: the controller restarts the whole group.
+If the controller goes away the worker exits too (its socket closes; and on Linux the kernel sends
+SIGKILL when the parent dies).
+
+The collective libraries' sockets (gloo, NCCL's bootstrap) bind the loopback interface: the group is
+on this host, and nothing of it should be reachable from another.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import traceback
 from datetime import timedelta
 from multiprocessing.connection import Client
 
-from .protocol import Cancel, Exit, Failed, Finished, Hello, Ready, Run, WorkerSpec
+from .protocol import Cancel, Encoded, Exit, Failed, Finished, Heartbeat, Hello, Partial, Ready, Run, WorkerSpec
 
 PR_SET_PDEATHSIG = 1
 
@@ -46,12 +53,19 @@ def main(local_rank: int, spec: WorkerSpec) -> None:
         TORCHELASTIC_USE_AGENT_STORE="True",
         TORCHELASTIC_RESTART_COUNT=str(spec.generation),
     )
+    if spec.loopback:
+        interface = _loopback_interface()
+        if interface is not None:  # an operator's own choice (the variables set already) is kept
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
     import torch
 
     torch.set_num_threads(spec.threads)
     conn = Client(spec.controller, authkey=spec.authkey)
-    conn.send(Hello(rank, os.getpid()))
-    Worker(rank, spec, conn).serve()
+    worker = Worker(rank, spec, conn)
+    worker.send(Hello(rank, os.getpid()))
+    threading.Thread(target=worker.heartbeat, name="shardiff-heartbeat", daemon=True).start()
+    worker.serve()
 
 
 class Worker:
@@ -64,9 +78,22 @@ class Worker:
         self.current: str | None = None
         self.cancelled: set[str] = set()
         self.stop = None
+        self._send_lock = threading.Lock()
+        """The main thread (results, partial images) and the heartbeat thread both send."""
 
     def send(self, msg) -> None:
-        self.conn.send(msg)
+        with self._send_lock:
+            self.conn.send(msg)
+
+    def heartbeat(self) -> None:
+        """The heartbeat thread: one small message every heartbeat_s while the process runs."""
+        beat = Heartbeat(self.rank)
+        while True:
+            time.sleep(self.spec.heartbeat_s)
+            try:
+                self.send(beat)
+            except (OSError, ValueError):  # the channel is closed: the process is on its way out
+                return
 
     def fail(self, cause: str, message: str, *, user_error: bool = False, job_id: str | None = None) -> None:
         try:
@@ -102,12 +129,14 @@ class Worker:
 
     def load(self):
         from engine.driver import Engine
+        from engine.runtime.gate import PreparationGate
         from engine.runtime.stop import AgreedStop
         from engine.validation import available_bytes
 
         engine = Engine(self.spec.config)
         engine.pipe.set_progress_bar_config(disable=True)  # one line per request is the controller's job
         self.stop = AgreedStop(engine, timedelta(seconds=engine.config.timeout_s))
+        engine.gate = PreparationGate(engine, timedelta(seconds=engine.config.timeout_s))
         self.memory = lambda: available_bytes(engine.device, self.spec.world_size)
         return engine, Ready(self.rank, engine.parallel, engine.tp_note, self.memory(), str(engine.device),
                              str(engine.dtype).removeprefix("torch."))
@@ -143,14 +172,29 @@ class Worker:
             if job.job_id in self.cancelled:  # cancelled before it reached this rank: stops at once
                 self.cancelled.discard(job.job_id)
                 self.stop.request()
+        from .encode import b64_image, bounded_params
+        from .preview import StepHook
+
+        first = job.requests[0]
+        hook = StepHook(self.stop, job.previews, sends=self.rank == 0, size=(first.height, first.width),
+                        send=lambda index, b64: self.send(Partial(self.rank, job.job_id, index, b64)),
+                        decodes=lambda: engine.mesh.is_first or (engine.vae_split is not None
+                                                                 and engine.mesh.coord("dp") == 0))
         start = time.perf_counter()
-        outcome, results, message = "done", None, ""
+        outcome, results, message, encode_s = "done", None, "", 0.0
         try:
-            results = engine.generate_batch(job.requests, output_type=job.output_type, on_step=self.stop)
+            results = engine.generate_batch(job.requests, output_type=job.output_type, on_step=hook)
+            seconds = time.perf_counter() - start
+            if results is not None and job.encoding is not None:
+                # Encoded here, on the rank that holds the images, not on the controller's event loop.
+                results = [Encoded(b64_image(r.image, r.params, job.encoding), bounded_params(r.params), r.seconds)
+                           for r in results]
+                encode_s = time.perf_counter() - start - seconds
         except Stopped as e:
             outcome, message = "stopped", str(e)
         except UserError as e:
-            # Every rank saw this mistake (it came out of the engine's agreement): the group is intact.
+            # Every rank saw this mistake (it came out of the engine's agreement, or the pipeline refused
+            # the request on every rank before its first collective): the group is intact.
             outcome, message = "rejected", str(e)
         except torch.OutOfMemoryError as e:
             self.fail("out_of_memory", f"rank {self.rank} ran out of memory: {_first_line(e)}", job_id=job.job_id)
@@ -160,8 +204,10 @@ class Worker:
         self.stop.settle()
         with self.lock:
             self.current = None
+        if outcome != "done":
+            seconds = time.perf_counter() - start
         self.send(Finished(self.rank, job.job_id, outcome, results=results, message=message,
-                           memory_bytes=self.memory(), seconds=time.perf_counter() - start))
+                           memory_bytes=self.memory(), seconds=seconds, encode_seconds=encode_s))
 
 
 def _describe(e: BaseException, rank: int, when: str) -> tuple[str, str]:
@@ -175,6 +221,17 @@ def _describe(e: BaseException, rank: int, when: str) -> tuple[str, str]:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _loopback_interface() -> str | None:
+    """The name of this host's loopback interface ("lo" on Linux), or None."""
+    import socket
+
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((n for n in names if n == "lo" or n.startswith("lo0")), None)
 
 
 def _die_with_parent() -> None:
