@@ -5,9 +5,9 @@ only), its class against the family's (engine/models/*: `Family.controlnet`), it
 denoiser's — a mismatch names the sizes —, and what the layout asks of it. Loaded with diffusers'
 `from_pretrained` (safetensors, local files only), several wrapped in the family's multi-ControlNet
 class (their residuals summed). Each ControlNet is then split by its own plan on the engine's mesh
-(`ControlNetSpec.plan`, applied by parallel/plan.py like the denoiser's): its attention processors, TP
+(`ControlNetSpec.plan`, applied by parallel/plan/ like the denoiser's): its attention processors, TP
 shards and input splits as the denoiser's, its residuals left as this rank's pieces, which the
-denoiser's plan (`residual_inputs`) adds to its own pieces — no all-gather of residuals.
+denoiser's plan (its `Residuals` part) adds to its own pieces — no all-gather of residuals.
 """
 
 from __future__ import annotations

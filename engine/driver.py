@@ -153,7 +153,7 @@ class Engine:
         """The loaded pipeline and its img2img / inpainting / PAG forms (engine/pipelines.py)."""
         self.attention = ParallelAttention(self.mesh, config.attention_backend)
         self.denoiser = getattr(self.pipe, self.family.denoiser)
-        shards = local_shards(self.denoiser, self.family.plan.tensor, parallel.tp, self.mesh.coord("tp")) if parallel.tp > 1 else {}
+        shards = local_shards(self.denoiser, self.family.plan.tp_styles, parallel.tp, self.mesh.coord("tp")) if parallel.tp > 1 else {}
         self.loras = LoraState(self.pipe, self.family, shards)
         """LoRAs fused into this rank's weights (engine/lora.py)."""
         self.loras.set(loras)

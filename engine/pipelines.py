@@ -9,9 +9,9 @@ pipeline other than the loaded one is made once with diffusers' `from_pipe` — 
 no weight loaded or copied — and kept, so the plan applied to the denoiser, LoRAs fused into it and
 compiled blocks serve every one of them.
 
-Before each call `bind` tells the plan how many guidance branches the pipeline batches (for the cfg
-split of whole branches) and gives a PAG pipeline the mesh's perturbed-attention processors
-(parallel/perturbed.py) through diffusers' own `set_pag_applied_layers`.
+Before each call `bind` tells the plan's batch part how many guidance branches the pipeline batches
+(for the cfg split of whole branches) and gives a PAG pipeline the mesh's perturbed-attention
+processors (parallel/plan/perturbed.py) through diffusers' own `set_pag_applied_layers`.
 """
 
 from __future__ import annotations
@@ -219,11 +219,13 @@ class Pipelines:
     def bind(self, pipe, call: PreparedCall, applied, denoiser, others=()) -> None:
         """Set up the plan for this call (no collective); `others`: the applied plans of the models that
         feed the denoiser (ControlNets), which split the same batch."""
-        applied.context.branches = call.branches
-        for plan in others:
-            plan.context.branches = call.branches
+        for plan in (applied, *others):
+            batch = plan.parts.get("batch")
+            if batch is not None:
+                batch.branches = call.branches
         if call.spec.pag:
-            assert applied.perturbed is not None, f"{self.family.name}'s plan has no perturbed-attention entry"
-            for processor in applied.perturbed:
+            perturbed = applied.parts.get("perturbed")
+            assert perturbed is not None, f"{self.family.name}'s plan has no perturbed-attention entry"
+            for processor in perturbed.processors:
                 processor.remember(denoiser)
-            pipe.set_pag_applied_layers(pipe.pag_applied_layers, pag_attn_processors=applied.perturbed)
+            pipe.set_pag_applied_layers(pipe.pag_applied_layers, pag_attn_processors=perturbed.processors)

@@ -46,3 +46,15 @@ def gather_pieces(x_local: torch.Tensor, dim: int, sizes: list[int], group: dist
     if any(s != longest for s in sizes):
         out = torch.cat([out[i * longest : i * longest + s] for i, s in enumerate(sizes)])
     return out.movedim(0, dim)
+
+
+def map_first(output, fn):
+    """`output` with `fn` applied to its first entry: a model's output is a tensor, a tuple, or diffusers'
+    BaseOutput (an ordered dict whose first entry is the sample)."""
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, tuple):
+        return (fn(output[0]), *output[1:])
+    key = next(iter(output.keys()))
+    output[key] = fn(output[key])
+    return output

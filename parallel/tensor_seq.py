@@ -9,9 +9,10 @@ input of an MLP module). A reduce-scatter plus an all-gather move the same bytes
 (a ring all-reduce is exactly those two), but the work and activation memory between regions shrink by T.
 
 A model's sequence plan is data (`SequenceTPPlan`, next to its TP plan) and `SequenceTP` applies it:
-forward hooks on the named modules, a pre-hook that splits the model's token inputs over tp after the
-sequence-parallel split, and a post-hook that gathers the output back before the sp gather. Attention
-sees the tp-gathered sequence of its sp rank, so positions (rotary ids) stay as split by sp.
+forward hooks on the named modules, a step before each call that splits the model's token inputs over
+tp after the sequence-parallel split, and one after it that gathers the output back before the sp
+gather. Attention sees the tp-gathered sequence of its sp rank, so positions (rotary ids) stay as
+split by sp.
 
 Token groups: a model may keep several groups (Flux: "text", "image"), each split evenly over tp on
 its own, so a tensor holding [text, image] on rank r holds [t_r, i_r]. Gathering such a tensor yields
@@ -40,7 +41,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -52,7 +53,7 @@ from .collective_matmul import (
     reduce_scatter_dim0,
     symmetric_memory_usable,
 )
-from .sharding import split_sizes
+from .sharding import map_first, split_sizes
 from .tensor import LinearStandIn, Reduce, Rowwise, Style, match_style, swap_module, undo_hooks_and_swaps
 
 
@@ -159,17 +160,6 @@ def _rank_major(x_SR: torch.Tensor, sizes: list[int], T: int) -> torch.Tensor:
     return out_TLR.flatten(0, 1)
 
 
-def _first(output, fn: Callable[[torch.Tensor], torch.Tensor]):
-    """`output` with `fn` applied to its first tensor (a tensor, a tuple, or diffusers' BaseOutput)."""
-    if isinstance(output, torch.Tensor):
-        return fn(output)
-    if isinstance(output, tuple):
-        return (fn(output[0]), *output[1:])
-    key = next(iter(output.keys()))  # BaseOutput: an ordered dict whose first entry is the sample
-    output[key] = fn(output[key])
-    return output
-
-
 def segment_glob(name: str, pattern: str) -> bool:
     """Module-name glob matched segment by segment: `*` never crosses a dot, so `blocks.*.norm` names
     each block's norm and not the LayerNorm inside it (`blocks.0.norm.norm`), which a gather would
@@ -243,9 +233,9 @@ class ColumnGroup:
 class SequenceTP:
     """One model's sequence-form TP: the hooks of its `SequenceTPPlan` on a mesh.
 
-    `apply_plan` passes `row_reduce` to `shard_model`, which then reduce-scatters the listed Rowwise
-    layers, calls `install` for the module hooks, and registers `pre_hook` after the sp split and
-    `post_hook` before the sp gather; `remove` undoes what `install` did."""
+    The plan's TP part (parallel/plan/tensor.py) passes `row_reduce` to `shard_model`, which then
+    reduce-scatters the listed Rowwise layers, calls `install` for the module hooks, and runs `before`
+    after the sp split of each call and `after` before its sp gather; `remove` undoes what `install` did."""
 
     def __init__(self, model: torch.nn.Module, plan: SequenceTPPlan, tensor_plan: Mapping[str, Style], mesh, ctx):
         self.model, self.plan, self.mesh, self.ctx = model, plan, mesh, ctx
@@ -258,9 +248,8 @@ class SequenceTP:
         if self.overlap and device.type == "cuda" and not self.fused:
             warnings.warn("--tp-comm overlap: symmetric memory is not usable on this TP group (needs NCCL); "
                           "the collectives run unfused, as in --tp-comm sequence", stacklevel=2)
-        self.sig = inspect.signature(model.forward)
         self.local: dict[str, int] = {}
-        """Tokens of each group on every TP rank in the current call (set by `pre_hook`)."""
+        """Tokens of each group on every TP rank in the current call (set by `before`)."""
         self.scatter = _matches(model, plan.reduce_scatter, "reduce_scatter")
         bad = [n for n in self.scatter if not isinstance(match_style(n, tensor_plan), Rowwise)]
         assert not bad, f"sequence TP plan reduce-scatters {bad}, which the TP plan does not make Rowwise"
@@ -368,7 +357,7 @@ class SequenceTP:
 
     def _gather_output_hook(self, where: Tokens, cols: ColumnGroup | None):
         def hook(module, args, output):
-            return _first(output, lambda x: self.gather(x, where, cols))
+            return map_first(output, lambda x: self.gather(x, where, cols))
 
         return hook
 
@@ -408,9 +397,7 @@ class SequenceTP:
 
     def _split_output_hook(self, spec: SplitInput):
         def hook(module, args, output):
-            if self.ctx.skip:
-                return output
-            return _first(output, lambda x: self._split_checked(x, spec))
+            return map_first(output, lambda x: self._split_checked(x, spec))
 
         return hook
 
@@ -421,14 +408,12 @@ class SequenceTP:
         # guards on strides (those of the whole, even on a batch of 1) — a view would cost a recompile.
         return self.split(x, dim).clone(memory_format=torch.contiguous_format)
 
-    def pre_hook(self, module, args, kwargs):
-        """Model forward pre-hook, after the sp split: check every group's length, split the inputs."""
-        if self.ctx.skip:
-            return None
-        bound = self.sig.bind_partial(*args, **kwargs)
+    def before(self, arguments: dict) -> None:
+        """Before each forward call, after the sp split: check every group's length, split the inputs
+        (the model's bound arguments, changed in place)."""
         here: dict[str, int] = {}
         for name, spec in self.plan.split_inputs.items():
-            x = bound.arguments.get(name)
+            x = arguments.get(name)
             if x is None:
                 continue
             n = x.shape[spec.dim % x.ndim]
@@ -444,16 +429,13 @@ class SequenceTP:
         check_token_split(whole, sp=sp, tp=self.T)
         self.local = {g: n // self.T for g, n in here.items()}
         for name, spec in self.plan.split_inputs.items():
-            x = bound.arguments.get(name)
+            x = arguments.get(name)
             if x is not None and spec.after is None:
-                bound.arguments[name] = self.split(x, spec.dim % x.ndim)
-        return bound.args, bound.kwargs
+                arguments[name] = self.split(x, spec.dim % x.ndim)
 
-    def post_hook(self, module, args, output):
-        """Model forward hook, before the sp gather: the output's tokens back from every TP rank."""
-        if self.ctx.skip:
-            return output
-        return _first(output, lambda x: self.gather(x, self.plan.gather_output))
+    def after(self, output):
+        """After each forward call, before the sp gather: the output's tokens back from every TP rank."""
+        return map_first(output, lambda x: self.gather(x, self.plan.gather_output))
 
     def remove(self) -> None:
         # The linears go back; their Parameters stay views into the concatenated weights (same values).

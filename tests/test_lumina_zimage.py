@@ -185,6 +185,6 @@ def test_newbie_backbone_maps_onto_lumina2():
         from engine.models import family
 
         family("lumina2").check_tp(info, tp)
-        assert local_numel(model, LUMINA2_PLAN.tensor, tp, 0) < total / tp * 1.1
+        assert local_numel(model, LUMINA2_PLAN.tp_styles, tp, 0) < total / tp * 1.1
     for u in (2, 4, 8):
         assert head_split(24, 8, u).kv_repeat == 1

@@ -182,14 +182,14 @@ def test_sharded_loading_reads_only_each_ranks_slices(dirs, model):
         reader = SafetensorsSlices(folder, record_ranges=True)
         shard = load_sharded_denoiser(dirs[model], fam, tp=2, tp_rank=t, dtype=torch.float32, device="cpu",
                                       reader=reader)
-        sl = local_shards(full, fam.plan.tensor, 2, t)
+        sl = local_shards(full, fam.plan.tp_styles, 2, t)
         assert reader.bytes_read == sum(b if n not in sl else b // 2 for n, b in tensor_bytes.items())
         for name, start, end in reader.ranges:
             covered[name][start:end] += 1
         for name, p in shard.named_parameters():
             ref = full_params[name].data
             assert torch.equal(p, ref if name not in sl else sl[name].take(ref)), name
-    split = {n for n in local_shards(full, fam.plan.tensor, 2, 0)}
+    split = {n for n in local_shards(full, fam.plan.tp_styles, 2, 0)}
     # Most weights are split: the replicated ones are the embedders, norms and biases of row-split layers.
     assert sum(tensor_bytes[n] for n in split) > 0.97 * sum(tensor_bytes.values())
     covered_all = torch.cat(list(covered.values()))

@@ -120,14 +120,14 @@ def test_sharded_loading_reads_exactly_each_ranks_bytes(tiny_flux_dir):
     full = SafetensorsSlices(folder)
     tensor_bytes = {n: e.nbytes for n, e in full.entries.items()}
     full_model = load_sharded_denoiser(tiny_flux_dir, fam, tp=1, tp_rank=0, dtype=torch.float32, device="cpu")
-    shards = local_shards(full_model, fam.plan.tensor, 2, 1)
+    shards = local_shards(full_model, fam.plan.tp_styles, 2, 1)
     # Bytes asked for, per tensor (safetensors copies exactly those out of its memory map).
     covered = {n: torch.zeros(b, dtype=torch.int32) for n, b in tensor_bytes.items()}
     for t in range(2):
         reader = SafetensorsSlices(folder, record_ranges=True)
         model = load_sharded_denoiser(tiny_flux_dir, fam, tp=2, tp_rank=t, dtype=torch.float32, device="cpu",
                                       reader=reader)
-        sl = local_shards(full_model, fam.plan.tensor, 2, t)
+        sl = local_shards(full_model, fam.plan.tp_styles, 2, t)
         expected = sum(b if n not in sl else b // 2 for n, b in tensor_bytes.items())
         assert reader.bytes_read == expected, (t, reader.bytes_read, expected)
         assert reader.bytes_read < 0.55 * sum(tensor_bytes.values())

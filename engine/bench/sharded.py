@@ -28,7 +28,7 @@ def cap_memory(cap_gib: float | None, device: torch.device) -> None:
 def shard_gib(model: str, family, tp: int, tp_rank: int, dtype: torch.dtype) -> float:
     """GiB of denoiser weights one TP rank holds (from the meta model: no memory)."""
     empty = empty_model(model, family.denoiser)
-    numel = local_numel(empty, family.plan.tensor, tp, tp_rank)
+    numel = local_numel(empty, family.plan.tp_styles, tp, tp_rank)
     return numel * dtype.itemsize / 2**30
 
 

@@ -289,7 +289,7 @@ def _prepare(lay: Layout, shared, make_pipe, mesh, fam, args, dtype, device) -> 
     kernel, group = "diffusers-default", None
     if lay.system == "shardiff":
         attention = ParallelAttention(mesh, args.attention_backend, head_chunks=lay.head_chunks)
-        # pipeline_plan: Flux's true CFG runs its two branches as sequential pairs (parallel/cfg_pairs.py).
+        # pipeline_plan: Flux's true CFG runs its two branches as sequential pairs (parallel/plan/cfg_pairs.py).
         applied = apply_plan(denoiser, fam.pipeline_plan, mesh, attention)
         undo.append(applied.remove)
         kernel = attention.kernel_for(device, dtype).name

@@ -87,7 +87,7 @@ def weight_bytes_per_rank(model: str, family, tp: int, dtype: torch.dtype, text_
 
         text_bytes = plan_text_encoders(model, "replicated", ranks=1, dtype=dtype).bytes_per_rank
     # TP rank 0 holds the most: it keeps the row-split biases.
-    return (local_numel(empty, family.plan.tensor, tp, 0) + others) * dtype.itemsize + text_bytes
+    return (local_numel(empty, family.plan.tp_styles, tp, 0) + others) * dtype.itemsize + text_bytes
 
 
 def _text_plan(model: str, placement: str, ranks: int, dtype: torch.dtype):
@@ -122,7 +122,7 @@ def choose_tp(model: str, info, family, *, world_size: int, dp: int, cfg: int, d
                                          world_size=world_size // dp)) - weight_bytes_per_rank(
             model, family, 1, dtype, text_bytes=0)
         text_bytes = lambda room: fixed  # noqa: E731
-    if gpu_bytes is None or not family.plan.tensor or world_size % (dp * cfg):
+    if gpu_bytes is None or not family.plan.tp_styles or world_size % (dp * cfg):
         return 1, ""
     budget = WEIGHT_SHARE * gpu_bytes
 
@@ -172,7 +172,7 @@ def placement_table(model: str, *, world_size: int, gpu_gib: float, dtype: torch
             fam.check_tp(info, tp)
         except ValueError:
             continue
-        if ranks % tp == 0 and fam.plan.tensor:
+        if ranks % tp == 0 and fam.plan.tp_styles:
             degrees.append(tp)
     rows = []
     for placement in TEXT_ENCODER_PLACEMENTS:
@@ -192,7 +192,7 @@ def placement_table(model: str, *, world_size: int, gpu_gib: float, dtype: torch
 def component_gib(model: str, family, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
     """GiB of each component (the denoiser whole), from configs / headers."""
     empty, _ = _parts(model, family.denoiser)
-    out = {family.denoiser: local_numel(empty, family.plan.tensor, 1, 0) * dtype.itemsize}
+    out = {family.denoiser: local_numel(empty, family.plan.tp_styles, 1, 0) * dtype.itemsize}
     out |= _text_plan(model, "replicated", 1, dtype).full_bytes
     return {n: round(v / 2**30, 2) for n, v in out.items()}
 

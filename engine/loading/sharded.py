@@ -65,7 +65,7 @@ def load_sharded_denoiser(
         folder = model_dir(model) / name
         empty = empty_from_directory(folder)
         reader = reader or SafetensorsSlices(folder)
-    shards = local_shards(empty, family.plan.tensor, tp, tp_rank)
+    shards = local_shards(empty, family.plan.tp_styles, tp, tp_rank)
     modules = dict(empty.named_modules())
     for pname_full, param in list(empty.named_parameters()):
         owner_name, _, pname = pname_full.rpartition(".")

@@ -61,9 +61,13 @@ def get_preset(name: str) -> PresetSpec:
 def check_tp_comm(fam: Family, parallel) -> None:
     """ValueError if `parallel` asks for the sequence form of TP and `fam` has no plan for it (naming the
     families that do)."""
-    if parallel.tp_sequence and fam.plan.tensor_sequence is None:
-        have = sorted(n for n, f in FAMILIES.items() if f.plan.tensor_sequence is not None)
+    if parallel.tp_sequence and not _has_tp_sequence(fam):
+        have = sorted(n for n, f in FAMILIES.items() if _has_tp_sequence(f))
         raise ValueError(
             f"{fam.name} models have no sequence-form tensor-parallel plan (--tp-comm {parallel.tp_comm} is "
             f"available for: {', '.join(have)}); use --tp-comm allreduce"
         )
+
+
+def _has_tp_sequence(fam: Family) -> bool:
+    return fam.plan.tensor is not None and fam.plan.tensor.sequence is not None

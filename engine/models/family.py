@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from engine.presets.spec import PresetSpec
-from shardiff_parallel.plan import ModelPlan
+from shardiff_parallel.plan import CfgPairs, ModelPlan
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -113,7 +113,8 @@ class ControlNetSpec:
     """diffusers model classes (a ControlNet directory's config.json `_class_name`)."""
     plan: ModelPlan
     """Its plan: the denoiser's attention processors and TP styles, its inputs split like the
-    denoiser's, its residuals left split (`residual_outputs`) for the denoiser's `residual_inputs`."""
+    denoiser's, its residuals left split (`SequenceSplit.residual_output`, `BatchSplit(output_dim=None)`)
+    for the denoiser's `Residuals` part."""
     denoiser_class: str
     """The denoiser's diffusers class (whose defaults fill what its config leaves out)."""
     match: tuple[str, ...]
@@ -179,7 +180,7 @@ class Family:
     off; a PAG pipeline adds its perturbed branch, engine/pipelines.py counts them)."""
     cfg_pairs: bool = False
     """The pipeline runs the guidance branches as two sequential denoiser calls (Flux true CFG), not as
-    one batch: the engine applies the plan with `cfg_pairs` (see parallel/cfg_pairs.py)."""
+    one batch: the engine applies the plan with a `CfgPairs` part (see parallel/plan/cfg_pairs.py)."""
     cfg_hint: str = ""
     """What turns guidance on, for the message refusing --cfg 2 without it; empty: "--guidance > 1"
     (or Flux's true CFG with `cfg_pairs`)."""
@@ -227,8 +228,9 @@ class Family:
 
     @property
     def pipeline_plan(self) -> ModelPlan:
-        """The plan as the engine applies it under this family's pipeline."""
-        return replace(self.plan, cfg_pairs=True) if self.cfg_pairs else self.plan
+        """The plan as the engine applies it under this family's pipeline: with `cfg_pairs`, the cfg
+        axis splits the pipeline's pairs of calls, not a batch."""
+        return replace(self.plan, batch=None, cfg_pairs=CfgPairs()) if self.cfg_pairs else self.plan
 
     def check_cfg(self, degrees: dict[str, int], kwargs: dict, info: ModelInfo | None = None,
                   branches: int | None = None) -> None:

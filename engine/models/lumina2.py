@@ -17,7 +17,7 @@ computed as diffusers computes them and dropped by the model where it joins the 
 
 CFG: Lumina2Pipeline calls the transformer once per branch (prompt, then negative prompt: their
 captions differ in length, so it never batches them) and combines the two after the second call —
-the cfg_pairs path: each cfg rank computes one of the two calls (parallel/cfg_pairs.py).
+the cfg_pairs path: each cfg rank computes one of the two calls (parallel/plan/cfg_pairs.py).
 `cfg_trunc_ratio` < 1 would drop the second call in late steps; the engine never passes it.
 
 TP (all-reduce form): Q/K/V column-split by heads (query and key/value heads alike: TP must divide
@@ -48,11 +48,11 @@ import torch
 
 from engine.presets.components import FLUX_VAE, GEMMA2_2B, TINY_GEMMA2, TINY_KL, gemma2, kl_vae
 from engine.presets.spec import Component, PresetSpec
-from shardiff_parallel.plan import ModelPlan, SeqDim
+from shardiff_parallel.plan import ModelPlan, SeqDim, SequenceSplit, TensorPlan
 
 from .family import Family, PipelineSpec, ModelInfo, prompt_kwargs
 from .mmdit import COL, GATHER, ROW, check_tp_widths
-from .nextdit import StackAttention, complex_rotary, stack_processors, stack_runs
+from .nextdit import StackAttention, complex_rotary, stack_runs
 
 
 class Lumina2ParallelAttnProcessor(StackAttention):
@@ -97,10 +97,10 @@ LUMINA2_TP_PLAN = {
 }
 
 LUMINA2_PLAN = ModelPlan(
-    runs=stack_runs(stream="hidden_states", rotary="image_rotary_emb", mask="attention_mask"),
-    gather_modules={"norm_out": SeqDim("joint", 1)},
-    attention=stack_processors(Lumina2ParallelAttnProcessor),
-    tensor=LUMINA2_TP_PLAN,
+    runs=stack_runs(Lumina2ParallelAttnProcessor, stream="hidden_states", rotary="image_rotary_emb",
+                    mask="attention_mask"),
+    sequence=SequenceSplit(gather_modules={"norm_out": SeqDim("joint", 1)}),
+    tensor=TensorPlan(LUMINA2_TP_PLAN),
 )
 
 # Lumina2Pipeline's own defaults.

@@ -4,8 +4,8 @@ Both models embed the caption and the image apart, refine each alone (`context_r
 text, with its padding mask; `noise_refiner` over the image), then join them in forward — per
 sample, real tokens only, padded to the batch's longest — and run `layers` over the joint stream.
 The joining is the model's own Python between the stacks, so each stack is split on its own
-(parallel/plan.LayerRun): the text over the sp ranks for the context refiner, the image for the
-noise refiner, the joint stream for the main layers. The refiners' outputs are gathered back before
+(parallel/plan/runs.py's LayerRun): the text over the sp ranks for the context refiner, the image for
+the noise refiner, the joint stream for the main layers. The refiners' outputs are gathered back before
 the join (one all-gather each: the text is short, the image is one layer's input); the joint stream
 stays split through the final per-token layer, which is gathered instead (64 features per token,
 not the model width).
@@ -23,28 +23,21 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from shardiff_parallel.attention import ParallelAttention
-from shardiff_parallel.plan import LayerRun, SeqContext
+from shardiff_parallel.plan import LayerRun, RunState
 
 STACKS = (("context_refiner", "text"), ("noise_refiner", "image"), ("layers", "joint"))
 """The model's stacks of blocks in the order forward runs them, and the token group of each."""
 
 
-def stack_runs(*, stream: str, rotary: str, mask: str, per_token: tuple[str, ...] = ()) -> tuple[LayerRun, ...]:
-    """The three LayerRuns, given the names of the blocks' forward arguments."""
+def stack_runs(processor_cls, *, stream: str, rotary: str, mask: str,
+               per_token: tuple[str, ...] = ()) -> tuple[LayerRun, ...]:
+    """The three LayerRuns, given the processor class and the names of the blocks' forward arguments;
+    each block's processor reads its stack's token group and key lengths from its run."""
     return tuple(
         LayerRun(layers=layers, tokens=tokens, stream=stream, per_token={rotary: 1, **{p: 1 for p in per_token}},
-                 key_mask=mask, gather=layers != "layers")
+                 key_mask=mask, gather=layers != "layers", attention={processor_cls.MODULE: processor_cls})
         for layers, tokens in STACKS
     )
-
-
-def stack_processors(processor_cls) -> dict:
-    """`ModelPlan.attention` for the three stacks: each block's processor knows its token group."""
-
-    def factory(tokens: str):
-        return lambda ctx, attention: processor_cls(ctx, attention, tokens=tokens)
-
-    return {f"{layers}.*.{processor_cls.MODULE}": factory(tokens) for layers, tokens in STACKS}
 
 
 def complex_rotary(x_BSHD: torch.Tensor, freqs_BSF: torch.Tensor) -> torch.Tensor:
@@ -55,24 +48,22 @@ def complex_rotary(x_BSHD: torch.Tensor, freqs_BSF: torch.Tensor) -> torch.Tenso
 
 class StackAttention:
     """The parallel-attention call of a processor in one stack: this call's split sizes and key
-    lengths of its token group from the SeqContext (set by the stack's LayerRun)."""
+    lengths of its token group, from the stack's run (`RunState`)."""
 
     MODULE = "attn"
     """Name of the attention module inside each block."""
 
-    def __init__(self, ctx: SeqContext, attention: ParallelAttention, *, tokens: str):
-        self.ctx = ctx
+    def __init__(self, run: RunState, attention: ParallelAttention):
+        self.run = run
         self.attention = attention
-        self.tokens = tokens
 
     def total_tokens(self, local: int) -> int:
-        sizes = self.ctx.sizes.get(self.tokens)
+        sizes = self.run.sizes
         return sum(sizes) if sizes else local
 
     def attend(self, q_BSHD, k_BSHD, v_BSHD, *, masked: bool, scale: float | None = None) -> torch.Tensor:
         key_lengths = None
         if masked:
-            assert self.tokens in self.ctx.key_lengths, f"no LayerRun read the {self.tokens} mask"
-            key_lengths = self.ctx.key_lengths[self.tokens]
-        return self.attention(q_BSHD, k_BSHD, v_BSHD, self.ctx.sizes.get(self.tokens), scale=scale,
-                              key_lengths=key_lengths)
+            assert self.run.mask_read, f"no LayerRun read the {self.run.tokens} mask"
+            key_lengths = self.run.key_lengths
+        return self.attention(q_BSHD, k_BSHD, v_BSHD, self.run.sizes, scale=scale, key_lengths=key_lengths)

@@ -5,12 +5,12 @@ PAGIdentitySanaLinearAttnProcessor2_0 (Sana) compute for their perturbed rows.
 
 Per token, so it needs no communication and stays identity under any sequence split; under TP the
 column-split `to_v` and row-split `to_out[0]` give the usual partial sums. The normal rows keep the
-layer's own processor (parallel/perturbed.py).
+layer's own processor (parallel/plan/perturbed.py).
 """
 
 from __future__ import annotations
 
-from shardiff_parallel.perturbed import PerturbedPlan
+from shardiff_parallel.plan import PerturbedPlan
 
 
 class ValueIdentityAttention:

@@ -19,7 +19,7 @@ import torch
 from engine.presets.components import SDXL_VAE, T5_XXL, TINY_KL, TINY_T5, kl_vae, t5_encoder
 from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.attention import ParallelAttention
-from shardiff_parallel.plan import ModelPlan, SeqContext, SeqDim
+from shardiff_parallel.plan import BatchSplit, ModelPlan, Processors, SeqContext, SeqDim, SequenceSplit, TensorPlan
 
 from .dit import dit_info
 from .family import Family, PipelineSpec, pipeline_specs, vae_scale
@@ -62,14 +62,13 @@ PIXART_TP_PLAN = {
 }
 
 PIXART_PLAN = ModelPlan(
-    split_modules={"pos_embed": SeqDim("image", 1)},
-    gather_modules={"proj_out": SeqDim("image", 1)},
-    attention={"transformer_blocks.*.attn1": PixArtParallelSelfAttnProcessor},
-    batch_inputs={
+    attention=Processors({"transformer_blocks.*.attn1": PixArtParallelSelfAttnProcessor}),
+    sequence=SequenceSplit(modules={"pos_embed": SeqDim("image", 1)}, gather_modules={"proj_out": SeqDim("image", 1)}),
+    batch=BatchSplit({
         "hidden_states": 0, "encoder_hidden_states": 0, "encoder_attention_mask": 0, "timestep": 0,
         "added_cond_kwargs": 0,
-    },
-    tensor=PIXART_TP_PLAN,
+    }),
+    tensor=TensorPlan(PIXART_TP_PLAN),
     # PixArtSigmaPAGPipeline perturbs the self-attention (attn1) of its PAG layers.
     perturbed=VALUE_IDENTITY,
 )

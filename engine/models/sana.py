@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from engine.presets.components import DC_AE_F32C32, GEMMA2_2B, TINY_DC_AE_F32, TINY_GEMMA2, dc_ae, gemma2
 from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.linear_attention import linear_attention
-from shardiff_parallel.perturbed import PerturbedPlan
-from shardiff_parallel.plan import ModelPlan, RowsArg, SeqContext, SeqDim, grid_conv
+from shardiff_parallel.plan import (BatchSplit, ModelPlan, PerturbedPlan, Processors, Residuals, RowGrids, RowsArg,
+                                    SeqContext, SeqDim, SequenceSplit, TensorPlan, grid_conv)
 from shardiff_parallel.tensor import Colwise, Rowwise, SplitNorm
 
 from .dit import dit_info
@@ -164,28 +164,32 @@ SANA_TP_PLAN = {
 }
 
 SANA_PLAN = ModelPlan(
-    split_modules={"patch_embed": SeqDim("image", 1)},
-    gather_modules={"proj_out": SeqDim("image", 1)},
-    token_grids={"image": sana_token_grid},
-    row_args={"transformer_blocks.*": RowsArg("height", "image")},
-    stand_ins={"transformer_blocks.*.ff.conv_depth": grid_conv("image")},
-    attention={"transformer_blocks.*.attn1": SanaLinearAttnProcessor,
-               "transformer_blocks.*.attn2": SanaCrossAttnProcessor},
-    batch_inputs={"hidden_states": 0, "encoder_hidden_states": 0, "encoder_attention_mask": 0, "timestep": 0},
-    tensor=SANA_TP_PLAN,
+    attention=Processors({"transformer_blocks.*.attn1": SanaLinearAttnProcessor,
+                          "transformer_blocks.*.attn2": SanaCrossAttnProcessor}),
+    sequence=SequenceSplit(modules={"patch_embed": SeqDim("image", 1)},
+                           gather_modules={"proj_out": SeqDim("image", 1)}),
+    grids=RowGrids(
+        shapes={"image": sana_token_grid},
+        row_args={"transformer_blocks.*": RowsArg("height", "image")},
+        stand_ins={"transformer_blocks.*.ff.conv_depth": grid_conv("image")},
+    ),
+    batch=BatchSplit({"hidden_states": 0, "encoder_hidden_states": 0, "encoder_attention_mask": 0, "timestep": 0}),
+    tensor=TensorPlan(SANA_TP_PLAN),
     # SanaPAGPipeline perturbs the self-attention (attn1) of its PAG layers: the perturbed rows run
     # identity attention, the others SanaLinearAttnProcessor (its all-reduced state under a sequence
     # split) without the Q/K norms, as diffusers' PAG processors.
     perturbed=PerturbedPlan(perturbed=ValueIdentityAttention,
                             normal=lambda ctx, attention: SanaLinearAttnProcessor(ctx, attention, qk_norm=False)),
     # A ControlNet's block samples, added to the image tokens: split in the same rows (SANA_CONTROLNET_PLAN).
-    residual_inputs={"controlnet_block_samples": SeqDim("image", 1)},
+    residuals=Residuals({"controlnet_block_samples": SeqDim("image", 1)}),
 )
 # SanaControlNetModel: the same blocks over the same row-split grid (its `patch_embed` embeds the latents
 # and the control latents, both split where it returns them); its block samples stay split.
 SANA_CONTROLNET_PLAN = replace(
-    SANA_PLAN, gather_modules={}, residual_inputs={}, perturbed=None, residual_outputs=SeqDim("image", 1),
-    batch_inputs={**SANA_PLAN.batch_inputs, "controlnet_cond": 0},
+    SANA_PLAN,
+    sequence=replace(SANA_PLAN.sequence, gather_modules={}, residual_output=SeqDim("image", 1)),
+    batch=BatchSplit({**SANA_PLAN.batch.inputs, "controlnet_cond": 0}, output_dim=None),
+    residuals=None, perturbed=None,
 )
 SANA_CONTROLNET = ControlNetSpec(
     classes=("SanaControlNetModel",), plan=SANA_CONTROLNET_PLAN, denoiser_class="SanaTransformer2DModel",

@@ -14,7 +14,7 @@ Pipelines: StableDiffusion3Pipeline and its img2img / inpaint forms (same transf
 starts from the input image's noised latents and, inpainting, blends the kept region back each step),
 and the PAG forms (StableDiffusion3PAGPipeline, StableDiffusion3PAGImg2ImgPipeline): their batch is
 [uncond, cond, perturbed] (or [cond, perturbed]), the cfg ranks take whole branches
-(parallel/perturbed.py) and the PAG layers' perturbed rows run `SD3PerturbedAttnProcessor` below.
+(parallel/plan/perturbed.py) and the PAG layers' perturbed rows run `SD3PerturbedAttnProcessor` below.
 
 Legend: B batch, S tokens (this rank's joint piece), N image tokens of this rank, T all text tokens, H
 heads, D head dim.
@@ -29,8 +29,8 @@ from engine.presets.components import (
 )
 from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.attention import ParallelAttention
-from shardiff_parallel.perturbed import PerturbedPlan
-from shardiff_parallel.plan import ModelPlan, SeqContext, SeqDim
+from shardiff_parallel.plan import (BatchSplit, ModelPlan, PerturbedPlan, Processors, Residuals, SeqContext, SeqDim,
+                                    SequenceSplit, TensorPlan)
 from shardiff_parallel.sharding import gather_pieces
 
 from .dit import dit_info
@@ -154,21 +154,23 @@ SD3_TP_PLAN = {
 }
 
 SD3_PLAN = ModelPlan(
-    split_modules={"pos_embed": SeqDim("image", 1), "context_embedder": SeqDim("text", 1)},
-    gather_modules={"proj_out": SeqDim("image", 1)},
-    attention={
+    attention=Processors({
         "transformer_blocks.*.attn": SD3ParallelAttnProcessor,
         # SD3.5-medium's extra image-only self-attention in its first blocks.
         "transformer_blocks.*.attn2": SD3ParallelAttnProcessor,
-    },
-    batch_inputs={"hidden_states": 0, "encoder_hidden_states": 0, "pooled_projections": 0, "timestep": 0},
-    tensor=SD3_TP_PLAN,
+    }),
+    sequence=SequenceSplit(
+        modules={"pos_embed": SeqDim("image", 1), "context_embedder": SeqDim("text", 1)},
+        gather_modules={"proj_out": SeqDim("image", 1)},
+    ),
+    batch=BatchSplit({"hidden_states": 0, "encoder_hidden_states": 0, "pooled_projections": 0, "timestep": 0}),
+    tensor=TensorPlan(SD3_TP_PLAN),
     perturbed=PerturbedPlan(
         perturbed=SD3PerturbedAttnProcessor,
         normal=lambda ctx, attention: SD3ParallelAttnProcessor(ctx, attention, qk_norm=False),
     ),
     # A ControlNet's block samples, added to the image tokens: split like them (SD3_CONTROLNET_PLAN).
-    residual_inputs={"block_controlnet_hidden_states": SeqDim("image", 1)},
+    residuals=Residuals({"block_controlnet_hidden_states": SeqDim("image", 1)}),
 )
 
 # SD3ControlNetModel: joint blocks over the same streams; it patchifies the latents (`pos_embed`) and
@@ -176,13 +178,15 @@ SD3_PLAN = ModelPlan(
 # where `context_embedder` returns it. The pipeline batches [negative, prompt] for it too (a cfg split);
 # its block samples leave as this rank's pieces for the transformer.
 SD3_CONTROLNET_PLAN = ModelPlan(
-    split_modules={"pos_embed": SeqDim("image", 1), "pos_embed_input": SeqDim("image", 1),
-                   "context_embedder": SeqDim("text", 1)},
-    attention={"transformer_blocks.*.attn": SD3ParallelAttnProcessor},
-    batch_inputs={"hidden_states": 0, "encoder_hidden_states": 0, "pooled_projections": 0, "timestep": 0,
-                  "controlnet_cond": 0},
-    residual_outputs=SeqDim("image", 1),
-    tensor=SD3_TP_PLAN,
+    attention=Processors({"transformer_blocks.*.attn": SD3ParallelAttnProcessor}),
+    sequence=SequenceSplit(
+        modules={"pos_embed": SeqDim("image", 1), "pos_embed_input": SeqDim("image", 1),
+                 "context_embedder": SeqDim("text", 1)},
+        residual_output=SeqDim("image", 1),
+    ),
+    batch=BatchSplit({"hidden_states": 0, "encoder_hidden_states": 0, "pooled_projections": 0, "timestep": 0,
+                      "controlnet_cond": 0}, output_dim=None),
+    tensor=TensorPlan(SD3_TP_PLAN),
 )
 SD3_CONTROLNET = ControlNetSpec(
     classes=("SD3ControlNetModel",), plan=SD3_CONTROLNET_PLAN, denoiser_class="SD3Transformer2DModel",

@@ -5,7 +5,7 @@ over GPUs by sequence or tensor, its convolutions and group norms would need hal
 all-reduces at every one of its ~25 resolution changes, which cost more than the work they share.
 What does pay is splitting *independent* work:
 - CFG split: the pipeline runs [uncond, cond] as one batch of 2; each of 2 ranks runs one half (the
-  plan below is only `batch_inputs`), and the halves are gathered back before the pipeline's own
+  plan below is only a `BatchSplit`), and the halves are gathered back before the pipeline's own
   guidance combine, so every rank steps the scheduler with the exact single-GPU noise prediction.
 - Data parallel: several images spread over the ranks (engine/data_parallel.py).
 
@@ -26,7 +26,7 @@ import torch
 from engine.presets.components import CLIP_G, CLIP_L, SD_VAE, SDXL_VAE, TINY_CLIP_L, TINY_KL, clip_text, kl_vae
 from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.config import ParallelConfig
-from shardiff_parallel.plan import ModelPlan, SeqDim
+from shardiff_parallel.plan import BatchSplit, ModelPlan, Residuals
 
 from .family import ControlNetSpec, Family, ModelInfo, PipelineSpec, pipeline_specs, vae_scale
 from .pag import VALUE_IDENTITY
@@ -34,23 +34,22 @@ from .pag import VALUE_IDENTITY
 # The UNet's forward inputs that carry the [uncond, cond] batch. SDXL's added_cond_kwargs
 # (text_embeds, time_ids) is a dict: the plan mechanism splits every tensor in it.
 UNET_PLAN = ModelPlan(
-    batch_inputs={
+    batch=BatchSplit({
         "sample": 0, "timestep": 0, "encoder_hidden_states": 0, "class_labels": 0, "timestep_cond": 0,
         "attention_mask": 0, "encoder_attention_mask": 0, "added_cond_kwargs": 0,
-    },
+    }),
     # The PAG pipelines perturb the self-attention (attn1) of the blocks they name ("mid" by default).
     perturbed=VALUE_IDENTITY,
     # A ControlNet's residuals, batched like `sample` (split over cfg only: UNets split no tokens).
-    residual_inputs={"down_block_additional_residuals": None, "mid_block_additional_residual": None},
+    residuals=Residuals({"down_block_additional_residuals": None, "mid_block_additional_residual": None}),
 )
 
 # ControlNetModel: the UNet's encoder again. The pipeline batches [uncond, cond] for it too (the control
 # image twice), so each cfg rank runs its branch and keeps its residuals for its UNet half: no gather.
-# (The token group is nominal: UNet ControlNets are split over the batch only.)
 UNET_CONTROLNET_PLAN = ModelPlan(
-    batch_inputs={"sample": 0, "timestep": 0, "encoder_hidden_states": 0, "controlnet_cond": 0,
-                  "class_labels": 0, "timestep_cond": 0, "attention_mask": 0, "added_cond_kwargs": 0},
-    residual_outputs=SeqDim("image", 1),
+    batch=BatchSplit({"sample": 0, "timestep": 0, "encoder_hidden_states": 0, "controlnet_cond": 0,
+                      "class_labels": 0, "timestep_cond": 0, "attention_mask": 0, "added_cond_kwargs": 0},
+                     output_dim=None),
 )
 # A UNet ControlNet mirrors the whole encoder: nothing to set per layer count (`derive`'s default).
 UNET_CONTROLNET = ControlNetSpec(

@@ -29,11 +29,11 @@ import torch
 
 from engine.presets.components import FLUX_VAE, QWEN3_4B, TINY_KL, TINY_QWEN3_2L, kl_vae, qwen3
 from engine.presets.spec import Component, PresetSpec
-from shardiff_parallel.plan import ModelPlan, SeqDim
+from shardiff_parallel.plan import BatchSplit, ModelPlan, SeqDim, SequenceSplit, TensorPlan
 
 from .family import Family, PipelineSpec, ModelInfo, prompt_kwargs, vae_scale
 from .mmdit import COL, GATHER, ROW, check_tp_widths
-from .nextdit import StackAttention, complex_rotary, stack_processors, stack_runs
+from .nextdit import StackAttention, complex_rotary, stack_runs
 
 
 class ZImageParallelAttnProcessor(StackAttention):
@@ -72,12 +72,12 @@ ZIMAGE_TP_PLAN = {
 }
 
 ZIMAGE_PLAN = ModelPlan(
-    runs=stack_runs(stream="x", rotary="freqs_cis", mask="attn_mask", per_token=("noise_mask",)),
+    runs=stack_runs(ZImageParallelAttnProcessor, stream="x", rotary="freqs_cis", mask="attn_mask",
+                    per_token=("noise_mask",)),
     # The final layer of the config's patch size ("2-1"): the joint stream's last per-token layer.
-    gather_modules={"all_final_layer.*": SeqDim("joint", 1)},
-    attention=stack_processors(ZImageParallelAttnProcessor),
-    batch_inputs={"x": 0, "t": 0, "cap_feats": 0},
-    tensor=ZIMAGE_TP_PLAN,
+    sequence=SequenceSplit(gather_modules={"all_final_layer.*": SeqDim("joint", 1)}),
+    batch=BatchSplit({"x": 0, "t": 0, "cap_feats": 0}),
+    tensor=TensorPlan(ZIMAGE_TP_PLAN),
 )
 
 MAX_TEXT_TOKENS = 512

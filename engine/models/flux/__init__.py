@@ -12,7 +12,7 @@ plans are in engine/models/flux/tp.py. The editing pipelines need nothing more f
   pipeline slices it. Attention does not care where on the ranks a token lands. CFG: FluxPipeline's true CFG (a negative prompt and
 true_cfg_scale > 1) calls the transformer twice per step, prompt then negative prompt, and combines
 the two predictions after the second call: the engine runs those two calls on the two cfg ranks at
-once (`cfg_pairs`, parallel/cfg_pairs.py). Flux-dev's embedded `guidance_scale` is not CFG
+once (`cfg_pairs`, parallel/plan/cfg_pairs.py). Flux-dev's embedded `guidance_scale` is not CFG
 (one call), so it does not count.
 """
 
@@ -22,7 +22,8 @@ import torch
 
 from engine.presets.components import CLIP_L, FLUX_VAE, T5_XXL, TINY_CLIP_L, TINY_KL, TINY_T5, clip_text, kl_vae, t5_encoder
 from engine.presets.spec import Component, PresetSpec
-from shardiff_parallel.plan import JointSeqDim, ModelPlan, SeqDim
+from shardiff_parallel.plan import (BatchSplit, JointSeqDim, ModelPlan, Processors, Residuals, SeqDim, SequenceSplit,
+                                    TensorPlan)
 
 from ..family import ControlNetSpec, Family, ModelInfo, PipelineSpec, pipeline_specs, prompt_kwargs, vae_scale
 from ..mmdit import check_tp_widths
@@ -30,26 +31,27 @@ from .attention import FluxParallelAttnProcessor
 from .tp import FLUX_TP_PLAN, FLUX_TP_SEQUENCE_PLAN
 
 FLUX_PLAN = ModelPlan(
-    split_inputs={
-        "hidden_states": SeqDim("image", 1),
-        "img_ids": SeqDim("image", -2),
-        "encoder_hidden_states": SeqDim("text", 1),
-        "txt_ids": SeqDim("text", -2),
-    },
-    gather_output=SeqDim("image", 1),
-    attention={
+    attention=Processors({
         "transformer_blocks.*.attn": FluxParallelAttnProcessor,
         "single_transformer_blocks.*.attn": FluxParallelAttnProcessor,
-    },
-    batch_inputs={
+    }),
+    sequence=SequenceSplit(
+        inputs={
+            "hidden_states": SeqDim("image", 1),
+            "img_ids": SeqDim("image", -2),
+            "encoder_hidden_states": SeqDim("text", 1),
+            "txt_ids": SeqDim("text", -2),
+        },
+        output=SeqDim("image", 1),
+    ),
+    batch=BatchSplit({
         "hidden_states": 0, "encoder_hidden_states": 0, "pooled_projections": 0, "timestep": 0, "guidance": 0,
-    },
-    tensor=FLUX_TP_PLAN,
-    tensor_sequence=FLUX_TP_SEQUENCE_PLAN,
+    }),
+    tensor=TensorPlan(FLUX_TP_PLAN, FLUX_TP_SEQUENCE_PLAN),
     # A ControlNet's block samples, added to the image stream: split like it (FLUX_CONTROLNET_PLAN
     # leaves them so).
-    residual_inputs={"controlnet_block_samples": SeqDim("image", 1),
-                     "controlnet_single_block_samples": SeqDim("image", 1)},
+    residuals=Residuals({"controlnet_block_samples": SeqDim("image", 1),
+                         "controlnet_single_block_samples": SeqDim("image", 1)}),
 )
 
 # FluxControlNetModel: the same blocks over the same streams. A Union ControlNet prepends one mode
@@ -57,17 +59,19 @@ FLUX_PLAN = ModelPlan(
 # input — every rank would prepend it — but where the first block receives it; the rotary table
 # (over [text + mode, image]) where `pos_embed` returns it, each group's segment by its own split.
 # The image stream and the control latents are split at the input; the block samples leave as this
-# rank's pieces (`residual_outputs`), which the transformer adds to its own pieces. No batch inputs:
+# rank's pieces (`residual_output`), which the transformer adds to its own pieces. No batch part:
 # under true CFG the pipeline runs the ControlNet once (cond) for both transformer calls, so every
 # cfg rank runs it whole-batch.
 _ROTARY = JointSeqDim(("text", "image"), 0)
 FLUX_CONTROLNET_PLAN = ModelPlan(
-    split_inputs={"hidden_states": SeqDim("image", 1), "controlnet_cond": SeqDim("image", 1)},
-    split_modules={"pos_embed": (_ROTARY, _ROTARY)},
-    split_module_inputs={"transformer_blocks.0": {"encoder_hidden_states": SeqDim("text", 1)}},
     attention=FLUX_PLAN.attention,
-    residual_outputs=SeqDim("image", 1),
-    tensor=FLUX_TP_PLAN,
+    sequence=SequenceSplit(
+        inputs={"hidden_states": SeqDim("image", 1), "controlnet_cond": SeqDim("image", 1)},
+        modules={"pos_embed": (_ROTARY, _ROTARY)},
+        module_inputs={"transformer_blocks.0": {"encoder_hidden_states": SeqDim("text", 1)}},
+        residual_output=SeqDim("image", 1),
+    ),
+    tensor=TensorPlan(FLUX_TP_PLAN),
 )
 
 def flux_controlnet_refusals(controlnet: dict) -> list[str]:

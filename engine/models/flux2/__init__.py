@@ -10,7 +10,7 @@ blocks run Flux's processor; single-stream blocks their own (engine/models/flux2
 CFG: Flux2Pipeline makes one transformer call per step (FLUX.2-dev is guidance-distilled: the scale
 is an input of the transformer), so --cfg is refused for it. Flux2KleinPipeline's base models run
 CFG as two sequential calls per step — prompt, then the empty prompt — and combine after the second:
-the `cfg_pairs` path (parallel/cfg_pairs.py). Its step-distilled models (`is_distilled`, the released
+the `cfg_pairs` path (parallel/plan/cfg_pairs.py). Its step-distilled models (`is_distilled`, the released
 FLUX.2-klein-4B / -9B) never run the second call, and --cfg is refused for them from model_index.json.
 
 TP (all-reduce form): the double-stream blocks as MMDiT (Q/K/V and text projections column-split,
@@ -34,7 +34,7 @@ from engine.presets.components import (
     qwen3_lm,
 )
 from engine.presets.spec import Component, PresetSpec
-from shardiff_parallel.plan import ModelPlan
+from shardiff_parallel.plan import ModelPlan, Processors, SequenceSplit, TensorPlan
 from shardiff_parallel.tensor import PACKED, Colwise, Rowwise
 
 from ..family import Family, PipelineSpec, ModelInfo, vae_scale
@@ -65,14 +65,13 @@ FLUX2_TP_PLAN = {
 }
 
 FLUX2_PLAN = ModelPlan(
-    # Flux's token streams: text and image pieces with their ids.
-    split_inputs=FLUX_PLAN.split_inputs,
-    gather_output=FLUX_PLAN.gather_output,
-    attention={
+    attention=Processors({
         "transformer_blocks.*.attn": FluxParallelAttnProcessor,
         "single_transformer_blocks.*.attn": Flux2SingleStreamParallelAttnProcessor,
-    },
-    tensor=FLUX2_TP_PLAN,
+    }),
+    # Flux's token streams: text and image pieces with their ids.
+    sequence=SequenceSplit(inputs=FLUX_PLAN.sequence.inputs, output=FLUX_PLAN.sequence.output),
+    tensor=TensorPlan(FLUX2_TP_PLAN),
 )
 
 # Flux2Pipeline / Flux2KleinPipeline.default_sample_size (latent cells) when a request gives no size.

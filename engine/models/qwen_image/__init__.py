@@ -18,7 +18,7 @@ The output is gathered where the model returns it (proj_out is per token).
 
 CFG: QwenImagePipeline's true CFG (negative prompt, true_cfg_scale > 1) calls the transformer twice
 per step — prompt, then negative prompt — and combines (and renormalises) the predictions after the
-second call: the `cfg_pairs` path, as Flux (parallel/cfg_pairs.py). The two calls may have different
+second call: the `cfg_pairs` path, as Flux (parallel/plan/cfg_pairs.py). The two calls may have different
 text lengths; each cfg rank's sp group splits its own.
 
 TP (all-reduce form): Q/K/V and the text projections column-split, to_out / to_add_out row-split, both
@@ -38,7 +38,7 @@ from engine.presets.components import (
     QWEN25_VL_7B, QWEN_IMAGE_VAE, TINY_QWEN25_VL, TINY_QWEN_IMAGE_VAE, qwen25_vl, qwen_image_vae,
 )
 from engine.presets.spec import Component, PresetSpec
-from shardiff_parallel.plan import ModelPlan, SeqDim
+from shardiff_parallel.plan import ModelPlan, Processors, SeqDim, SequenceSplit, TensorPlan
 
 from ..family import Family, PipelineSpec, ModelInfo
 from ..flux import flux_uses_cfg
@@ -63,15 +63,17 @@ QWEN_IMAGE_TP_PLAN = {
 }
 
 QWEN_IMAGE_PLAN = ModelPlan(
-    split_inputs={"hidden_states": SeqDim("image", 1)},
-    split_modules={"pos_embed": (SeqDim("image", 0), SeqDim("text", 0))},
-    split_module_inputs={
-        "transformer_blocks.0": {"encoder_hidden_states": SeqDim("text", 1)},
-        "transformer_blocks.*": {"modulate_index": SeqDim("image", 1)},
-    },
-    gather_output=SeqDim("image", 1),
-    attention={"transformer_blocks.*.attn": QwenImageParallelAttnProcessor},
-    tensor=QWEN_IMAGE_TP_PLAN,
+    attention=Processors({"transformer_blocks.*.attn": QwenImageParallelAttnProcessor}),
+    sequence=SequenceSplit(
+        inputs={"hidden_states": SeqDim("image", 1)},
+        modules={"pos_embed": (SeqDim("image", 0), SeqDim("text", 0))},
+        module_inputs={
+            "transformer_blocks.0": {"encoder_hidden_states": SeqDim("text", 1)},
+            "transformer_blocks.*": {"modulate_index": SeqDim("image", 1)},
+        },
+        output=SeqDim("image", 1),
+    ),
+    tensor=TensorPlan(QWEN_IMAGE_TP_PLAN),
 )
 
 # QwenImagePipeline.default_sample_size (latent cells) when a request gives no size.

@@ -13,76 +13,93 @@ call 2, one all-gather over the cfg group gives every rank both results: the pla
 call 1 is filled in place (the pipeline still holds it) and call 2 returns the negative branch. Every
 rank then combines and steps the scheduler exactly as on one GPU.
 
-Skipping a forward uses diffusers' own hook registry (`new_forward`, as its caching hooks do); the
-split/gather hooks of the plan see `SeqContext.skip` and stay out of the way.
+Skipping a forward uses diffusers' own hook registry (`new_forward`, as its caching hooks do). The
+pair's step runs first among the plan's steps (parallel/plan/apply.py): on a call it skips, no other
+part splits or gathers anything.
+
+These pipelines batch no branches, so a plan with a `BatchSplit` takes this part in its place under such
+a pipeline (`Family.pipeline_plan`).
 """
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from .sharding import gather_pieces
+from ..sharding import gather_pieces
+from .context import Installed, SeqContext
 
 _HOOK_NAME = "shardiff_cfg_pairs"
+
+
+@dataclass(frozen=True)
+class CfgPairs:
+    """The cfg axis splits pairs of sequential calls (see the module doc); no settings."""
+
+    def install(self, model: torch.nn.Module, ctx: SeqContext, attention, parts) -> "PairState | None":
+        if ctx.mesh.size("cfg") == 1:
+            return None
+        return PairState(model, ctx)
 
 
 class _SkipHook(ModelHook):
     """Runs the model's forward only on calls this rank owns."""
 
-    def __init__(self, pairs: "CfgPairs"):
+    def __init__(self, pairs: "PairState"):
         super().__init__()
         self.pairs = pairs
 
     def new_forward(self, module, *args, **kwargs):
-        if not self.pairs.ctx.skip:
+        if not self.pairs.skip:
             return self.fn_ref.original_forward(*args, **kwargs)
         out = torch.empty_like(self.pairs.like)
         return Transformer2DModelOutput(sample=out) if self.pairs.return_dict else (out,)
 
 
-class CfgPairs:
+class PairState(Installed):
     """State of one parallelized model's (call 1, call 2) pairs; removed with the plan."""
 
-    def __init__(self, model: torch.nn.Module, ctx):
+    calls = True
+
+    def __init__(self, model: torch.nn.Module, ctx: SeqContext):
+        super().__init__()
         self.model = model
-        self.ctx = ctx
-        self.sig = inspect.signature(model.forward)
+        self.mesh = ctx.mesh
         self.call = 0  # index of the next call within its pair
+        self.skip = False
+        """The call in progress is computed by the other cfg rank: nothing is split or gathered."""
         self.first: torch.Tensor | None = None  # call 1's output (rank 0) or placeholder (rank 1)
         self.like: torch.Tensor | None = None
         self.return_dict = True
         self.registry = HookRegistry.check_if_exists_or_initialize(model)
         self.registry.register_hook(_SkipHook(self), _HOOK_NAME)
-        self._pre = model.register_forward_pre_hook(self.pre_hook, with_kwargs=True, prepend=True)
 
     def reset(self) -> None:
         """Forget a half-finished pair (a pipeline call that failed between the two calls)."""
-        self.call, self.first, self.ctx.skip = 0, None, False
+        self.call, self.first, self.skip = 0, None, False
 
-    def pre_hook(self, module, args, kwargs):
-        bound = self.sig.bind_partial(*args, **kwargs)
-        self.ctx.skip = self.call != self.ctx.mesh.coord("cfg")
-        if self.ctx.skip:
+    def before(self, arguments: dict) -> bool:
+        self.skip = self.call != self.mesh.coord("cfg")
+        if self.skip:
             # The output of these models has the shape of their latent input.
-            self.like = bound.arguments["hidden_states"]
-            self.return_dict = bound.arguments.get("return_dict", True)
-        return None
+            self.like = arguments["hidden_states"]
+            self.return_dict = arguments.get("return_dict", True)
+        return self.skip
 
-    def post_hook(self, module, args, output):
+    def after(self, output):
         k, self.call = self.call, 1 - self.call
-        self.ctx.skip = False
+        self.skip = False
         x = output[0] if isinstance(output, tuple) else next(iter(output.values()))
         if k == 0:
             self.first = x
             return output
-        mine = self.first if self.ctx.mesh.coord("cfg") == 0 else x
+        mine = self.first if self.mesh.coord("cfg") == 0 else x
         assert self.first is not None and mine.shape == x.shape, "cfg pair calls of different shapes"
-        both = gather_pieces(mine.unsqueeze(0).contiguous(), 0, [1, 1], self.ctx.mesh.group("cfg"))
-        if self.ctx.mesh.coord("cfg") == 1:
+        both = gather_pieces(mine.unsqueeze(0).contiguous(), 0, [1, 1], self.mesh.group("cfg"))
+        if self.mesh.coord("cfg") == 1:
             self.first.copy_(both[0])  # the pipeline holds this tensor as call 1's result
         self.first = None
         result = both[1]
@@ -92,6 +109,5 @@ class CfgPairs:
         return output
 
     def remove(self) -> None:
-        self._pre.remove()
         self.registry.remove_hook(_HOOK_NAME)
         self.reset()

@@ -8,9 +8,10 @@ diffusers' own pair chunks its input into 3 or 2 equal parts and runs normal att
 last part and "identity attention" (every image token attends only to itself) on the last one — on the
 whole batch and the whole sequence, which no rank holds under the mesh.
 
-The pair the engine registers instead is two `PerturbedAttention`s (one per branch list). Each knows the
-branches of the call and, from `SeqContext.branch_range`, which of them this rank holds after the cfg
-split (whole branches, in order, so the perturbed rows are always the last ones), and runs
+The pair the engine registers instead is two `PerturbedAttention`s (one per branch list): the
+perturbed part of the plan (`PerturbedPlan`) makes them when it is installed. Each knows the branches
+of the call and, from the plan's batch part (`BatchState.branch_range`), which of them this rank holds
+after the cfg split (whole branches, in order, so the perturbed rows are always the last ones), and runs
 - the rows of the other branches through the layer's normal processor: the one the layer had before
   the pipeline swapped this one in (the plan's parallel processor, or diffusers' default), unless the
   family's `PerturbedPlan.normal` says otherwise;
@@ -27,13 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .attention import ParallelAttention
-    from .plan import SeqContext
+from ..attention import ParallelAttention
+from .batch import BatchState
+from .context import Installed, SeqContext
 
 PERTURBED = "perturbed"
 WITH_CFG = ("uncond", "cond", PERTURBED)
@@ -43,18 +43,31 @@ WITHOUT_CFG = ("cond", PERTURBED)
 
 @dataclass(frozen=True)
 class PerturbedPlan:
-    perturbed: Callable[["SeqContext", "ParallelAttention"], object]
+    perturbed: Callable[[SeqContext, ParallelAttention], object]
     """Factory of the processor for the perturbed rows of a PAG layer."""
-    normal: Callable[["SeqContext", "ParallelAttention"], object] | None = None
+    normal: Callable[[SeqContext, ParallelAttention], object] | None = None
     """Factory of the processor for the other rows; None: the layer's own processor."""
+
+    def install(self, model: torch.nn.Module, ctx: SeqContext, attention: ParallelAttention, parts) -> "PerturbedState":
+        perturbed = self.perturbed(ctx, attention)
+        normal = self.normal(ctx, attention) if self.normal is not None else None
+        batch = parts.get("batch")
+        return PerturbedState(tuple(PerturbedAttention(batch, b, perturbed, normal) for b in (WITH_CFG, WITHOUT_CFG)))
+
+
+class PerturbedState(Installed):
+    def __init__(self, processors: tuple):
+        super().__init__()
+        self.processors = processors
+        """(with CFG, without CFG) processors, the order a PAG pipeline's `set_pag_applied_layers` takes."""
 
 
 class PerturbedAttention:
     """One of the two processors a PAG pipeline puts on its PAG layers (see the module doc)."""
 
-    def __init__(self, ctx: "SeqContext", branches: tuple[str, ...], perturbed, normal=None):
+    def __init__(self, batch: BatchState | None, branches: tuple[str, ...], perturbed, normal=None):
         assert branches[-1] == PERTURBED and PERTURBED not in branches[:-1]
-        self.ctx, self.branches, self.perturbed, self.normal = ctx, branches, perturbed, normal
+        self.batch, self.branches, self.perturbed, self.normal = batch, branches, perturbed, normal
         self.own: dict[int, object] = {}
         """id(attention module) → its processor outside PAG calls (`remember`)."""
 
@@ -65,10 +78,11 @@ class PerturbedAttention:
                     if hasattr(m, "processor") and not isinstance(m.processor, PerturbedAttention)}
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        if self.ctx.branches is not None:
-            assert self.ctx.branches == len(self.branches), (
-                f"the pipeline batches {len(self.branches)} branches, the engine announced {self.ctx.branches}")
-        start, stop = self.ctx.branch_range or (0, len(self.branches))
+        announced = self.batch.branches if self.batch is not None else None
+        if announced is not None:
+            assert announced == len(self.branches), (
+                f"the pipeline batches {len(self.branches)} branches, the engine announced {announced}")
+        start, stop = (self.batch.branch_range if self.batch is not None else None) or (0, len(self.branches))
         local = self.branches[start:stop]
         batch = hidden_states.shape[0]
         assert batch % len(local) == 0, f"batch {batch} is not {len(local)} branches"
@@ -97,10 +111,3 @@ def _rows(x, rows: slice, batch: int):
     if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == batch:
         return x[rows]
     return x
-
-
-def perturbed_pair(plan: PerturbedPlan, ctx: "SeqContext", attention: "ParallelAttention") -> tuple:
-    """(with-CFG, without-CFG) processors, the order `set_pag_applied_layers` takes."""
-    perturbed = plan.perturbed(ctx, attention)
-    normal = plan.normal(ctx, attention) if plan.normal is not None else None
-    return tuple(PerturbedAttention(ctx, b, perturbed, normal) for b in (WITH_CFG, WITHOUT_CFG))
