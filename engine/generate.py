@@ -113,34 +113,35 @@ def main(argv: list[str] | None = None) -> None:
         # Found from the arguments alone, before any collective: the same on every rank (see _Parser).
         raise UserError(str(e)) from None
     engine = Engine(config)
-    outputs = error = None
-    if engine.is_first:
-        # Checked before the denoising loop so a refused path costs nothing. Only rank 0 writes, so only
-        # it checks; `agree` shares its verdict, so that every rank stops with one message (the others
-        # would otherwise wait in the next collective and die with "connection reset" tracebacks).
-        try:
+    outputs = batch = error = None
+    try:
+        if engine.is_first:
+            # Only rank 0 writes, so only it checks the output paths: before the denoising loop, so that a
+            # refused path costs nothing.
             outputs = [resolve_output_path(o, overwrite=args.overwrite)
                        for o in batch_cli.output_names(args.output, len(requests))]
-            layout, why = engine.choose_layout(requests)
-            vae_line = engine.describe_vae(requests[0], layout)
-            pipelines = sorted({engine.check_request(r, layout).spec.cls for r in requests})
-        except ValueError as e:
-            error = str(e)
-    agree("output", None, error)
+        # Each request's one check on this rank: the layout chosen for them, their pipelines, input images read.
+        batch = engine.check_batch(requests)
+    except ValueError as e:
+        error = str(e)
+    # Every rank's verdict, so that every rank stops with one message (the others would otherwise wait in
+    # the next collective and die with "connection reset" tracebacks).
+    agree("requests and output", None, error)
     if engine.is_first:
-        print(f"shardiff: {config.model} on {layout.world_size} process(es), layout {layout.describe()} ({why}), "
+        layout = batch.layout
+        pipelines = sorted({c.spec.cls for c in batch.requests})
+        print(f"shardiff: {config.model} on {layout.world_size} process(es), layout {layout.describe()} ({batch.why}), "
               f"{engine.text_encoders.plan.describe()}, {', '.join(pipelines)}, {len(requests)} image(s), {engine.dtype}, "
-              f"{engine.device.type}; {vae_line}", file=sys.stderr, flush=True)
+              f"{engine.device.type}; {engine.describe_vae(batch)}", file=sys.stderr, flush=True)
         for note in engine.lora_notes:
             print(f"shardiff: {note}", file=sys.stderr, flush=True)
-    results = engine.generate_batch(requests)
+    results = engine.generate_batch(batch)  # checked above: not again
     if engine.is_first:
         for output, result in zip(outputs, results, strict=True):
             save_png(result.image, output, result.params)
             print(f"shardiff: saved {output} ({result.params['width']}x{result.params['height']}, "
                   f"{result.seconds:.2f} s)", file=sys.stderr, flush=True)
     engine.close()
-
 
 if __name__ == "__main__":
     from engine.runtime.distributed import run_main

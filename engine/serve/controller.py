@@ -2,7 +2,7 @@
 
 Runs on one asyncio event loop (uvicorn's, or a background thread's for `serve.start`) and does no
 GPU work. For every request it decides everything before any rank sees it — the request id, the
-image size (the model's default when none is given), the layout (engine/validation.check_requests,
+image size (the model's default when none is given), the layout (engine/request_check.check_requests,
 the engine's own rule) — so that every rank runs the identical request and a user mistake is a 400
 that costs no rank anything. One request runs at a time on the group; the rest wait in a bounded FIFO.
 
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.loading import inspect_model
-from engine.models import family
 from engine.config import GenerateRequest
-from engine.validation import Target, check_requests, resolve_size
+from engine.loading import resolve_model
+from engine.request_check import Target, check_requests
+from engine.validation import resolve_size
 
 from .admission import AdmissionQueue, Job, QueueFull
 from .metrics import Metrics
@@ -124,8 +124,8 @@ class Controller:
         self.options = options
         self.log = log or _log
         # Configs only (no weights): the model's sizes and family, for every request's checks.
-        self.info = inspect_model(config.model)
-        self.family = family(self.info.family)
+        model = resolve_model(config.model)
+        self.info, self.family = model.info, model.family
         if options.world_size < 1:
             raise ValueError(f"the model group needs at least one rank, got {options.world_size}")
         for width, height in options.warmup_sizes or ():
@@ -288,14 +288,15 @@ class Controller:
         return "stopping"
 
     def _complete(self, requests: list):
-        """(requests with their size filled in, layout); BadRequest with the CLI's message."""
+        """(requests with their size filled in, layout); BadRequest with the CLI's message. The request's one
+        check in this process (each rank checks it once more, against what it holds)."""
         try:
-            layout, _, checked = check_requests(requests, self.target)
+            batch = check_requests(requests, self.target)
         except ValueError as e:
             self.metrics.requests.labels("rejected").inc()
             raise BadRequest(str(e)) from None
-        done = [dataclasses.replace(r, height=c.height, width=c.width) for r, c in zip(requests, checked)]
-        return done, layout
+        done = [dataclasses.replace(r, height=c.height, width=c.width) for r, c in zip(requests, batch.requests)]
+        return done, batch.layout
 
     # ------------------------------------------------------------------ running
 
