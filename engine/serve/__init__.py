@@ -16,9 +16,9 @@ FIFO), `metrics.py` (Prometheus), `api.py` + `app.py` (HTTP), `client.py` (Pytho
 from __future__ import annotations
 
 from .controller import (
-    BadRequest, Cancelled, Conflict, DeadlineExceeded, ServeError, ServeOptions, TooManyRequests, Unavailable,
-    WorkerFailure,
+    BadRequest, Cancelled, Conflict, DeadlineExceeded, ServeError, TooManyRequests, Unavailable, WorkerFailure,
 )
+from .options import ServeOptions
 
 __all__ = [
     "BadRequest", "Cancelled", "Conflict", "DeadlineExceeded", "ServeError", "ServeOptions", "TooManyRequests",

@@ -3,8 +3,8 @@
     python -m engine.serve --model flux-dev --gpus 4 --ulysses 4 --compile --port 8000
     python -m engine.serve --model shapes --procs 2 --port 8000
 
-The model and layout flags are the CLI's (engine/generate.py add_engine_arguments); the rest are the
-server's. Run it as a plain process, not under torchrun: it starts its own workers.
+The model and layout flags are the CLI's (EngineConfig's, engine/config.py); the rest are the server's
+(ServeOptions', engine/serve/options.py), all declared once (engine/cli_flags.py; docs/CLI.md). Run it as a plain process, not under torchrun: it starts its own workers.
 """
 
 from __future__ import annotations
@@ -13,72 +13,30 @@ import argparse
 import os
 import sys
 
-from engine.batch_cli import positive_int
-from engine.generate import add_engine_arguments, engine_config
+from engine.cli_flags import Flag, add_flags, complete, values
+from engine.generate import engine_config, engine_flags
 
-
-def _sizes(text: str) -> tuple[tuple[int, int], ...]:
-    """"1024x1024,768x1344" → ((1024, 1024), (768, 1344)); "none" → ()."""
-    if text.strip().lower() in ("none", ""):
-        return ()
-    out = []
-    for part in text.split(","):
-        w, _, h = part.strip().lower().partition("x")
-        if not (w.isdigit() and h.isdigit()):
-            raise argparse.ArgumentTypeError(f"sizes are WIDTHxHEIGHT separated by commas, got {part!r}")
-        out.append((int(w), int(h)))
-    return tuple(out)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return v
-
-
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer ≥ 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer ≥ 0, got {v}")
-    return v
+from .options import OPTION_FLAGS, SERVER_FLAGS, ServeOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m engine.serve",
         description="Serve one model split over several GPUs (or CPU processes): OpenAI-style HTTP API.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Every flag, with its default: docs/CLI.md (python -m engine.cli_doc).",
         allow_abbrev=False,
     )
-    n = p.add_mutually_exclusive_group()
-    n.add_argument("--gpus", type=positive_int, default=None, help="ranks, one per GPU (default: every visible GPU)")
-    n.add_argument("--procs", type=positive_int, default=None, help="ranks on a machine without CUDA (gloo)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed)")
-    p.add_argument("--max-queue", type=_count, default=16, help="requests that may wait; more get 429")
-    p.add_argument("--request-timeout", type=_positive_float, default=300.0,
-                   help="seconds from admission after which a request gets 504 and is stopped")
-    p.add_argument("--warmup-sizes", type=_sizes, default=None,
-                   help="WxH[,WxH…] to generate once before /health turns 200, or none "
-                        "(default: the model's default size with --compile / --cuda-graphs, else none)")
-    p.add_argument("--max-restarts", type=_count, default=3,
-                   help="restarts of the model group in a row without a completed request before the server exits")
-    p.add_argument("--restart-backoff", type=_positive_float, default=1.0,
-                   help="seconds before the first restart; doubled at each further failure in a row")
-    p.add_argument("--stop-grace", type=_positive_float, default=60.0,
-                   help="seconds a cancelled request may take to stop before its group is restarted")
-    p.add_argument("--drain-timeout", type=_positive_float, default=30.0,
-                   help="on SIGTERM / SIGINT, seconds the running request may take to finish before it is stopped")
-    p.add_argument("--max-images", type=positive_int, default=8, help="largest n of one request")
-    add_engine_arguments(p)
+    add_flags(p, flags())
     return p
+
+
+def flags() -> tuple[Flag, ...]:
+    """Every flag of engine.serve, in --help order: the server's, then the engine's (engine.generate's)."""
+    return (*SERVER_FLAGS, *option_flags(), *engine_flags())
+
+
+def option_flags() -> tuple[Flag, ...]:
+    return complete(ServeOptions, OPTION_FLAGS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,18 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         print("shardiff serve: error: run `python -m engine.serve` as one plain process, not under torchrun: "
               "it starts one worker per GPU itself", file=sys.stderr)
         return 2
-    from . import ServeOptions, world_size
+    from . import world_size
     from .controller import Controller
     from .runner import bind, run_foreground
 
     try:
         config = engine_config(args)
         world, threads = world_size(gpus=args.gpus, procs=args.procs)
-        options = ServeOptions(
-            world_size=world, threads=threads, max_queue=args.max_queue, request_timeout_s=args.request_timeout,
-            warmup_sizes=args.warmup_sizes, max_restarts=args.max_restarts, restart_backoff_s=args.restart_backoff,
-            stop_grace_s=args.stop_grace, drain_timeout_s=args.drain_timeout, max_images=args.max_images,
-        )
+        options = ServeOptions(world_size=world, threads=threads, **values(args, option_flags()))
         controller = Controller(config, options)
     except ValueError as e:
         print(f"shardiff serve: error: {e}", file=sys.stderr)

@@ -33,6 +33,7 @@ from engine.validation import resolve_size
 
 from .admission import AdmissionQueue, Job, QueueFull
 from .metrics import Metrics
+from .options import ServeOptions
 from .protocol import Cancel, Finished, Run
 from .supervisor import GroupDown, GroupMessage, GroupUp, Supervisor
 
@@ -80,31 +81,6 @@ class Unavailable(ServeError):
 
 class DeadlineExceeded(ServeError):
     status, kind = 504, "deadline_exceeded"
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    world_size: int
-    """Ranks of the model group (one per GPU)."""
-    threads: int = 1
-    """torch threads per rank (CPU runs)."""
-    max_queue: int = 16
-    """Requests that may wait (not counting the running one); more are refused with 429."""
-    request_timeout_s: float = 300.0
-    """Deadline of every request from its admission; a request may ask for less."""
-    warmup_sizes: tuple[tuple[int, int], ...] | None = None
-    """(width, height) to warm at before /health turns 200; None: the model's default size when
-    compiling or CUDA-graphing, nothing otherwise; (): never."""
-    max_restarts: int = 3
-    """Restarts in a row without a completed request before the server gives up (exits non-zero)."""
-    restart_backoff_s: float = 1.0
-    """First wait before a restart; doubled at each further failure in a row (at most 60 s)."""
-    stop_grace_s: float = 60.0
-    """How long a running request may take to stop once cancelled before its group is restarted."""
-    drain_timeout_s: float = 30.0
-    """On shutdown, how long the running request may finish before it is stopped."""
-    max_images: int = 8
-    """Largest `n` of one request."""
 
 
 @dataclass
