@@ -45,13 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         print("shardiff serve: error: run `python -m engine.serve` as one plain process, not under torchrun: "
               "it starts one worker per GPU itself", file=sys.stderr)
         return 2
-    from . import world_size
+    from . import on_device, world_size
     from .controller import Controller
     from .runner import bind, run_foreground
 
     try:
-        config = engine_config(args)
-        world, threads = world_size(gpus=args.gpus, procs=args.procs)
+        world, threads, note = world_size(gpus=args.gpus, procs=args.procs)
+        config = on_device(engine_config(args), note)
         options = ServeOptions(world_size=world, threads=threads, **values(args, option_flags()))
         controller = Controller(config, options)
     except ValueError as e:
