@@ -2,7 +2,8 @@
 
 `resolve_model(name)` turns a preset name, a built-in model's name or a diffusers directory into one
 `ResolvedModel` — its source (the PresetSpec, or the directory and its model_index.json, through the
-safety gate), its family, its ModelInfo (head counts, sizes, limits), its components and their classes.
+safety gate), its family, its ModelInfo (head counts, sizes, limits), its components and their classes,
+and the weights one rank holds on a TP degree (`weight_bytes`, counted once and cached).
 The engine's preflight resolves `config.model` once and every check and loader reads that description:
 the degrees and sizes checks, `--tp auto` (weights per rank, counted from it), the text-encoder
 placement, LoRA and ControlNet checks, the pipeline loader and the TP-sharded loaders. Functions that take
@@ -85,6 +86,13 @@ class ResolvedModel:
         if name not in self.configs:
             self.configs[name] = read_json(self.folder(name) / "config.json", f"model directory {self.path}")
         return self.configs[name]
+
+    def weight_bytes(self, tp: int, dtype, text_bytes: int | None = None) -> int:
+        """Bytes of weights one rank holds on `tp` TP ranks, as `--tp auto` counts them from configs and
+        headers (engine/loading/auto_tp.py); `text_bytes`: the text encoders' share (None: replicated)."""
+        from .auto_tp import weight_bytes_per_rank
+
+        return weight_bytes_per_rank(self, self.family, tp, dtype, text_bytes)
 
     def empty_model(self, name: str):
         """Component `name` on the meta device, from its config (a diffusers model of a directory; any

@@ -50,10 +50,9 @@ class TextEncoders:
         (ValueError on a bad one; no collective)."""
         room = None
         if config.text_encoders == "auto" and gpu_bytes is not None:
-            from engine.loading.auto_tp import WEIGHT_SHARE, weight_bytes_per_rank
+            from engine.loading.auto_tp import WEIGHT_SHARE
 
-            room = WEIGHT_SHARE * gpu_bytes - weight_bytes_per_rank(model, model.family, parallel.tp, dtype,
-                                                                    text_bytes=0)
+            room = WEIGHT_SHARE * gpu_bytes - model.weight_bytes(parallel.tp, dtype, text_bytes=0)
         varies = not explicit_layout and layout_varies(model.family, config, world)
         plan = plan_text_encoders(model, config.text_encoders, ranks=parallel.world_size // parallel.dp,
                                   dtype=dtype, room=room, layout_varies=varies)
