@@ -12,6 +12,15 @@ from .runtime.quiet import drop_known_warnings
 drop_known_warnings()  # before any diffusers pipeline module is imported
 
 from .config import EngineConfig, GenerateRequest  # noqa: E402
-from .driver import Engine, GenerateResult  # noqa: E402
 
 __all__ = ["Engine", "EngineConfig", "GenerateRequest", "GenerateResult"]
+
+
+def __getattr__(name: str):
+    # The engine (torch.distributed, diffusers, the model families) is imported when first asked for, so
+    # that `engine.config` — the dataclasses, their checks, the CLI's flags — stays import-light.
+    if name in ("Engine", "GenerateResult"):
+        from . import driver
+
+        return getattr(driver, name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -1,6 +1,11 @@
 """What a user asks of the engine: how to run (EngineConfig) and what to draw (GenerateRequest).
 
-The CLI and the Python API share these dataclasses; the CLI is a thin argparse layer over them.
+The CLI, the server and the Python API share these dataclasses. Each field is declared once, with its
+docstring; the command line's flags are made from them and the one-line tables `ENGINE_FLAGS` /
+`REQUEST_FLAGS` below (engine/cli_flags.py), and so is docs/CLI.md. The parallel degrees are
+`shardiff_parallel.config.Degrees`' fields, which the resolved layout (ParallelConfig) shares.
+
+Import-light: building these checks values only (engine/validation.py), never files, GPUs or the engine.
 """
 
 from __future__ import annotations
@@ -10,9 +15,12 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from shardiff_parallel.config import check_tp_comm
+from shardiff_parallel.config import TP_COMMS, Degrees
 
-from engine.text_encoders.names import check_placement
+from engine.text_encoders.names import PLACEMENTS, check_placement
+from .cli_flags import (
+    IMAGE, INPUTS, LAYOUT, MODEL, PROMPTS, RUNTIME, Flag, auto_or_positive_int, positive_int, scales,
+)
 from .validation import check_fields
 
 # The trained toy text-to-image model (engine/toy, weights in engine/assets/shapes): a tiny Flux that
@@ -20,41 +28,32 @@ from .validation import check_fields
 DEFAULT_MODEL = "shapes"
 # --vae-parallel: split the VAE decode / encode by rows over the ranks that share one image (engine/models/vae).
 VAE_PARALLEL = ("auto", "on", "off")
+# --parallel: how a UNet model (its layout follows the batch) spreads its ranks.
+PARALLEL = ("auto", "cfg", "dp")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 
 
 @dataclass(kw_only=True, frozen=True)
-class EngineConfig:
+class EngineConfig(Degrees):
+    """How the engine runs: the model, the degrees (dp, cfg, ring, ulysses, tp, tp_comm: Degrees' fields,
+    ring / ulysses / tp unset for the engine to choose), and the rest below."""
+
     model: str = DEFAULT_MODEL
-    """A built-in model ("shapes"), a random-weight preset name or a local diffusers directory (model_index.json, safetensors)."""
-    ulysses: int | None = None
-    """Ulysses degree; None: chosen so that all ranks are used (see parallel.config.resolve_degrees)."""
-    ring: int | None = None
-    """Ring degree; None: chosen so that all ranks are used."""
-    tp: int | None = None
-    """Tensor-parallel degree; None (auto): 1, unless the weights do not fit one GPU — then the smallest
-    degree that makes them fit (engine/loading/auto_tp.py)."""
-    tp_comm: str = "allreduce"
-    """TP communication: "allreduce"; "sequence" (reduce-scatter / all-gather: each TP rank keeps 1/tp
-    of the tokens between TP regions; parallel/tensor_seq.py); or "overlap" (sequence, with the long
-    collectives fused with their matmuls — hidden behind them on CUDA; the fastest TP from 1536² up).
-    Ignored when tp is 1."""
-    cfg: int = 1
-    """CFG-parallel degree (1 or 2)."""
-    dp: int = 1
-    """Data-parallel degree (independent images)."""
+    """A built-in model ("shapes"), a random-weight preset (`python -m engine.presets list`) or a local
+    diffusers directory (model_index.json, safetensors weights)."""
     parallel: str = "auto"
     """UNet models (SD1.5, SDXL): auto picks, per batch, CFG split for one guided image and data
     parallel for several (engine/models/unet.py); cfg / dp force one of them. Explicit --cfg/--dp win.
-    Transformer families take their degrees from the fields above (auto: unset ones filled)."""
+    Transformer families take their degrees from --ulysses, --ring, --tp, --cfg and --dp."""
     dtype: str = "auto"
     """bf16 / fp16 / fp32; auto: fp32 on CPU; on GPU the model family's precision (bf16 for the
     transformers, fp16 for the SD1.5/SDXL UNets, which are trained and published in fp16)."""
     device: str | None = None
-    """cuda / cpu; None: CUDA (one GPU per local rank) when available."""
+    """cuda or cpu; unset: CUDA (one GPU per local rank) when available."""
     attention_backend: str = "auto"
-    """A kernels/ name, or auto: the fastest available that the layout needs."""
+    """A kernels/ name (sdpa-cudnn, sdpa-flash, sdpa-cpu-flash, math, flash-attn, …), or auto: the
+    fastest available that the layout needs."""
     compile: bool = False
     """Regional torch.compile of the denoiser's repeated blocks (first call per resolution compiles)."""
     cuda_graphs: bool = False
@@ -77,23 +76,24 @@ class EngineConfig:
     than those ranks), "off" (every rank decodes the whole image, as diffusers does), or "auto": on
     from the image size where it pays (engine.models.vae.auto_splits)."""
     loras: tuple = ()
-    """LoRAs fused into the weights at load: "PATH[:SCALE]" strings or (path, scale) pairs, safetensors
-    files in any format diffusers reads (engine/lora.py; switch later with Engine.set_loras)."""
+    """LoRAs fused into the weights at load, each "PATH[:SCALE]" (from Python also a (path, scale) pair;
+    on the command line, repeat the flag): safetensors files in any format diffusers reads
+    (engine/lora.py; switch later with Engine.set_loras)."""
     controlnets: tuple = ()
-    """ControlNet directories (config.json + safetensors; engine/controlnet.py), loaded beside the model:
-    every request then runs the family's ControlNet pipeline (it needs a control image). Several: the
-    family's multi-ControlNet form, their residuals summed."""
+    """ControlNet directories (config.json + safetensors; engine/controlnet.py), loaded beside the model and
+    split like it: every request then runs the family's ControlNet pipeline (it needs a control image).
+    Several (repeat the flag): the family's multi-ControlNet form, their residuals summed."""
 
     def __post_init__(self):
-        from .lora import parse_lora
+        from .lora import parse_lora  # import-light: torch only
 
         object.__setattr__(self, "loras", tuple(parse_lora(v) for v in self.loras))
         if isinstance(self.controlnets, (str, os.PathLike)):
             object.__setattr__(self, "controlnets", (self.controlnets,))
         object.__setattr__(self, "controlnets", tuple(str(c) for c in self.controlnets))
-        check_tp_comm(self.tp_comm)
+        super().__post_init__()  # the degrees and --tp-comm
         check_placement(self.text_encoders)
-        if self.parallel not in ("auto", "cfg", "dp"):
+        if self.parallel not in PARALLEL:
             raise ValueError(f"--parallel must be auto, cfg or dp, got {self.parallel!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -110,48 +110,79 @@ class EngineConfig:
         return DTYPES[self.dtype]
 
 
+ENGINE_FLAGS = (
+    Flag("model", MODEL),
+    Flag("dtype", MODEL),
+    Flag("device", MODEL),
+    Flag("loras", MODEL, name="--lora", action="append", metavar="PATH[:SCALE]"),
+    Flag("controlnets", MODEL, name="--controlnet", action="append", metavar="DIR"),
+    Flag("ulysses", LAYOUT, type=positive_int),
+    Flag("ring", LAYOUT, type=positive_int),
+    Flag("tp", LAYOUT, type=auto_or_positive_int, shown="auto"),
+    Flag("tp_comm", LAYOUT, choices=TP_COMMS),
+    Flag("cfg", LAYOUT, type=positive_int),
+    Flag("dp", LAYOUT, type=positive_int),
+    Flag("parallel", LAYOUT, choices=PARALLEL),
+    Flag("text_encoders", LAYOUT, choices=PLACEMENTS),
+    Flag("vae_parallel", LAYOUT, choices=VAE_PARALLEL),
+    Flag("attention_backend", RUNTIME),
+    Flag("compile", RUNTIME, action="store_true"),
+    Flag("cuda_graphs", RUNTIME, action="store_true"),
+    Flag("timeout_s", RUNTIME, name="--timeout", type=float),
+)
+"""EngineConfig's command-line flags (engine.generate and engine.serve): one line each."""
+
+
 @dataclass(kw_only=True, frozen=True)
 class GenerateRequest:
     prompt: str | list[str]
     """One prompt, or a batch of prompts (one image each, × num_images_per_prompt)."""
     negative_prompt: str | None = None
+    """What the image should not show: the unconditional branch of classifier-free guidance."""
     height: int | None = None
-    """Pixels; None: the model's default size."""
+    """Pixels, a multiple of the model's VAE factor × patch size; unset: the input image's size, else the
+    model's default size."""
     width: int | None = None
+    """Pixels; unset: as height."""
     steps: int = 28
+    """Denoising steps."""
     guidance: float = 3.5
-    """Flux-dev's embedded guidance scale."""
+    """Guidance scale: classifier-free guidance's (two branches when > 1), or the embedded guidance of
+    guidance-distilled models (Flux-dev)."""
     true_cfg_scale: float = 1.0
     """Flux true CFG (needs --negative-prompt): two transformer calls per step when > 1."""
     seed: int = 0
-    """Seed of the initial noise: torch.Generator('cpu').manual_seed(seed), as in diffusers (0 … 2**64 - 1)."""
+    """Seed of the initial noise: torch.Generator('cpu').manual_seed(seed), as in diffusers (0 … 2**64 - 1);
+    the CLI gives its image i the seed + i."""
     max_sequence_length: int | None = None
-    """T5 text tokens; None: the pipeline's default (512 for Flux)."""
+    """Text tokens; unset: the pipeline's default (512 for Flux's T5)."""
     num_images_per_prompt: int = 1
     """Images per prompt, generated as one batch (the same images as one process on any layout)."""
     image: object = None
     """Input image (a path or a PIL image): img2img, or the image to inpaint / fill / edit (Kontext).
     On a text-to-image model it selects the family's img2img pipeline (engine/pipelines.py)."""
     mask_image: object = None
-    """Inpainting mask (path or PIL image; white = repaint); with `image` it selects the inpainting pipeline."""
+    """Inpainting mask (a path or a PIL image; white = repaint); with an input image it selects the
+    inpainting pipeline."""
     control_image: object = None
-    """Control image of a Flux Control (Canny / Depth) model."""
+    """Control image: of a ControlNet (--controlnet), or of a Flux Control (Canny / Depth) model."""
     strength: float | None = None
-    """img2img / inpainting: the share of the denoising redone from the input image, in (0, 1]; None:
+    """img2img / inpainting: the share of the denoising redone from the input image, in (0, 1]; unset:
     the pipeline's default."""
     pag_scale: float | None = None
-    """Perturbed-attention guidance scale; selects the family's PAG pipeline. None: no PAG (a PAG model
-    directory: its pipeline's default)."""
+    """Perturbed-attention guidance scale: runs the family's PAG pipeline (SD3, Sana, PixArt-Σ, SD, SDXL).
+    Unset: no PAG (a PAG model directory: its pipeline's default)."""
     keep_image_size: bool = False
     """Kontext: keep the input image's size instead of resizing it to the nearest trained resolution."""
     controlnet_scale: float | tuple | None = None
     """ControlNet residual scale (diffusers' controlnet_conditioning_scale): one number, or one per
-    ControlNet; None: the pipeline's default (1.0)."""
+    ControlNet (comma-separated on the command line); unset: the pipeline's default (1.0)."""
     control_mode: int | None = None
     """Flux Union ControlNets: the control type (canny, depth, …: the ControlNet's own numbering)."""
 
     def __post_init__(self):
-        # The same checks for the CLI, the Python API and the server (engine/validation.py).
+        # The same checks for the CLI, the Python API and the server (engine/validation.py); the checks
+        # against the model and the world come once per request (engine/request_check.py).
         check_fields(self)
 
     def to_dict(self) -> dict:
@@ -161,3 +192,24 @@ class GenerateRequest:
 
         return {f.name: describe(getattr(self, f.name)) if f.name in IMAGE_FIELDS else getattr(self, f.name)
                 for f in fields(self)}
+
+
+REQUEST_FLAGS = (
+    Flag("negative_prompt", PROMPTS),
+    Flag("height", IMAGE, type=int),
+    Flag("width", IMAGE, type=int),
+    Flag("steps", IMAGE, type=int),
+    Flag("guidance", IMAGE, type=float),
+    Flag("true_cfg_scale", IMAGE, type=float),
+    Flag("seed", IMAGE, type=int),
+    Flag("max_sequence_length", IMAGE, type=int),
+    Flag("image", INPUTS),
+    Flag("mask_image", INPUTS),
+    Flag("control_image", INPUTS),
+    Flag("controlnet_scale", INPUTS, type=scales),
+    Flag("control_mode", INPUTS, type=int),
+    Flag("strength", INPUTS, type=float),
+    Flag("pag_scale", INPUTS, type=float),
+    Flag("keep_image_size", INPUTS, action="store_true"),
+)
+"""GenerateRequest's command-line flags (engine.generate; prompts and --num-images: engine/batch_cli.py)."""

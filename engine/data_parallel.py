@@ -10,26 +10,25 @@ parallel.sharding.split_sizes), run them independently (each with its own cfg pa
 has one), and the first rank gathers the results over the dp group at the end, in request order.
 
 For families whose layout follows the batch (UNets: `Family.layout`), the engine switches to the
-chosen layout first: meshes are built once per layout and cached; only the plan's hooks move.
+chosen layout first (`Engine.use_layout`): meshes are built once per layout and kept; only the plans'
+hooks move (engine/placement.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from shardiff_parallel.config import AXES, ParallelConfig
 from shardiff_parallel.mesh import Mesh
-from shardiff_parallel.attention import ParallelAttention
-from shardiff_parallel.config import ParallelConfig
-from shardiff_parallel.config import AXES
-from shardiff_parallel.plan import apply_plan
 from shardiff_parallel.sharding import split_sizes
 
 from engine.runtime.distributed import agree
 from engine.runtime.stop import Stopped
+
+from .request_check import CheckedBatch
 
 
 def choose_layout(engine, requests) -> tuple[ParallelConfig, str]:
@@ -48,59 +47,38 @@ def choose_layout(engine, requests) -> tuple[ParallelConfig, str]:
         return engine.parallel, "; ".join([why, *filter(None, notes)])
     guided = [fam.uses_cfg(fam.call_kwargs(r)) and not engine.info.uses_guidance_embeds for r in requests]
     # The planned layout spans every launched process: its size is the world (also for a caller that
-    # is not one of the ranks, engine/validation.check_requests).
+    # is not one of the ranks, engine/request_check.check_requests).
     return fam.layout(engine.parallel.world_size, engine.config, guided)
 
 
-def use_layout(engine, parallel: ParallelConfig) -> None:
-    """Move `engine`'s plan onto the mesh of `parallel` (same processes).
-
-    Collective when that mesh is new (new_group), so every rank calls this with the same layout: the
-    caller agreed on the requests first, and the layout is a pure function of them.
-    """
-    if parallel == engine.parallel:
-        return
-    engine.plan.remove()
-    for plan in engine.controlnet_plans:
-        plan.remove()
-    mesh = engine.meshes.get(parallel)
-    if mesh is None:
-        mesh = Mesh.build(parallel, engine.device, timeout=timedelta(seconds=engine.config.timeout_s))
-        engine.meshes[parallel] = mesh
-    engine.parallel, engine.mesh = parallel, mesh
-    engine.attention = ParallelAttention(mesh, engine.config.attention_backend)
-    engine.plan = apply_plan(engine.denoiser, engine.family.pipeline_plan, mesh, engine.attention)
-    engine.controlnet_plans = engine.apply_controlnet_plans(mesh)
-    engine.capture_graphs()
-    engine.install_vae_split()
-    engine.pipe.set_progress_bar_config(disable=not mesh.is_first, leave=False)
-
-
-def generate_batch(engine, requests: list, *, output_type: str = "pil", on_step=None) -> list | None:
+def generate_batch(engine, requests, *, output_type: str = "pil", on_step=None) -> list | None:
     """Results of `requests` in order on the first rank (None on the others); see the module doc.
 
-    `on_step`: called after every denoising step (engine/runtime/stop.py); when it stops one dp slice,
-    every slice stops before the gather (each slice agrees on its own steps; the slices then agree here).
+    `requests`: GenerateRequests (checked here, once), or the engine's `check_batch` of them (checked
+    already: used as they are). `on_step`: called after every denoising step (engine/runtime/stop.py);
+    when it stops one dp slice, every slice stops before the gather (each slice agrees on its own steps;
+    the slices then agree here).
     """
-    requests = list(requests)
-    error, layout, records = None, engine.parallel, [None] * len(requests)
-    try:
-        layout, why = choose_layout(engine, requests)
-        records = [engine.check_request(r, layout).records for r in requests]
-    except ValueError as e:
-        error = str(e)
+    batch, error = None, None
+    if isinstance(requests, CheckedBatch):
+        batch = requests
+    else:
+        try:
+            batch = engine.check_batch(list(requests))
+        except ValueError as e:
+            error = str(e)
     # One collective for the whole batch: every rank's verdict, and the same requests (and input
     # images, by their pixel hashes) everywhere.
-    agree("requests", [{**r.to_dict(), "inputs": rec} for r, rec in zip(requests, records)], error)
-    use_layout(engine, layout)
+    agree("requests", [c.agreed_form() for c in batch.requests] if batch is not None else None, error)
+    engine.use_layout(batch.layout)
     mesh = engine.mesh
-    sizes = split_sizes(len(requests), mesh.size("dp"))
+    sizes = split_sizes(len(batch.requests), mesh.size("dp"))
     start = sum(sizes[: mesh.coord("dp")])
     local, stopped = [], None
     try:
         for i in range(start, start + sizes[mesh.coord("dp")]):
-            result = engine.generate(requests[i], output_type=output_type, agreed=True, on_step=on_step)
-            result.params.update(index=i, layout_reason=why)
+            result = engine.run(batch.requests[i], output_type=output_type, on_step=on_step)
+            result.params.update(index=i, layout_reason=batch.why)
             if result.latents is not None:
                 result = dataclasses.replace(result, latents=result.latents.cpu())  # picklable anywhere
             local.append(result)

@@ -13,34 +13,30 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 
-from shardiff_kernels.registry import choose_kernel
+from shardiff_parallel.config import ParallelConfig
 from shardiff_parallel.mesh import Mesh
-from shardiff_parallel.attention import ParallelAttention
-from shardiff_parallel.config import ParallelConfig, resolve_degrees
-from shardiff_parallel.plan import apply_plan
 from shardiff_parallel.tensor import local_shards
 
-from engine.controlnet import apply_controlnet_plans, check_controlnets, load_controlnets
-from engine.loading import inspect_model, load_pipeline
-from engine.loading.auto_tp import choose_tp
+from engine.controlnet import load_controlnets
+from engine.loading import load_pipeline
 from engine.loading.sharded import load_sharded_denoiser
-from engine.models import ModelInfo, check_tp_comm, family
-from engine.runtime.distributed import agree, init_distributed, launched_world_size, pick_device
+from engine.runtime.distributed import agree, init_distributed
 from engine.runtime.quiet import loading_bars
-from engine.text_encoders.encoders import TextEncoders
 from engine.runtime.stop import step_callback_kwargs
 
 from . import vae_parallel
 from .config import EngineConfig, GenerateRequest
-from .data_parallel import choose_layout, generate_batch, use_layout
-from .validation import available_bytes, check_request
+from .data_parallel import choose_layout, generate_batch
 from .lora import LoraState, check_loras
-from .pipelines import Pipelines, PreparedCall
+from .pipelines import Pipelines
+from .placement import Placement
+from .preflight import Preflight, preflight
+from .request_check import CheckedBatch, CheckedRequest, available_bytes, check_request
 
 
 @dataclass
@@ -60,109 +56,21 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, *, parallel: ParallelConfig | None = None):
         """Join the process group (under torchrun), check the layout, load and parallelize the model.
 
-        `parallel` overrides the degrees of `config` (the API can pass a full ParallelConfig).
+        `parallel` overrides the degrees of `config` (the API can pass a full ParallelConfig), kept for
+        every request. The steps: preflight → agree → mesh → load → parallelize → compile → graphs → VAE split.
         """
         self.config = config = config or EngineConfig()
-        self.explicit_layout = parallel is not None
-        """A ParallelConfig given by the caller is kept for every request (no per-batch choice)."""
-        error = None
-        self.tp_note = ""
-        """Why `--tp auto` chose TP (empty when it did not)."""
-        device = torch.device("cpu")
-        loras, self.lora_notes = [], []
-        controlnet_dirs = []
-        """Notes on the LoRAs for the user (keys that match no layer)."""
-        try:
-            device = pick_device(config.device)
-            self.info: ModelInfo = inspect_model(config.model)
-            self.family = family(self.info.family)
-            self.dtype = config.torch_dtype(device, self.family.gpu_dtype)
-            world = launched_world_size()
-            tp = config.tp
-            if tp is None and parallel is None and self.family.layout is None:
-                tp, self.tp_note = choose_tp(
-                    config.model, self.info, self.family, world_size=world, dp=config.dp, cfg=config.cfg,
-                    dtype=self.dtype, gpu_bytes=_gpu_bytes(device),
-                    text_bytes=TextEncoders.bytes_for_room(config, ranks=world // config.dp, dtype=self.dtype),
-                )
-            tp = tp or 1
-            self.family.check_tp(self.info, parallel.tp if parallel is not None else tp)
-            if parallel is None and self.family.layout is not None:
-                # UNets pick CFG split / data parallel themselves (engine/models/unet.py): planned here
-                # for one guided image, chosen again for each batch by generate / generate_batch.
-                parallel, _ = self.family.layout(world, config, None)
-            if parallel is None:
-                parallel = resolve_degrees(
-                    world, self.family.degree_heads(self.info, world, tp), ulysses=config.ulysses, ring=config.ring,
-                    tp=tp, cfg=config.cfg, dp=config.dp, tp_comm=config.tp_comm,
-                )
-            parallel.check_world_size(world)
-            if self.family.heads_split:
-                parallel.check_heads(self.info.num_heads)
-            self.family.check_axes(parallel.degrees())
-            check_tp_comm(self.family, parallel)
-            choose_kernel(config.attention_backend, device, self.dtype, need_lse=parallel.ring > 1)
-            if config.cuda_graphs and device.type != "cuda":
-                raise ValueError("--cuda-graphs needs CUDA GPUs; none is visible to this process")
-            vae_parallel.preflight(config)
-            self.text_encoders = TextEncoders.preflight(
-                config, self.family, parallel, world=world, explicit_layout=self.explicit_layout, dtype=self.dtype,
-                gpu_bytes=_gpu_bytes(device))
-            loras, self.lora_notes = check_loras(config.loras, config.model, self.family, self.info)
-            if config.controlnets and self.family.pipeline(self.info.pipeline_class).controlnet:
-                raise ValueError(f"--controlnet: the model directory's {self.info.pipeline_class} holds its own "
-                                 "ControlNet; leave --controlnet out (or give the text-to-image model directory)")
-            controlnet_dirs = check_controlnets(config.controlnets, config.model, self.family, parallel,
-                                                cuda_graphs=config.cuda_graphs)
-        except ValueError as e:
-            error = str(e)
-        timeout = timedelta(seconds=config.timeout_s)
-        self.env = init_distributed(device, timeout)
-        # The first collective: everyone's preflight errors and configuration, compared.
-        # The resolved degrees are compared too: `--tp auto` is decided on each rank from its GPU.
-        agree("engine configuration", {**asdict(config), "degrees": parallel.degrees() if error is None else None,
-                                       "text_encoders": (self.text_encoders.plan.placement, self.text_encoders.plan.degrees)
-                                       if error is None else None}, error)
-        self.parallel = parallel
-        self.device = device
-        self.mesh = Mesh.build(parallel, device, timeout=timeout)
-        self.meshes = {parallel: self.mesh}
-        """Layout → its mesh, built once (engine/data_parallel.py switches between them)."""
-        if not self.mesh.is_first:
+        pre = preflight(config, parallel)  # every decision and check, no collective (engine/preflight.py)
+        self.env = init_distributed(pre.device, self.timeout)
+        pre.agree()  # the first collective: every rank's verdict and configuration, compared
+        self._adopt(pre)
+        mesh = self._mesh(pre.parallel)  # collective: the layout's process groups
+        if not mesh.is_first:
             _quiet_libraries()
-        # Collective: the text encoders' groups; then what each rank loads of them (none, a shard, all).
-        self.text_encoders.setup(self.mesh, timeout)
-        components = self.text_encoders.components(dtype=self.dtype, device=device, seed=config.weights_seed)
-        if parallel.tp > 1:
-            # Each rank reads / initialises only its TP shard of the denoiser (never the full weights).
-            components[self.family.denoiser] = load_sharded_denoiser(
-                config.model, self.family, tp=parallel.tp, tp_rank=self.mesh.coord("tp"), dtype=self.dtype,
-                device=device, seed=config.weights_seed,
-            )
-        with loading_bars(show=self.mesh.is_first):
-            self.pipe = load_pipeline(
-                config.model, dtype=self.dtype, device=device, seed=config.weights_seed, components=components
-            )
-        self.pipe.set_progress_bar_config(disable=not self.mesh.is_first, leave=False)
-        self.text_encoders.install(self.pipe)
-        # The engine's ControlNet(s): loaded from --controlnet, or the model directory's own.
-        self.controlnet = (load_controlnets(controlnet_dirs, self.family, dtype=self.dtype, device=device)
-                           if controlnet_dirs else getattr(self.pipe, "controlnet", None))
-        self.pipelines = Pipelines(self.pipe, self.family, self.info, self.dtype, on_new=self.text_encoders.install,
-                                   controlnet=self.controlnet)
-        """The loaded pipeline and its img2img / inpainting / PAG forms (engine/pipelines.py)."""
-        self.attention = ParallelAttention(self.mesh, config.attention_backend)
-        self.denoiser = getattr(self.pipe, self.family.denoiser)
-        shards = local_shards(self.denoiser, self.family.plan.tp_styles, parallel.tp, self.mesh.coord("tp")) if parallel.tp > 1 else {}
-        self.loras = LoraState(self.pipe, self.family, shards)
-        """LoRAs fused into this rank's weights (engine/lora.py)."""
-        self.loras.set(loras)
-        self.plan = apply_plan(self.denoiser, self.family.pipeline_plan, self.mesh, self.attention)
-        self.controlnet_plans = self.apply_controlnet_plans(self.mesh)
-        if config.compile:
-            from engine.runtime.compile import compile_denoiser
-
-            compile_denoiser(self.denoiser)
+        self._load(pre, mesh)
+        self.placement = self._place(pre.parallel)
+        """The layout applied: mesh, attention, plans (engine/placement.py; `use_layout` moves it)."""
+        self._compile()
         self.graphs = None
         """The CUDA-graphed denoiser forward (config.cuda_graphs), or None."""
         self.capture_graphs()
@@ -172,11 +80,111 @@ class Engine:
         self.gate = None
         """A PreparationGate (engine/runtime/gate.py) that every pipeline call runs inside, or None."""
 
-    def apply_controlnet_plans(self, mesh) -> list:
-        """The ControlNets' plans on `mesh` (none without a ControlNet)."""
-        if self.controlnet is None or self.family.controlnet is None:
-            return []
-        return apply_controlnet_plans(self.controlnet, self.family, mesh, self.attention)
+    # ------------------------------------------------------------------ the steps of __init__
+
+    def _adopt(self, pre: Preflight) -> None:
+        """What the preflight decided becomes the engine's."""
+        self.explicit_layout = pre.given is not None
+        """A ParallelConfig given by the caller is kept for every request (no per-batch choice)."""
+        self.model = pre.model
+        """The model's description (engine/loading/model.py), resolved once by the preflight."""
+        self.info, self.family = pre.info, pre.family
+        self.device, self.dtype = pre.device, pre.dtype
+        self.tp_note = pre.tp_note
+        """Why `--tp auto` chose TP (empty when it did not)."""
+        self.lora_notes = pre.lora_notes
+        """Notes on the LoRAs for the user (keys that match no layer)."""
+        self.text_encoders = pre.text_encoders
+        self.meshes: dict[ParallelConfig, Mesh] = {}
+        """Layout → its mesh, built once (`use_layout` switches between them)."""
+
+    def _mesh(self, parallel: ParallelConfig) -> Mesh:
+        """The mesh of `parallel`, built on first use (collective: new_group) and kept."""
+        if parallel not in self.meshes:
+            self.meshes[parallel] = Mesh.build(parallel, self.device, timeout=self.timeout)
+        return self.meshes[parallel]
+
+    def _load(self, pre: Preflight, mesh: Mesh) -> None:
+        """The text encoders' groups and shards, the denoiser's TP shard, the pipeline, its ControlNets and
+        pipeline forms, the LoRAs fused."""
+        # Collective: the text encoders' groups; then what each rank loads of them (none, a shard, all).
+        self.text_encoders.setup(mesh, self.timeout)
+        components = self.text_encoders.components(dtype=self.dtype, device=self.device, seed=self.config.weights_seed)
+        tp, tp_rank = pre.parallel.tp, mesh.coord("tp")
+        if tp > 1:
+            # Each rank reads / initialises only its TP shard of the denoiser (never the full weights).
+            components[self.family.denoiser] = load_sharded_denoiser(
+                self.model, self.family, tp=tp, tp_rank=tp_rank, dtype=self.dtype, device=self.device,
+                seed=self.config.weights_seed,
+            )
+        with loading_bars(show=mesh.is_first):
+            self.pipe = load_pipeline(self.model, dtype=self.dtype, device=self.device, seed=self.config.weights_seed,
+                                      components=components)
+        self.pipe.set_progress_bar_config(disable=not mesh.is_first, leave=False)
+        self.text_encoders.install(self.pipe)
+        # The engine's ControlNet(s): loaded from --controlnet, or the model directory's own.
+        self.controlnet = (load_controlnets(pre.controlnets, self.family, dtype=self.dtype, device=self.device)
+                           if pre.controlnets else getattr(self.pipe, "controlnet", None))
+        self.pipelines = Pipelines(self.pipe, self.family, self.info, self.dtype, on_new=self.text_encoders.install,
+                                   controlnet=self.controlnet)
+        """The loaded pipeline and its img2img / inpainting / PAG forms (engine/pipelines.py)."""
+        self.denoiser = getattr(self.pipe, self.family.denoiser)
+        shards = local_shards(self.denoiser, self.family.plan.tp_styles, tp, tp_rank) if tp > 1 else {}
+        self.loras = LoraState(self.pipe, self.family, shards)
+        """LoRAs fused into this rank's weights (engine/lora.py)."""
+        self.loras.set(pre.loras)
+
+    def _place(self, parallel: ParallelConfig) -> Placement:
+        """The denoiser and ControlNets split by their plans on `parallel`'s mesh."""
+        return Placement.apply(parallel, self._mesh(parallel), family=self.family, denoiser=self.denoiser,
+                               controlnet=self.controlnet, attention_backend=self.config.attention_backend)
+
+    def _compile(self) -> None:
+        if self.config.compile:
+            from engine.runtime.compile import compile_denoiser
+
+            compile_denoiser(self.denoiser)
+
+    # ------------------------------------------------------------------ the layout
+
+    @property
+    def timeout(self) -> timedelta:
+        """Of every process group: a dead peer ends the job after this long."""
+        return timedelta(seconds=self.config.timeout_s)
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        return self.placement.parallel
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.placement.mesh
+
+    @property
+    def attention(self):
+        return self.placement.attention
+
+    @property
+    def plan(self):
+        return self.placement.plan
+
+    @property
+    def controlnet_plans(self) -> list:
+        return self.placement.controlnet_plans
+
+    def use_layout(self, parallel: ParallelConfig) -> None:
+        """Move the plans onto the mesh of `parallel` (same processes, same weights).
+
+        Collective when that mesh is new (new_group), so every rank calls this with the same layout: the
+        caller agreed on the requests first, and the layout is a pure function of them.
+        """
+        if parallel == self.parallel:
+            return
+        self.placement.remove()
+        self.placement = self._place(parallel)
+        self.capture_graphs()
+        self.install_vae_split()
+        self.pipe.set_progress_bar_config(disable=not self.mesh.is_first, leave=False)
 
     def install_vae_split(self) -> None:
         """(Re)install the VAE's row split on the current mesh (its image group changes with the layout)."""
@@ -194,7 +202,7 @@ class Engine:
 
     def capture_graphs(self) -> None:
         """(Re)install the CUDA-graphed forward: graphs captured on one plan replay its collectives,
-        so a new plan (engine/data_parallel.use_layout) starts from no graphs."""
+        so a new plan (`use_layout`) starts from no graphs."""
         if self.graphs is not None:
             self.graphs.remove()
             self.graphs = None
@@ -212,47 +220,57 @@ class Engine:
         current ones, between requests, without reloading the base (engine/lora.py). Every rank calls it
         with the same list; no collective (ValueError, on every rank alike, for a bad file). Returns notes
         for the user (keys that match no layer)."""
-        specs, notes = check_loras(loras, self.config.model, self.family, self.info)
+        specs, notes = check_loras(loras, self.model, self.family, self.info)
         self.loras.set(specs)
         return notes
 
-    def check_request(self, request: GenerateRequest, parallel: ParallelConfig) -> PreparedCall:
-        """`request` on `parallel`, ready for its pipeline (engine/pipelines.py chooses it and reads the
-        input images); ValueError, no collective. The rules are engine/validation.py's, shared with the
-        CLI and the server."""
+    # ------------------------------------------------------------------ requests
+
+    def check_request(self, request: GenerateRequest, parallel: ParallelConfig | None = None) -> CheckedRequest:
+        """`request` on `parallel` (default: the current layout), checked and ready for its pipeline: the
+        form chosen, its input images read (engine/request_check.py); ValueError, no collective."""
         memory = available_bytes(self.device, _local_ranks())
-        checked = check_request(request, self.info, self.family, parallel, dtype=self.dtype, memory_bytes=memory,
-                                vae_parallel=self.config.vae_parallel, controlnets=len(self.config.controlnets))
-        return checked.call
+        return check_request(request, self.info, self.family, parallel or self.parallel, dtype=self.dtype,
+                             memory_bytes=memory, vae_parallel=self.config.vae_parallel,
+                             controlnets=len(self.config.controlnets))
+
+    def check_batch(self, requests: list[GenerateRequest]) -> CheckedBatch:
+        """`requests` checked once on this rank: the layout generate_batch will use for them, and each
+        request on it (no collective; ValueError). Hand the result to generate_batch, which then checks
+        nothing again."""
+        layout, why = choose_layout(self, list(requests))
+        return CheckedBatch(layout, why, tuple(self.check_request(r, layout) for r in requests))
 
     def choose_layout(self, requests: list[GenerateRequest]) -> tuple[ParallelConfig, str]:
         """The layout generate_batch will use for `requests` and why (no collective)."""
         return choose_layout(self, requests)
 
-    def generate_batch(self, requests: list[GenerateRequest], *, output_type: str = "pil", on_step=None) -> list | None:
+    def generate_batch(self, requests: list[GenerateRequest] | CheckedBatch, *, output_type: str = "pil",
+                       on_step=None) -> list | None:
         """Several images: spread over the dp ranks; results in request order on the first rank, None
-        on the others (engine/data_parallel.py). Every rank calls it with the same requests."""
+        on the others (engine/data_parallel.py). Every rank calls it with the same requests, or with its
+        `check_batch` of them."""
         return generate_batch(self, requests, output_type=output_type, on_step=on_step)
 
-    def generate(self, request: GenerateRequest, *, output_type: str = "pil", agreed: bool = False,
-                 on_step=None) -> GenerateResult:
-        """One request on every rank. `agreed`: generate_batch already checked it on every rank (the dp
-        ranks then run different requests, so no collective here). `on_step(step)`: called after every
-        denoising step on every rank; it may stop the call by raising (engine/runtime/stop.py)."""
-        error, layout = None, self.parallel
+    def generate(self, request: GenerateRequest, *, output_type: str = "pil", on_step=None) -> GenerateResult:
+        """One request on every rank. `on_step(step)`: called after every denoising step on every rank; it
+        may stop the call by raising (engine/runtime/stop.py)."""
+        error, checked, layout = None, None, self.parallel
         try:
-            if not agreed and self.family.layout is not None:
+            if self.family.layout is not None:
                 layout, _ = choose_layout(self, [request])
-            call = self.check_request(request, layout)
+            checked = self.check_request(request, layout)
         except ValueError as e:
-            error, call = str(e), None
-        if agreed:
-            assert error is None, error
-        else:
-            # The input images' pixel hashes too: every rank must have read the same pictures.
-            agree("request", {**request.to_dict(), "inputs": call and call.records}, error)
-            use_layout(self, layout)
-        height, width = call.height, call.width
+            error = str(e)
+        # The input images' pixel hashes too: every rank must have read the same pictures.
+        agree("request", checked.agreed_form() if checked is not None else None, error)
+        self.use_layout(layout)
+        return self.run(checked, output_type=output_type, on_step=on_step)
+
+    def run(self, checked: CheckedRequest, *, output_type: str = "pil", on_step=None) -> GenerateResult:
+        """A checked request on the current layout, which it was checked for: the pipeline call alone (no
+        check, no agreement: generate and generate_batch did both)."""
+        request, call = checked.request, checked.call
         pipe = self.pipelines.get(call.spec)
         self.pipelines.bind(pipe, call, self.plan, self.denoiser, self.controlnet_plans)
         if self.graphs is not None and self.pipelines.processors_changed(call):
@@ -282,15 +300,15 @@ class Engine:
         seconds = time.perf_counter() - start
         params = {
             **request.to_dict(),
-            "height": height,
-            "width": width,
+            "height": call.height,
+            "width": call.width,
             "model": self.config.model,
             "pipeline": call.spec.cls,
             "inputs": call.records,
             "loras": self.loras.records,
             "controlnets": list(self.config.controlnets),
             "layout": self.parallel.describe(),
-            "size": [width, height],
+            "size": [call.width, call.height],
             "parallel": self.parallel.degrees(),
             "tp_comm": self.parallel.tp_comm,
             "text_encoders": self.text_encoders.plan.placement,
@@ -315,11 +333,10 @@ class Engine:
         with self.gate.pipeline_call():
             return pipe(**kwargs)
 
-    def describe_vae(self, request: GenerateRequest, layout: ParallelConfig | None = None) -> str:
-        """What the VAE decode of `request` will do on `layout` (default: the current one), for the layout line."""
-        layout = layout or self.parallel
-        call = self.check_request(request, layout)
-        return vae_parallel.describe(self, layout.world_size // layout.dp, call.height, call.width)
+    def describe_vae(self, batch: CheckedBatch) -> str:
+        """What the VAE decode of the batch's first request will do on its layout, for the layout line."""
+        first, layout = batch.requests[0], batch.layout
+        return vae_parallel.describe(self, layout.world_size // layout.dp, first.height, first.width)
 
     def close(self) -> None:
         if self.graphs is not None:
@@ -328,15 +345,8 @@ class Engine:
         if self.vae_split is not None:
             self.vae_split.remove()
             self.vae_split = None
-        self.plan.remove()
-        for plan in self.controlnet_plans:
-            plan.remove()
+        self.placement.remove()
         self.text_encoders.remove()
-
-
-def _gpu_bytes(device: torch.device) -> int | None:
-    """One GPU's total memory (the same on every rank of a node of one GPU kind); None on CPU."""
-    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
 def _local_ranks() -> int:

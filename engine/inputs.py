@@ -1,52 +1,24 @@
 """Image inputs of a request (img2img, inpainting, Fill, Kontext, Control): read, checked, recorded.
 
 A request names its images by path or passes PIL images (`GenerateRequest.image`, `mask_image`,
-`control_image`). Every rank reads and checks them before the first collective (missing, unreadable,
-not an image: one ValueError line), converts them as the pipelines expect (images RGB; masks one
-channel, white = repaint) and records each in the output's metadata by the hash of its pixels
-(engine/image_io.py `image_sha256`). Another image input (a ControlNet's conditioning image) is one
+`control_image`); their types and combinations are checked when it is built (engine/validation.py).
+Every rank reads them once, in its request check (engine/request_check.py), before the first
+collective (missing, unreadable, not an image: one ValueError line), converts them as the pipelines
+expect (images RGB; masks one channel, white = repaint) and records each in the output's metadata by
+the hash of its pixels (engine/image_io.py `image_sha256`). Another image input (a ControlNet's conditioning image) is one
 more entry in `IMAGE_FIELDS` and in the `inputs` of the pipelines that take it.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from .image_io import image_sha256
+from .validation import FLAGS, IMAGE_FIELDS
 
-IMAGE_FIELDS = {"image": "RGB", "mask_image": "L", "control_image": "RGB"}
-"""Request field → the PIL mode the pipelines get it in."""
-FLAGS = {"image": "--image", "mask_image": "--mask-image", "control_image": "--control-image",
-         "strength": "--strength", "pag_scale": "--pag-scale", "controlnet": "--controlnet"}
-
-
-def _is_image_value(value) -> bool:
-    return isinstance(value, (str, os.PathLike, Image.Image))
-
-
-def check_request_inputs(request) -> None:
-    """What can be said of a request's image inputs without the model: types, ranges, combinations."""
-    for name in IMAGE_FIELDS:
-        value = getattr(request, name)
-        if value is not None and not _is_image_value(value):
-            raise ValueError(f"{FLAGS[name]} must be a path or a PIL image, got {type(value).__name__}")
-    if request.mask_image is not None and request.image is None:
-        raise ValueError("--mask-image needs --image: the mask says which part of that image to repaint")
-    if request.strength is not None:
-        if not 0 < request.strength <= 1:
-            raise ValueError(f"--strength must be in (0, 1] (the share of the denoising redone from the input "
-                             f"image), got {request.strength}")
-        if request.image is None:
-            raise ValueError("--strength is how far to move away from an input image: it needs --image")
-        if request.steps * request.strength < 1:
-            raise ValueError(f"--strength {request.strength} × --steps {request.steps} leaves no denoising step; "
-                             "raise --steps or --strength")
-    if request.pag_scale is not None and not request.pag_scale > 0:
-        raise ValueError(f"--pag-scale must be > 0 (leave it out for no perturbed-attention guidance), "
-                         f"got {request.pag_scale}")
+__all__ = ["FLAGS", "IMAGE_FIELDS", "default_size", "describe", "fit", "load_image", "load_inputs", "record"]
 
 
 def load_image(value, name: str) -> Image.Image:

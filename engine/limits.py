@@ -47,17 +47,18 @@ class ModelLimits:
 
 
 def model_limits(model) -> ModelLimits:
-    """The limits of `model` (a preset, a built-in model or a diffusers directory), from configs only."""
-    from engine.loading.inspect import is_preset
+    """The limits of `model` (a preset, a built-in model or a diffusers directory, or its description),
+    from configs only."""
+    from engine.loading import resolve_model
 
-    if is_preset(model):
-        from engine.models import PRESETS
+    model = resolve_model(model)
+    if model.preset is not None:
         from engine.presets import tokenizer as tok
 
         lengths = [tok.CLIP_MAX_LENGTH if kind == "clip" else tok.T5_MAX_LENGTH if kind == "t5" else tok.CHAT_MAX_LENGTH
-                   for kind in PRESETS[model].tokenizers.values()]
+                   for kind in model.preset.tokenizers.values()]
     else:
-        lengths = _directory_tokenizer_lengths(model)
+        lengths = _directory_tokenizer_lengths(model.path)
     lengths = [n for n in lengths if isinstance(n, int) and not isinstance(n, bool) and 0 < n < TOKENIZER_SANITY]
     return ModelLimits(max_sequence_length=max(lengths) if lengths else None)
 
@@ -65,10 +66,8 @@ def model_limits(model) -> ModelLimits:
 def _directory_tokenizer_lengths(model) -> list:
     import json
 
-    from engine.loading.safety import model_dir
-
     out = []
-    for config in sorted(Path(model_dir(model)).glob("tokenizer*/tokenizer_config.json")):
+    for config in sorted(Path(model).glob("tokenizer*/tokenizer_config.json")):
         try:
             out.append(json.loads(config.read_text()).get("model_max_length"))
         except (OSError, ValueError):

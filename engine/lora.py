@@ -140,7 +140,7 @@ def match_keys(state: dict, skeletons: dict[str, torch.nn.Module]) -> tuple[list
     return matched, unmatched
 
 
-def check_loras(values, model: str, family, info) -> tuple[list[LoraSpec], list[str]]:
+def check_loras(values, model, family, info) -> tuple[list[LoraSpec], list[str]]:
     """Parsed LoRAs and notes for the user (keys that match nothing), checked against the model's configs
     (components on the meta device: names only, no memory) before any weight or collective; ValueError
     for a file that cannot be used."""
@@ -184,30 +184,24 @@ def _is_component(name: str, family) -> bool:
     return name == family.denoiser or name.startswith("text_encoder")
 
 
-def empty_component(model: str, name: str) -> torch.nn.Module | None:
-    """Component `name` of `model` (preset or directory) on the meta device, from its config; None if the
-    model has no such component."""
+def empty_component(model, name: str) -> torch.nn.Module | None:
+    """Component `name` of `model` (preset, directory or its description) on the meta device, from its
+    config; None if the model has no such component."""
     from accelerate import init_empty_weights
 
-    from engine.loading.inspect import is_preset
-    from engine.loading.safety import model_dir, read_model_index
-    from engine.loading.sharded import empty_from_directory
-    from engine.models import get_preset
+    from engine.loading.model import resolve_model
 
-    if is_preset(model):
-        spec = get_preset(model)
-        return spec.empty_model(name) if name in spec.components else None
-    path = model_dir(model)
-    entry = read_model_index(path).get(name)
-    if not (isinstance(entry, list) and len(entry) == 2 and (path / name / "config.json").is_file()):
+    model = resolve_model(model)
+    entry = model.components.get(name)
+    if entry is None:
         return None
     library, cls_name = entry
-    if library == "diffusers":
-        return empty_from_directory(path / name)
+    if model.preset is not None or library == "diffusers":
+        return model.empty_model(name)
     import transformers
 
     cls = getattr(transformers, cls_name)
-    config = cls.config_class.from_pretrained(path / name, local_files_only=True)
+    config = cls.config_class.from_pretrained(model.folder(name), local_files_only=True)
     with init_empty_weights(include_buffers=False):
         return cls(config)
 

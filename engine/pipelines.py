@@ -115,7 +115,7 @@ def fit_call(cls_name: str, kwargs: dict) -> dict:
 
 def prepare_call(request, info, family, resolve_size, *, controlnets: int = 0) -> PreparedCall:
     """Choose the pipeline, read the input images, build the call; ValueError for bad input, no
-    collective, no weights (engine/validation.py runs it for the CLI, the API and the server).
+    collective, no weights (engine/request_check.py runs it for the CLI, the API and the server).
     `resolve_size(request, default)` → (height, width): the size rule, `default` the input image's size.
     `controlnets`: how many ControlNets the engine holds."""
     spec = choose(family, info.pipeline_class, request, controlnets=controlnets)

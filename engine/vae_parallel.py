@@ -20,11 +20,12 @@ from engine.loading.inspect import component_class
 from engine.models.vae import auto_splits, vae_plan
 
 
-def preflight(config) -> None:
-    """ValueError (before any collective) where `on` cannot hold: the VAE class has no row-split plan."""
+def preflight(config, model=None) -> None:
+    """ValueError (before any collective) where `on` cannot hold: the VAE class has no row-split plan.
+    `model`: config.model's description (engine/loading/model.py), where the caller has it."""
     if config.vae_parallel != "on":
         return
-    cls = component_class(config.model, "vae")
+    cls = component_class(model or config.model, "vae")
     if cls is None or vae_plan(cls) is None:
         from engine.models.vae import VAE_PLANS
 
@@ -56,7 +57,7 @@ def install(engine):
 
 def check_vae_rows(mode: str, info, image_ranks: int, height: int) -> None:
     """ValueError for an `on` request whose latent rows cannot give every rank one (pure: the
-    request check of engine/validation.py calls it)."""
+    request check of engine/request_check.py calls it)."""
     if mode != "on" or image_ranks == 1:
         return
     rows = height // info.vae_scale_factor

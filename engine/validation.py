@@ -1,36 +1,28 @@
-"""Checking what a user asks for before any rank works on it: one set of rules for the CLI, the Python
-API (Engine.generate) and the server's controller.
+"""The pure half of checking what a user asks for: fields, sizes and numbers, from values alone.
 
-- `check_fields(request)`: the request's own values (run when a GenerateRequest is built): prompt,
-  positive sizes and counts, finite guidance scales (`--guidance nan` is refused, not run), a seed that
-  torch.Generator takes (0 … 2**64 - 1; beyond that every rank would die with "Overflow when unpacking
-  long long").
-- `check_request(request, info, family, layout, memory_bytes)`: the request against the model and the
-  layout it will run on: size multiples (naming the nearest valid sizes), true CFG needs a negative
-  prompt, the family's own refusals, CFG-parallel needs guidance, even TP token pieces, and memory:
-  a size whose tensors cannot fit is refused here with its count (see `needed_bytes`), not by an
-  allocator traceback on every rank.
-- `check_requests(requests, target)`: a batch, as the server's controller sees it: the layout the
-  engine will choose for it (engine/data_parallel.choose_layout, the same function) and every request.
-- Output files (the CLI's): engine.image_io.resolve_output_path, before the generation.
+Nothing here reads a file, asks a GPU or touches a process group, and it imports neither torch.distributed
+nor the engine's heavy parts: engine/config.py runs `check_fields` whenever a GenerateRequest is built
+(the CLI, the Python API and the server alike), and the server's controller checks sizes before any rank
+exists. What needs the world — the input images, the model's pipeline forms, the memory a rank can still
+allocate — is engine/request_check.py, which builds on this.
 
-All of it is pure: no collective, no weights, no GPU work — only the model's configs (`ModelInfo` from
-`engine.loading.inspect_model`, its `Family`) and a memory figure the caller measured
-(`available_bytes`). Every message is one line and a `ValueError`.
+- `check_fields(request)`: the request's own values: prompt, positive sizes and counts, finite guidance
+  scales (`--guidance nan` is refused, not run), a seed that torch.Generator takes (0 … 2**64 - 1; beyond
+  that every rank would die with "Overflow when unpacking long long"), the input images' types, ranges
+  and combinations.
+- `resolve_size(request, info)`: the output size and its multiples (naming the nearest valid sizes).
+- `needed_bytes(...)`: the memory rule, a floor counted from the ModelInfo.
+
+Every message is one line and a `ValueError`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+import sys
 
 import torch
-
-from shardiff_parallel.config import ParallelConfig
-from shardiff_parallel.tensor_seq import check_token_split
-
-from .vae_parallel import check_vae_rows
 
 SEED_MAX = 2**64 - 1
 """torch.Generator.manual_seed takes any integer that fits 64 bits."""
@@ -40,38 +32,10 @@ ACTIVATION_WIDTHS = 2, 4
 stream and its normalised copy (2, never split by TP) while the MLP's hidden layer (4 widths wide in
 every family's blocks, split by TP) is being computed."""
 
-
-@dataclass(frozen=True)
-class CheckedRequest:
-    family_kwargs: dict
-    """The pipeline's arguments but size, steps, generator and output type: prompt, guidance, input
-    images, strength, pag_scale, … (engine/pipelines.py)."""
-    height: int
-    width: int
-    call: object = None
-    """The PreparedCall (engine/pipelines.py): the pipeline class chosen, its arguments, the branch count
-    and the input images' records."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """What a batch of requests is checked against, without the engine: the attributes of an Engine
-    that engine/data_parallel.choose_layout reads, and the memory one rank has for activations."""
-
-    info: object
-    """ModelInfo (engine.loading.inspect_model)."""
-    family: object
-    """Family (engine.models.family)."""
-    config: object
-    """EngineConfig."""
-    parallel: ParallelConfig
-    """The layout the engine was built on (what every rank reports once loaded)."""
-    explicit_layout: bool = False
-    tp_note: str = ""
-    memory_bytes: int | None = None
-    """Bytes one rank can still allocate (the smallest over the ranks); None: not checked."""
-    dtype: torch.dtype = torch.float32
-    """The precision the ranks run in (what they report once loaded)."""
+IMAGE_FIELDS = {"image": "RGB", "mask_image": "L", "control_image": "RGB"}
+"""Request field → the PIL mode the pipelines get it in (engine/inputs.py reads them)."""
+FLAGS = {"image": "--image", "mask_image": "--mask-image", "control_image": "--control-image",
+         "strength": "--strength", "pag_scale": "--pag-scale", "controlnet": "--controlnet"}
 
 
 # ------------------------------------------------------------------------------------ fields
@@ -110,9 +74,7 @@ def check_fields(request) -> None:
             raise ValueError("--controlnet-scale: give at least one value")
     if request.control_mode is not None:
         _integer("--control-mode", request.control_mode, low=0)
-    from .inputs import check_request_inputs
-
-    check_request_inputs(request)  # input images, strength, pag_scale (engine/inputs.py)
+    _check_inputs(request)
 
 
 def _integer(name: str, v, *, low: int, high: int | None = None, high_text: str = "", hint: str = "") -> None:
@@ -124,7 +86,37 @@ def _integer(name: str, v, *, low: int, high: int | None = None, high_text: str 
         raise ValueError(f"{name} must be {what}{f' ({hint})' if hint else ''}, got {v}")
 
 
-# ------------------------------------------------------------------------------------ request × model
+def _is_image_value(value) -> bool:
+    """A path, or a PIL image (which exists only where PIL was imported: no import needed to tell)."""
+    if isinstance(value, (str, os.PathLike)):
+        return True
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(value, pil.Image)
+
+
+def _check_inputs(request) -> None:
+    """What can be said of a request's image inputs without reading them: types, ranges, combinations."""
+    for name in IMAGE_FIELDS:
+        value = getattr(request, name)
+        if value is not None and not _is_image_value(value):
+            raise ValueError(f"{FLAGS[name]} must be a path or a PIL image, got {type(value).__name__}")
+    if request.mask_image is not None and request.image is None:
+        raise ValueError("--mask-image needs --image: the mask says which part of that image to repaint")
+    if request.strength is not None:
+        if not 0 < request.strength <= 1:
+            raise ValueError(f"--strength must be in (0, 1] (the share of the denoising redone from the input "
+                             f"image), got {request.strength}")
+        if request.image is None:
+            raise ValueError("--strength is how far to move away from an input image: it needs --image")
+        if request.steps * request.strength < 1:
+            raise ValueError(f"--strength {request.strength} × --steps {request.steps} leaves no denoising step; "
+                             "raise --steps or --strength")
+    if request.pag_scale is not None and not request.pag_scale > 0:
+        raise ValueError(f"--pag-scale must be > 0 (leave it out for no perturbed-attention guidance), "
+                         f"got {request.pag_scale}")
+
+
+# ------------------------------------------------------------------------------------ sizes and memory
 
 
 def nearest_multiples(value: int, multiple: int) -> str:
@@ -145,41 +137,6 @@ def resolve_size(request, info, default: tuple[int, int] | None = None) -> tuple
                 f"(VAE factor × patch size); use {nearest_multiples(v, m)}"
             )
     return height, width
-
-
-def check_request(request, info, family, layout: ParallelConfig, *, dtype: torch.dtype = torch.float32,
-                  memory_bytes: int | None = None, vae_parallel: str = "auto", controlnets: int = 0) -> CheckedRequest:
-    """`request` on `family`'s model `info`, run on `layout`; ValueError (one line), no collective.
-
-    `memory_bytes`: what one rank can still allocate (`available_bytes`); None skips the memory check.
-    `vae_parallel`: the engine's --vae-parallel (`on` needs a latent row per rank of the image).
-    `controlnets`: the ControlNets the engine holds (the request then runs the ControlNet form).
-    """
-    from .pipelines import prepare_call
-
-    check_fields(request)
-    if request.negative_prompt is None and request.true_cfg_scale > 1:
-        raise ValueError("--true-cfg-scale > 1 needs a --negative-prompt")
-    # The pipeline class the request selects (img2img, inpainting, PAG, …) and its arguments.
-    call = prepare_call(request, info, family, lambda r, default: resolve_size(r, info, default),
-                        controlnets=controlnets)
-    family_kwargs, height, width = call.kwargs, call.height, call.width
-    family.check_cfg(layout.degrees(), family_kwargs, info, call.branches)
-    family.check_size(info, layout, height, width)
-    check_vae_rows(vae_parallel, info, layout.world_size // layout.dp, height)
-    if layout.tp_sequence and family.token_counts is not None:
-        # Even TP pieces of every sp piece, checked here so that the mistake is reported once, up front.
-        counts = family.token_counts(info, family_kwargs, height, width)
-        check_token_split(counts, sp=layout.sp, tp=layout.tp)
-    if memory_bytes is not None:
-        need, what = needed_bytes(request, info, family, family_kwargs, layout, height, width, dtype)
-        if need > memory_bytes:
-            raise ValueError(
-                f"--height {height} --width {width} needs at least {need / 2**30:.1f} GiB on each rank ({what}), "
-                f"more than the {memory_bytes / 2**30:.1f} GiB it can allocate; use a smaller size"
-                + (" or more ranks (--ulysses/--ring split the tokens)" if "denoiser" in what else "")
-            )
-    return CheckedRequest(family_kwargs, height, width, call)
 
 
 def needed_bytes(request, info, family, family_kwargs: dict, layout: ParallelConfig, height: int, width: int,
@@ -212,37 +169,4 @@ def needed_bytes(request, info, family, family_kwargs: dict, layout: ParallelCon
 
 
 def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def available_bytes(device: torch.device, local_ranks: int = 1) -> int:
-    """What one rank can still allocate: on a GPU, its free memory plus what PyTorch's allocator holds
-    unused; on the CPU, the machine's available RAM shared by the `local_ranks` processes on it."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    return _cpu_available() // max(1, local_ranks)
-
-
-def _cpu_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def check_requests(requests: list, target: Target) -> tuple[ParallelConfig, str, list[CheckedRequest]]:
-    """(layout, why, each request checked) for a batch, from `target` alone — what the engine's
-    generate_batch will do, decided before any rank is involved."""
-    from engine.data_parallel import choose_layout
-
-    layout, why = choose_layout(target, requests)
-    checked = [check_request(r, target.info, target.family, layout, dtype=target.dtype,
-                             memory_bytes=target.memory_bytes, vae_parallel=target.config.vae_parallel,
-                             controlnets=len(target.config.controlnets))
-               for r in requests]
-    return layout, why, checked
+    return dtype.itemsize

@@ -2,6 +2,11 @@
 
 Users should not need to know torchrun. We only decide how many processes, which
 module, and a few environment defaults; everything after `--` goes to the module.
+
+Where the processes run (`resolve_procs`): one per GPU where there are GPUs for them, CPU processes
+(gloo) otherwise. `--procs N` on a machine with fewer than N GPUs runs N CPU processes and says so
+(CUDA is hidden from them, so the engine picks the CPU by itself); `--gpus N` is an explicit request
+for GPUs and stays an error there.
 """
 from __future__ import annotations
 
@@ -37,6 +42,20 @@ REPORTED_ENV = (
 )
 
 
+@dataclass(frozen=True)
+class Procs:
+    """How many processes, and where they run."""
+
+    n: int
+    on_gpu: bool
+    note: str = ""
+    """One line when they run on the CPU although GPUs are visible (--procs beyond the visible GPUs)."""
+
+    @property
+    def hides_gpus(self) -> bool:
+        return bool(self.note)
+
+
 @dataclass
 class Plan:
     """Everything needed to run (or show) one launch."""
@@ -49,6 +68,7 @@ class Plan:
     argv: list[str]  # arguments for torch.distributed.run, without the interpreter
     env: dict[str, str]  # full environment for torchrun
     added_env: dict[str, str] = field(default_factory=dict)  # what we defaulted
+    note: str = ""  # why CPU processes on a machine with GPUs (Procs.note)
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", *self.argv]
@@ -60,7 +80,7 @@ class Plan:
 
     def summary(self) -> str:
         where = f"{self.nproc} GPU process(es) (nccl)" if self.on_gpu else (
-            f"{self.nproc} CPU process(es) (gloo, no CUDA visible)")
+            f"{self.nproc} CPU process(es) (gloo, {'CUDA hidden' if self.note else 'no CUDA visible'})")
         extra = ", ".join(f"{k}={v}" for k, v in self.added_env.items())
         return (f"launch: {self.module} on {where} via torchrun --standalone"
                 + (f"; defaults: {extra}" if extra else ""))
@@ -75,19 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
             "Examples:\n"
             "  python -m launch --gpus 4 -- --prompt 'a red fox' --out fox.png\n"
             "  python -m launch --gpus 2 --module engine.bench -- --steps 10\n"
-            "  python -m launch --procs 2 -- ...   # no CUDA: 2 CPU processes, gloo"),
+            "  python -m launch --procs 2 -- ...   # fewer than 2 GPUs: 2 CPU processes, gloo"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # `--gpu` must not silently mean --gpus
     )
     n = p.add_mutually_exclusive_group()
     n.add_argument(
         "--gpus", type=int, metavar="N",
-        help="number of processes, one per GPU (default: all visible CUDA GPUs). "
-             "On a machine without CUDA, N CPU processes using gloo.")
+        help="number of processes, one per GPU (default: all visible CUDA GPUs); "
+             "more than the visible GPUs is an error. On a machine without CUDA, "
+             "N CPU processes using gloo.")
     n.add_argument(
         "--procs", type=int, metavar="N",
-        help="same as --gpus; reads better on a machine without CUDA, where it "
-             "runs N CPU processes using gloo (slow; for testing).")
+        help="number of processes: one per GPU where there are N GPUs, otherwise "
+             "N CPU processes using gloo (slow; for testing), also on a machine "
+             "with fewer GPUs (said in one line).")
     p.add_argument(
         "--module", default=DEFAULT_MODULE,
         help=f"Python module each process runs with -m (default: {DEFAULT_MODULE}).")
@@ -106,20 +128,29 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def resolve_nproc(requested: int | None, visible_gpus: int) -> int:
-    """Validate the process count against the machine; None means all GPUs."""
+def resolve_procs(gpus: int | None, procs: int | None, visible_gpus: int) -> Procs:
+    """The processes `--gpus` / `--procs` ask for on a machine with `visible_gpus` GPUs (ValueError)."""
+    requested = gpus if gpus is not None else procs
     if requested is None:
         if visible_gpus == 0:
             raise ValueError(
                 "no CUDA GPUs visible; pass --procs N to run N CPU processes with gloo")
-        return visible_gpus
+        return Procs(visible_gpus, on_gpu=True)
     if requested < 1:
         raise ValueError(f"--gpus/--procs must be at least 1, got {requested}")
-    if visible_gpus and requested > visible_gpus:
+    if visible_gpus == 0:
+        return Procs(requested, on_gpu=False)
+    if requested <= visible_gpus:
+        return Procs(requested, on_gpu=True)
+    if gpus is not None:
         raise ValueError(
             f"--gpus {requested} asks for more GPUs than the {visible_gpus} visible "
-            "(check CUDA_VISIBLE_DEVICES); one process per GPU is required")
-    return requested
+            "(check CUDA_VISIBLE_DEVICES); one process per GPU is required; "
+            f"--procs {requested} runs {requested} CPU processes instead")
+    them = "GPU" if visible_gpus == 1 else f"{visible_gpus} GPUs"
+    return Procs(requested, on_gpu=False, note=(
+        f"{requested} processes asked for, {visible_gpus} GPU{'s' if visible_gpus > 1 else ''} visible: "
+        f"running {requested} CPU processes (gloo); use --gpus {visible_gpus} for the {them}"))
 
 
 def check_module_name(module: str) -> None:
@@ -142,9 +173,14 @@ def check_module_importable(module: str) -> None:
 
 
 def env_defaults(environ: Mapping[str, str], nproc: int, on_gpu: bool,
-                 cpus: int) -> dict[str, str]:
-    """Variables to add; a value already in `environ` always wins."""
+                 cpus: int, hide_gpus: bool = False) -> dict[str, str]:
+    """Variables to add; a value already in `environ` always wins, but for
+    CUDA_VISIBLE_DEVICES when `hide_gpus` (CPU processes on a machine with GPUs)."""
     add: dict[str, str] = {}
+    if hide_gpus:
+        # The engine (and any module) then finds no GPU and runs on the CPU with gloo, as launched:
+        # several processes cannot share the fewer GPUs one per process.
+        add["CUDA_VISIBLE_DEVICES"] = ""
     if "OMP_NUM_THREADS" not in environ:
         # torchrun would set 1, starving CPU ops (and CPU runs) of cores;
         # splitting the cores evenly avoids both that and oversubscription.
@@ -171,18 +207,18 @@ def plan(argv: Sequence[str], environ: Mapping[str, str] | None = None, *,
             f"unknown launcher option(s) {' '.join(unknown)}; arguments for the "
             "module go after `--`, e.g. python -m launch --gpus 2 -- --prompt ...")
     gpus = topology.visible_gpus() if visible_gpus is None else visible_gpus
-    nproc = resolve_nproc(args.gpus if args.gpus is not None else args.procs, gpus)
+    procs = resolve_procs(args.gpus, args.procs, gpus)
     check_module_name(args.module)
     # --dry-run shows the command even if the module is not written yet.
     if check_module and not args.dry_run:
         check_module_importable(args.module)
-    added = env_defaults(environ, nproc, gpus > 0,
-                         topology.usable_cpus() if cpus is None else cpus)
-    torchrun_argv = ["--standalone", "--nproc-per-node", str(nproc),
+    added = env_defaults(environ, procs.n, procs.on_gpu,
+                         topology.usable_cpus() if cpus is None else cpus, hide_gpus=procs.hides_gpus)
+    torchrun_argv = ["--standalone", "--nproc-per-node", str(procs.n),
                      "-m", args.module, *module_args]
-    return Plan(nproc=nproc, module=args.module, module_args=module_args,
-                on_gpu=gpus > 0, dry_run=args.dry_run, argv=torchrun_argv, env={**environ, **added},
-                added_env=added)
+    return Plan(nproc=procs.n, module=args.module, module_args=module_args,
+                on_gpu=procs.on_gpu, dry_run=args.dry_run, argv=torchrun_argv, env={**environ, **added},
+                added_env=added, note=procs.note)
 
 
 def run(p: Plan) -> int:
@@ -211,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"launch: error: {exc}", file=sys.stderr)
         return 2
+    if p.note:
+        print(f"launch: {p.note}", file=sys.stderr)
     if p.dry_run:
         print(p.shell_line())
         return 0

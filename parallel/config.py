@@ -14,34 +14,55 @@ AXES = ("dp", "cfg", "ring", "ulysses", "tp")
 # The forms of TP communication: parallel/tensor.py (all-reduce), parallel/tensor_seq.py (sequence, and
 # overlap: the sequence form with each gather / reduce-scatter fused with its matmul).
 TP_COMMS = ("allreduce", "sequence", "overlap")
+UNSET_AXES = ("ring", "ulysses", "tp")
+"""Axes whose degree a request may leave to the engine (None)."""
 
 
 @dataclass(kw_only=True, frozen=True)
-class ParallelConfig:
+class Degrees:
+    """The degree of each mesh axis, declared once: as asked for (EngineConfig, the CLI's --dp … --tp-comm,
+    where ring, ulysses and tp may stay unset for the engine to choose) and, resolved, as ParallelConfig."""
+
     dp: int = 1
-    """Data parallel: independent images on different ranks."""
+    """Data-parallel degree: independent images on different ranks."""
     cfg: int = 1
-    """CFG parallel: the guidance branches on different ranks (1, 2 or 3: PAG with CFG runs three)."""
-    ring: int = 1
-    """Ring attention degree: K/V blocks travel around a ring of ranks."""
-    ulysses: int = 1
-    """Ulysses degree: all-to-all from sequence shards to head shards."""
-    tp: int = 1
-    """Tensor parallel degree: attention heads and MLP columns sharded."""
+    """CFG-parallel degree: the guidance branches on different ranks (1, 2 or 3: PAG with CFG runs three)."""
+    ring: int | None = None
+    """Ring-attention degree: K/V blocks travel around a ring of ranks. Unset: what the ranks left after
+    dp × cfg × tp × ulysses make (resolve_degrees)."""
+    ulysses: int | None = None
+    """Ulysses degree: all-to-all from sequence shards to head shards. Unset: the largest share of the ranks
+    left after dp × cfg × tp that divides the heads; ring takes the rest (resolve_degrees)."""
+    tp: int | None = None
+    """Tensor-parallel degree: attention heads and MLP columns sharded. Unset (--tp auto): 1, unless the
+    weights do not fit one GPU; then the smallest degree that makes them fit (engine/loading/auto_tp.py)."""
     tp_comm: str = "allreduce"
-    """How TP communicates: "allreduce" (every TP rank holds all tokens between TP regions),
-    "sequence" (each holds 1/tp of them: reduce-scatter / all-gather, parallel/tensor_seq.py) or
-    "overlap" (the sequence form with the long collectives fused with their matmuls, which hides them
-    on CUDA: parallel/collective_matmul.py). No effect with tp 1."""
+    """How TP communicates: "allreduce" (every TP rank holds all tokens between TP regions); "sequence"
+    (each holds 1/tp of them: reduce-scatter / all-gather, parallel/tensor_seq.py); or "overlap" (the
+    sequence form with the long collectives fused with their matmuls, which hides them on CUDA GPUs:
+    parallel/collective_matmul.py; the fastest TP from 1536² up). No effect with tp 1."""
 
     def __post_init__(self):
         for a in AXES:
             v = getattr(self, a)
+            if v is None and a in UNSET_AXES:
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"--{a} must be a positive integer, got {v!r}")
         if self.cfg > 3:
             raise ValueError(f"--cfg is 1, 2 or 3 (guidance branches: uncond, cond and PAG's perturbed one), got {self.cfg}")
         check_tp_comm(self.tp_comm)
+
+
+@dataclass(kw_only=True, frozen=True)
+class ParallelConfig(Degrees):
+    """The resolved degrees of one layout: every axis a number (an axis left unset is 1)."""
+
+    def __post_init__(self):
+        for a in UNSET_AXES:
+            if getattr(self, a) is None:
+                object.__setattr__(self, a, 1)
+        super().__post_init__()
 
     @property
     def world_size(self) -> int:

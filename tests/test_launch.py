@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import cli
+from launch import cli, topology
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,52 @@ def test_env_defaults_do_not_override_user_values():
 def test_invalid_arguments(argv, gpus, message):
     with pytest.raises(ValueError, match=message):
         _plan(argv, gpus=gpus)
+
+
+def test_procs_beyond_the_visible_gpus_run_on_the_cpu():
+    # One GPU, two processes asked for: two CPU processes, CUDA hidden from them (the engine then takes the
+    # CPU and gloo by itself), and one line saying so.
+    p = _plan(["--procs", "2", "--", "--prompt", "x"], {"CUDA_VISIBLE_DEVICES": "0"}, gpus=1, cpus=8)
+    assert p.nproc == 2 and not p.on_gpu
+    assert p.env["CUDA_VISIBLE_DEVICES"] == "" and p.added_env == {"OMP_NUM_THREADS": "4", "CUDA_VISIBLE_DEVICES": ""}
+    assert p.note == ("2 processes asked for, 1 GPU visible: running 2 CPU processes (gloo); "
+                      "use --gpus 1 for the GPU")
+    assert "CUDA hidden" in p.summary() and "2 CPU process(es)" in p.summary()
+    three = _plan(["--procs", "3"], gpus=2)
+    assert not three.on_gpu and three.note.endswith("use --gpus 2 for the 2 GPUs")
+    # Enough GPUs: one per process, nothing hidden; --gpus is an explicit request for GPUs.
+    two = _plan(["--procs", "2"], gpus=2)
+    assert two.on_gpu and not two.note and "CUDA_VISIBLE_DEVICES" not in two.env
+    with pytest.raises(ValueError, match="--gpus 2 asks for more GPUs than the 1 visible.*--procs 2 runs 2 CPU"):
+        _plan(["--gpus", "2"], gpus=1)
+    # No CUDA at all: CPU processes, nothing to hide or say.
+    cpu = _plan(["--procs", "2"], gpus=0)
+    assert not cpu.on_gpu and not cpu.note and "CUDA_VISIBLE_DEVICES" not in cpu.env
+
+
+def test_fallback_is_said_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(topology, "visible_gpus", lambda: 1)
+    assert cli.main(["--procs", "2", "--dry-run", "--", "--prompt", "x"]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == ["launch: 2 processes asked for, 1 GPU visible: running 2 CPU processes (gloo); "
+                                "use --gpus 1 for the GPU"]
+    assert "CUDA_VISIBLE_DEVICES= " in out and "--nproc-per-node 2" in out
+
+
+def test_server_ranks_follow_the_launcher_rule(monkeypatch):
+    from engine import EngineConfig, serve
+
+    monkeypatch.setattr(topology, "visible_gpus", lambda: 1)
+    monkeypatch.setattr(topology, "usable_cpus", lambda: 8)
+    world, threads, note = serve.world_size(procs=2)
+    assert (world, threads) == (2, 4) and note.startswith("2 processes asked for, 1 GPU visible")
+    assert serve.on_device(EngineConfig(), note).device == "cpu"
+    assert serve.on_device(EngineConfig(), "").device is None
+    with pytest.raises(ValueError, match="--device cuda asks for the GPU"):
+        serve.on_device(EngineConfig(device="cuda"), note)
+    with pytest.raises(ValueError, match="more GPUs than the 1 visible"):
+        serve.world_size(gpus=2)
+    assert serve.world_size(gpus=1)[::2] == (1, "")
 
 
 def _launch(args, env_extra=None, timeout=60, cwd=REPO):

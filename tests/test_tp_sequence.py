@@ -54,7 +54,6 @@ def _block_tokens(engine, degrees: dict) -> list:
 
 def _runs(world: int, model_dir: str) -> dict:
     from engine import Engine, EngineConfig
-    from engine.data_parallel import use_layout
 
     out = {}
     for degrees in LAYOUTS[world]:
@@ -64,12 +63,12 @@ def _runs(world: int, model_dir: str) -> dict:
         res = engine.generate(_layout_request(degrees), output_type="latent")
         assert res.params["tp_comm"] == "sequence" and "(sequence)" in res.params["layout"], res.params
         seq, seq_tokens = res.latents.clone(), _block_tokens(engine, degrees)
-        use_layout(engine, dataclasses.replace(engine.parallel, tp_comm="overlap"))
+        engine.use_layout(dataclasses.replace(engine.parallel, tp_comm="overlap"))
         res = engine.generate(_layout_request(degrees), output_type="latent")
         assert "(overlap)" in res.params["layout"], res.params
         overlap, overlap_tokens = res.latents.clone(), _block_tokens(engine, degrees)
         # The all-reduce form on the same engine and weights: only the plan's hooks move.
-        use_layout(engine, dataclasses.replace(engine.parallel, tp_comm="allreduce"))
+        engine.use_layout(dataclasses.replace(engine.parallel, tp_comm="allreduce"))
         allreduce = engine.generate(_layout_request(degrees), output_type="latent").latents.clone()
         ar_tokens = _block_tokens(engine, degrees)
         engine.close()
@@ -172,7 +171,7 @@ def test_bad_values_are_clear_errors():
     from engine.bench.layouts import parse_layout
     from engine.runtime.distributed import UserError
     from engine.generate import build_parser
-    from engine.models import check_tp_comm, family
+    from engine.models import check_tp_comm_plan, family
     from shardiff_parallel.mesh import Mesh
     from shardiff_parallel.config import ParallelConfig
     from shardiff_parallel.plan import apply_plan
@@ -199,11 +198,11 @@ def test_bad_values_are_clear_errors():
     check_token_split({"image": 64, "text": 24}, sp=2, tp=4)
     # Models without a sequence plan refuse it (with tp 1 the form is moot).
     seq2 = ParallelConfig(tp=2, tp_comm="sequence")
-    check_tp_comm(family("flux"), seq2)
-    check_tp_comm(family("sd3"), ParallelConfig(tp_comm="sequence"))
+    check_tp_comm_plan(family("flux"), seq2)
+    check_tp_comm_plan(family("sd3"), ParallelConfig(tp_comm="sequence"))
     for name in ("sd3", "pixart", "sana"):
         with pytest.raises(ValueError, match=f"{name} models have no sequence-form"):
-            check_tp_comm(family(name), seq2)
+            check_tp_comm_plan(family(name), seq2)
     # The mechanism refuses too, before it touches the model (no process group needed to get there).
     mesh = Mesh(seq2, (0, 1), 0, torch.device("cpu"), {"dp": 0, "cfg": 0, "ring": 0, "ulysses": 0, "tp": 0}, {})
     model = torch.nn.Linear(2, 2)

@@ -1,4 +1,4 @@
-"""engine/validation.py, the one set of request checks of the CLI, the Python API and the server: what
+"""engine/validation.py and engine/request_check.py, the one set of request checks of the CLI, the Python API and the server: what
 a new user tries (nan guidance, a seed beyond 64 bits, an output that cannot be written, a size that
 cannot fit) is one line up front."""
 
@@ -13,7 +13,8 @@ from engine.config import GenerateRequest
 from engine.image_io import resolve_output_path
 from engine.loading import inspect_model
 from engine.models import family
-from engine.validation import SEED_MAX, check_request, needed_bytes
+from engine.request_check import check_request
+from engine.validation import SEED_MAX, needed_bytes
 from shardiff_parallel.config import ParallelConfig
 
 from test_cli_errors import FAST, _assert_user_error, _run

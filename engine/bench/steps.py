@@ -36,7 +36,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from engine.models import check_tp_comm, family, get_preset
+from engine.models import check_tp_comm_plan, family, get_preset
 from engine.runtime.distributed import UserError, init_distributed, pick_device
 from shardiff_parallel.attention import ParallelAttention
 from shardiff_parallel.mesh import Mesh
@@ -146,7 +146,7 @@ def main(argv=None) -> None:
             try:
                 if lay.system == "shardiff":  # the family's refusal (Sana sp, CFG off), not a wrong number
                     fam.check_axes(lay.config.degrees())
-                    check_tp_comm(fam, lay.config)
+                    check_tp_comm_plan(fam, lay.config)
                     fam.check_cfg(lay.config.degrees(), inputs, info)
                 runner = _prepare(lay, shared, make_pipe, meshes.get(lay.name), fam, args, dtype, device)
             except Exception as e:  # a baseline that cannot be built is reported, the run goes on

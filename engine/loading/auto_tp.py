@@ -20,20 +20,11 @@ same; the engine's first collective then checks that they did.
 
 from __future__ import annotations
 
-import functools
-import json
-from pathlib import Path
-
 import torch
 
-from engine.models import family as get_family
-from engine.models import get_preset
 from shardiff_parallel.tensor import local_numel
 
-from .inspect import inspect_model, is_preset
-from .safety import model_dir
-from .sharded import empty_model
-from .slices import stored_numel
+from .model import denoiser_parts, resolve_model
 
 WEIGHT_SHARE = 0.75
 """Weights may take this share of a GPU's memory; the rest is for activations and the allocator."""
@@ -43,45 +34,12 @@ torch's total_memory leaves out the driver's reserve): the CLI's default without
 TEXT_ENCODER_PLACEMENTS = ("replicated", "first", "sharded")
 
 
-def _directory_numel(folder: Path) -> int:
-    """Parameters stored in a component folder's safetensors files (headers only)."""
-    return sum(stored_numel(f) for f in sorted(folder.glob("*.safetensors")))
-
-
-def _components(model: str) -> tuple[list[str], object]:
-    """(names of the pipeline's weighted components, preset spec or model directory)."""
-    if is_preset(model):
-        spec = get_preset(model)
-        return list(spec.model_components), spec
-    folder = model_dir(model)
-    index = json.loads((folder / "model_index.json").read_text())
-    names = [n for n, v in index.items() if not n.startswith("_") and isinstance(v, list) and (folder / n).is_dir()]
-    return names, folder
-
-
-@functools.lru_cache(maxsize=8)
-def _parts(model: str, denoiser: str) -> tuple[torch.nn.Module, int]:
-    """(the denoiser on the meta device, parameters of every other component but the text encoders,
-    which engine/text_encoders counts per placement). Cached: choose_tp asks for several TP degrees."""
-    from engine.text_encoders.components import text_encoder_classes
-
-    names, source = _components(model)
-    assert denoiser in names, f"{model} has no {denoiser}"
-    from_dir = isinstance(source, Path)
-    empty = empty_model(model, denoiser)
-    text = text_encoder_classes(model)
-    others = sum(
-        _directory_numel(source / n) if from_dir else sum(p.numel() for p in source.empty_model(n).parameters())
-        for n in names
-        if n != denoiser and n not in text
-    )
-    return empty, others
-
-
-def weight_bytes_per_rank(model: str, family, tp: int, dtype: torch.dtype, text_bytes: int | None = None) -> int:
+def weight_bytes_per_rank(model, family, tp: int, dtype: torch.dtype, text_bytes: int | None = None) -> int:
     """Bytes of weights one rank holds on `tp` TP ranks: the denoiser's shard plus every other component.
-    `text_bytes`: what the text encoders take on that rank (None: replicated, all of them)."""
-    empty, others = _parts(model, family.denoiser)
+    `model`: a name or its description (engine/loading/model.py). `text_bytes`: what the text encoders
+    take on that rank (None: replicated, all of them)."""
+    model = resolve_model(model)
+    empty, others = denoiser_parts(model)
     if text_bytes is None:
         from engine.text_encoders.placement import plan_text_encoders
 
@@ -90,25 +48,26 @@ def weight_bytes_per_rank(model: str, family, tp: int, dtype: torch.dtype, text_
     return (local_numel(empty, family.plan.tp_styles, tp, 0) + others) * dtype.itemsize + text_bytes
 
 
-def _text_plan(model: str, placement: str, ranks: int, dtype: torch.dtype):
+def _text_plan(model, placement: str, ranks: int, dtype: torch.dtype):
     from engine.text_encoders.placement import plan_text_encoders
 
     return plan_text_encoders(model, placement, ranks=ranks, dtype=dtype)
 
 
-def weight_bytes_by_rank(model: str, family, tp: int, dtype: torch.dtype, *, text_encoders: str = "replicated",
+def weight_bytes_by_rank(model, family, tp: int, dtype: torch.dtype, *, text_encoders: str = "replicated",
                          world_size: int = 1) -> list[int]:
     """Bytes of weights each of `world_size` ranks (one image's) holds: the denoiser's TP shard (TP rank
     0's, the largest), the other components, and the text encoders where `text_encoders` puts them."""
     if text_encoders not in TEXT_ENCODER_PLACEMENTS:
         raise ValueError(f"text-encoder placement must be one of {', '.join(TEXT_ENCODER_PLACEMENTS)}, "
                          f"got {text_encoders!r}")
+    model = resolve_model(model)
     rest = weight_bytes_per_rank(model, family, tp, dtype, text_bytes=0)
     plan = _text_plan(model, text_encoders, world_size, dtype)
     return [rest + plan.rank_bytes(r) for r in range(world_size)]
 
 
-def choose_tp(model: str, info, family, *, world_size: int, dp: int, cfg: int, dtype: torch.dtype,
+def choose_tp(model, info, family, *, world_size: int, dp: int, cfg: int, dtype: torch.dtype,
               gpu_bytes: int | None, text_bytes=None, text_encoders: str | None = None) -> tuple[int, str]:
     """(TP degree, why) for `--tp auto`. `gpu_bytes`: one GPU's total memory; None (CPU): no TP.
 
@@ -117,13 +76,14 @@ def choose_tp(model: str, info, family, *, world_size: int, dp: int, cfg: int, d
     costs once per request where TP costs every step); None: replicated. `text_encoders`: a fixed
     placement instead (`TEXT_ENCODER_PLACEMENTS`), counted on its most loaded rank."""
     assert text_bytes is None or text_encoders is None, "give the text encoders' bytes or their placement"
+    if gpu_bytes is None or not family.plan.tp_styles or world_size % (dp * cfg):
+        return 1, ""
+    model = resolve_model(model)
     if text_encoders is not None:
         fixed = max(weight_bytes_by_rank(model, family, 1, dtype, text_encoders=text_encoders,
                                          world_size=world_size // dp)) - weight_bytes_per_rank(
             model, family, 1, dtype, text_bytes=0)
         text_bytes = lambda room: fixed  # noqa: E731
-    if gpu_bytes is None or not family.plan.tp_styles or world_size % (dp * cfg):
-        return 1, ""
     budget = WEIGHT_SHARE * gpu_bytes
 
     def bytes_at(tp: int) -> int:
@@ -158,13 +118,13 @@ def choose_tp(model: str, info, family, *, world_size: int, dp: int, cfg: int, d
     )
 
 
-def placement_table(model: str, *, world_size: int, gpu_gib: float, dtype: torch.dtype = torch.bfloat16,
+def placement_table(model, *, world_size: int, gpu_gib: float, dtype: torch.dtype = torch.bfloat16,
                     dp: int = 1, cfg: int = 1) -> list[dict]:
     """For each text-encoder placement and each TP degree that splits the model and divides the ranks
     left after dp × cfg: GiB of weights on the most and least loaded rank, whether that fits
     WEIGHT_SHARE of a `gpu_gib` GPU, and what `--tp auto` would choose (counted from configs alone)."""
-    info = inspect_model(model)
-    fam = get_family(info.family)
+    model = resolve_model(model)
+    info, fam = model.info, model.family
     ranks = world_size // (dp * cfg)
     degrees = [1]
     for tp in range(2, ranks + 1):
@@ -189,9 +149,10 @@ def placement_table(model: str, *, world_size: int, gpu_gib: float, dtype: torch
     return rows
 
 
-def component_gib(model: str, family, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+def component_gib(model, family, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
     """GiB of each component (the denoiser whole), from configs / headers."""
-    empty, _ = _parts(model, family.denoiser)
+    model = resolve_model(model)
+    empty, _ = denoiser_parts(model)
     out = {family.denoiser: local_numel(empty, family.plan.tp_styles, 1, 0) * dtype.itemsize}
     out |= _text_plan(model, "replicated", 1, dtype).full_bytes
     return {n: round(v / 2**30, 2) for n, v in out.items()}
@@ -220,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     rows = []
     for model in args.model:
-        sizes = component_gib(model, get_family(inspect_model(model).family), dtype)
+        sizes = component_gib(model, resolve_model(model).family, dtype)
         print(f"\n{model}: " + ", ".join(f"{n} {g:.1f} GiB" for n, g in sizes.items())
               + f"  ({args.dtype}; weights may take {WEIGHT_SHARE:.0%} of {args.gpu_gib:.1f} GiB = "
               f"{WEIGHT_SHARE * args.gpu_gib:.1f} GiB)")

@@ -9,24 +9,22 @@ from __future__ import annotations
 
 import torch
 
-from engine.models import get_preset
-
-from .inspect import is_preset
-from .safety import NOT_LOADED, check_weight_files, model_dir, read_model_index
+from .model import ResolvedModel, resolve_model
+from .safety import NOT_LOADED, check_weight_files
 
 
-def load_pipeline(model: str, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+def load_pipeline(model: str | ResolvedModel, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
                   components: dict | None = None):
-    """The pipeline for `model` (preset name or diffusers directory) on `device` in `dtype`.
+    """The pipeline for `model` (preset name, diffusers directory, or its description) on `device` in `dtype`.
 
     `seed` only matters for presets (their random weights). `components`: prebuilt components used
     instead of loading them (a tensor-parallel shard of the denoiser, engine/loading/sharded.py).
     """
     components = components or {}
-    if is_preset(model):
-        return get_preset(model).build_pipeline(dtype=dtype, device=device, seed=seed, components=components)
-    path = model_dir(model)
-    index = read_model_index(path)
+    model = resolve_model(model)
+    if model.preset is not None:
+        return model.preset.build_pipeline(dtype=dtype, device=device, seed=seed, components=components)
+    path, index = model.path, model.index
     check_weight_files(path, index)
     from diffusers import DiffusionPipeline
 

@@ -23,11 +23,8 @@ from accelerate import init_empty_weights
 
 from shardiff_parallel.tensor import local_shards
 
-from engine.models import get_preset
 from engine.presets.weights import init_parameter, is_norm_module
 
-from .inspect import is_preset
-from .safety import model_dir
 from .slices import SafetensorsSlices
 
 
@@ -42,29 +39,29 @@ def empty_from_directory(folder: Path) -> torch.nn.Module:
         return cls.from_config(config)
 
 
-def empty_model(model: str, name: str) -> torch.nn.Module:
-    """Component `name` of `model` (preset or directory) on the meta device, from its config."""
-    if is_preset(model):
-        return get_preset(model).empty_model(name)
-    return empty_from_directory(model_dir(model) / name)
+def empty_model(model, name: str) -> torch.nn.Module:
+    """Component `name` of `model` (preset, directory or its description) on the meta device, from its config."""
+    from .model import resolve_model
+
+    return resolve_model(model).empty_model(name)
 
 
 def load_sharded_denoiser(
-    model: str, family, *, tp: int, tp_rank: int, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+    model, family, *, tp: int, tp_rank: int, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
     reader: SafetensorsSlices | None = None,
 ) -> torch.nn.Module:
-    """`family.denoiser` of `model` (preset or directory) with TP rank `tp_rank`'s shard (of `tp`) of
-    every weight.
+    """`family.denoiser` of `model` (preset, directory or its description) with TP rank `tp_rank`'s shard
+    (of `tp`) of every weight.
 
     `reader` may be passed in to inspect what was read (tests count the bytes).
     """
+    from .model import resolve_model
+
+    model = resolve_model(model)
     name = family.denoiser
-    if is_preset(model):
-        empty = get_preset(model).empty_model(name)
-    else:
-        folder = model_dir(model) / name
-        empty = empty_from_directory(folder)
-        reader = reader or SafetensorsSlices(folder)
+    empty = model.empty_model(name)
+    if model.preset is None:
+        reader = reader or SafetensorsSlices(model.folder(name))
     shards = local_shards(empty, family.plan.tp_styles, tp, tp_rank)
     modules = dict(empty.named_modules())
     for pname_full, param in list(empty.named_parameters()):

@@ -33,7 +33,7 @@ PIPELINES: dict[str, Family] = {p.cls: f for f in FAMILIES.values() for p in f.p
 
 assert all(p.family in FAMILIES and p.pipeline_class in PIPELINES for p in PRESETS.values())
 
-__all__ = ["FAMILIES", "PIPELINES", "PRESETS", "Family", "ModelInfo", "PipelineSpec", "check_tp_comm", "family",
+__all__ = ["FAMILIES", "PIPELINES", "PRESETS", "Family", "ModelInfo", "PipelineSpec", "check_tp_comm_plan", "family",
            "family_of_pipeline", "get_preset"]
 
 
@@ -58,7 +58,7 @@ def get_preset(name: str) -> PresetSpec:
     return PRESETS[name]
 
 
-def check_tp_comm(fam: Family, parallel) -> None:
+def check_tp_comm_plan(fam: Family, parallel) -> None:
     """ValueError if `parallel` asks for the sequence form of TP and `fam` has no plan for it (naming the
     families that do)."""
     if parallel.tp_sequence and not _has_tp_sequence(fam):

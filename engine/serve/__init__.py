@@ -19,30 +19,46 @@ loop, signals, shutdown), `cli.py` (`python -m engine.serve`). docs/SERVING.md.
 from __future__ import annotations
 
 from .controller import (
-    BadRequest, Cancelled, Conflict, DeadlineExceeded, Forbidden, NotFound, PayloadTooLarge, ServeError, ServeOptions,
+    BadRequest, Cancelled, Conflict, DeadlineExceeded, Forbidden, NotFound, PayloadTooLarge, ServeError,
     TooManyRequests, Unauthorized, Unavailable, UnsupportedMediaType, WorkerFailure,
 )
+from .options import ServeOptions
 
 __all__ = [
     "BadRequest", "Cancelled", "Conflict", "DeadlineExceeded", "Forbidden", "NotFound", "PayloadTooLarge", "ServeError",
     "ServeOptions", "TooManyRequests", "Unauthorized", "Unavailable", "UnsupportedMediaType", "WorkerFailure",
-    "connect", "start", "world_size",
+    "connect", "on_device", "start", "world_size",
 ]
 
 
-def world_size(*, gpus: int | None = None, procs: int | None = None) -> tuple[int, int]:
-    """(ranks, torch threads per rank): `gpus` / `procs` checked against the machine as the launcher does
-    (default: every visible GPU; on a machine without CUDA, --procs is needed)."""
+def world_size(*, gpus: int | None = None, procs: int | None = None) -> tuple[int, int, str]:
+    """(ranks, torch threads per rank, note): `gpus` / `procs` checked against the machine as the launcher
+    does (default: every visible GPU; on a machine without CUDA, --procs is needed). `note`: one line when
+    --procs asks for more ranks than there are GPUs, which then run as CPU processes (see `on_device`)."""
     from launch import topology
-    from launch.cli import resolve_nproc
+    from launch.cli import resolve_procs
 
     if gpus is not None and procs is not None:
         raise ValueError("give gpus or procs, not both")
     visible = topology.visible_gpus()
     if gpus is not None and not visible:
         raise ValueError(f"--gpus {gpus}: no CUDA GPU is visible; use --procs {gpus} for CPU processes (gloo)")
-    n = resolve_nproc(gpus if gpus is not None else procs, visible)
-    return n, max(1, topology.usable_cpus() // n)
+    ranks = resolve_procs(gpus, procs, visible)
+    return ranks.n, max(1, topology.usable_cpus() // ranks.n), ranks.note
+
+
+def on_device(config, note: str):
+    """`config` for ranks that run as CPU processes on a machine with GPUs (`note` from world_size: the
+    engine then takes the CPU, not the fewer GPUs); as it is otherwise."""
+    import dataclasses
+    import sys
+
+    if not note:
+        return config
+    if config.device not in (None, "cpu"):
+        raise ValueError(f"{note}, but --device {config.device} asks for the GPU")
+    print(f"shardiff serve: {note}", file=sys.stderr, flush=True)
+    return dataclasses.replace(config, device="cpu")
 
 
 def start(config=None, *, gpus: int | None = None, procs: int | None = None, port: int | None = None,
@@ -57,9 +73,9 @@ def start(config=None, *, gpus: int | None = None, procs: int | None = None, por
     from .controller import Controller
     from .runner import Background
 
-    world, threads = world_size(gpus=gpus, procs=procs)
+    world, threads, note = world_size(gpus=gpus, procs=procs)
     options.setdefault("threads", threads)
-    controller = Controller(config or EngineConfig(), ServeOptions(world_size=world, **options))
+    controller = Controller(on_device(config or EngineConfig(), note), ServeOptions(world_size=world, **options))
     client = Client(Background(controller, host, port))
     try:
         client.wait_ready(ready_timeout)

@@ -27,7 +27,7 @@ class Job:
     requests: list
     """Complete GenerateRequests (every rank runs exactly these)."""
     layout: object
-    """The ParallelConfig the engine will use for them (engine/validation.check_requests)."""
+    """The ParallelConfig the engine will use for them (engine/request_check.check_requests)."""
     future: asyncio.Future
     output_type: str = "pil"
     deadline: float | None = None

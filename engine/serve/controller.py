@@ -2,7 +2,7 @@
 
 Runs on one asyncio event loop (uvicorn's, or a background thread's for `serve.start`) and does no
 GPU work. For every request it decides everything before any rank sees it — the request id, the
-image size (the model's default when none is given), the layout (engine/validation.check_requests,
+image size (the model's default when none is given), the layout (engine/request_check.check_requests,
 the engine's own rule) — so that every rank runs the identical request and a user mistake is a 400
 that costs no rank anything. One request runs at a time on the group; the rest wait in a bounded FIFO.
 
@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.limits import Limits, check_limits, model_limits
-from engine.loading import inspect_model
-from engine.models import family
+from engine.limits import check_limits, model_limits
 from engine.config import GenerateRequest
-from engine.validation import Target, check_requests, resolve_size
+from engine.loading import resolve_model
+from engine.request_check import Target, check_requests
+from engine.validation import resolve_size
 
 from .admission import AdmissionQueue, Job, QueueFull
 from .errors import (  # noqa: F401 — the error classes are the controller's API too
@@ -45,6 +45,7 @@ from .errors import (  # noqa: F401 — the error classes are the controller's A
     TooManyRequests, Unauthorized, Unavailable, UnsupportedMediaType, WorkerFailure, check_request_id, clean,
 )
 from .metrics import Metrics
+from .options import ServeOptions
 from .protocol import Cancel, Finished, Partial, Run
 from .supervisor import GroupDown, GroupMessage, GroupUp, Supervisor
 
@@ -53,41 +54,6 @@ WARMUP_STEPS = 3
 on the third call of a shape (after two eager warm-up calls)."""
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    world_size: int
-    """Ranks of the model group (one per GPU)."""
-    threads: int = 1
-    """torch threads per rank (CPU runs)."""
-    max_queue: int = 16
-    """Requests that may wait (not counting the running one); more are refused with 429."""
-    request_timeout_s: float = 300.0
-    """Deadline of every request from its admission; a request may ask for less."""
-    warmup_sizes: tuple[tuple[int, int], ...] | None = None
-    """(width, height) to warm at before /health turns 200; None: the model's default size when
-    compiling or CUDA-graphing, nothing otherwise; (): never."""
-    max_restarts: int = 3
-    """Restarts in a row without a completed request before the server gives up (exits non-zero)."""
-    restart_backoff_s: float = 1.0
-    """First wait before a restart; doubled at each further failure in a row (at most 60 s)."""
-    stop_grace_s: float = 60.0
-    """How long a running request may take to stop once cancelled before its group is restarted."""
-    drain_timeout_s: float = 30.0
-    """On shutdown, how long the running request may finish before it is stopped."""
-    max_images: int = 8
-    """Largest `n` of one request."""
-    limits: Limits = field(default_factory=Limits)
-    """Bounds on one request's work (--max-steps, --max-prompt-chars; engine/limits.py)."""
-    max_body_bytes: int = 64 * 2**20
-    """Largest HTTP request body (--max-body-mb): 413 past it, from Content-Length or while reading."""
-    max_input_pixels: int = 4096 * 4096
-    """Largest input image, in pixels (--max-input-pixels); input images also count in the body limit."""
-    api_key: str | None = None
-    """When set, every route but /health needs `Authorization: Bearer <api_key>`."""
-    cors_origins: tuple[str, ...] = ()
-    """Origins allowed to call from a browser (--cors-origin); none: no CORS headers at all."""
-    heartbeat_timeout_s: float = 20.0
-    """A rank that sends nothing for this long while serving is declared hung and the group restarted."""
 
 
 @dataclass
@@ -109,9 +75,9 @@ class Controller:
         self.options = options
         self.log = log or _log
         # Configs only (no weights): the model's sizes and family, for every request's checks.
-        self.info = inspect_model(config.model)
-        self.family = family(self.info.family)
-        self.model_limits = model_limits(config.model)
+        model = resolve_model(config.model)
+        self.info, self.family = model.info, model.family
+        self.model_limits = model_limits(model)
         if options.world_size < 1:
             raise ValueError(f"the model group needs at least one rank, got {options.world_size}")
         preflight(config, self.info, self.family)
@@ -303,13 +269,14 @@ class Controller:
         self.metrics.requests.labels("ok" if error is None else getattr(error, "outcome", "exception")).inc()
 
     def _complete(self, requests: list):
-        """(requests with their size filled in, layout); BadRequest with the CLI's message."""
+        """(requests with their size filled in, layout); BadRequest with the CLI's message. The request's one
+        check in this process (each rank checks it once more, against what it holds)."""
         try:
-            layout, _, checked = check_requests(requests, self.target)
+            batch = check_requests(requests, self.target)
         except ValueError as e:
             raise BadRequest(str(e)) from None
-        done = [dataclasses.replace(r, height=c.height, width=c.width) for r, c in zip(requests, checked)]
-        return done, layout
+        done = [dataclasses.replace(r, height=c.height, width=c.width) for r, c in zip(requests, batch.requests)]
+        return done, batch.layout
 
     # ------------------------------------------------------------------ running
 

@@ -47,7 +47,7 @@ class Ready:
     """The ParallelConfig the engine resolved (the controller checks that every rank has the same)."""
     tp_note: str
     memory_bytes: int
-    """What this rank can still allocate once loaded (engine/validation.available_bytes)."""
+    """What this rank can still allocate once loaded (engine/request_check.available_bytes)."""
     device: str
     dtype: str
 

@@ -131,7 +131,7 @@ class Worker:
         from engine.driver import Engine
         from engine.runtime.gate import PreparationGate
         from engine.runtime.stop import AgreedStop
-        from engine.validation import available_bytes
+        from engine.request_check import available_bytes
 
         engine = Engine(self.spec.config)
         engine.pipe.set_progress_bar_config(disable=True)  # one line per request is the controller's job

@@ -34,7 +34,7 @@ def layout_varies(family, config, world: int) -> bool:
 class TextEncoders:
     """The engine's text encoders: where they live (`plan`), and the work that follows from it."""
 
-    def __init__(self, plan: TextPlan, model: str, methods: tuple[str, ...]):
+    def __init__(self, plan: TextPlan, model, methods: tuple[str, ...]):
         self.plan, self.model, self.methods = plan, model, methods
         self.groups = None
         self.broadcasts: list = []
@@ -44,24 +44,26 @@ class TextEncoders:
         self.mesh = None
 
     @classmethod
-    def preflight(cls, config, family, parallel, *, world: int, explicit_layout: bool, dtype: torch.dtype,
+    def preflight(cls, model, config, parallel, *, world: int, explicit_layout: bool, dtype: torch.dtype,
                   gpu_bytes: int | None) -> "TextEncoders":
-        """Decide the placement (ValueError on a bad one; no collective)."""
+        """Decide the placement of `model`'s (its description, engine/loading/model.py) text encoders
+        (ValueError on a bad one; no collective)."""
         room = None
         if config.text_encoders == "auto" and gpu_bytes is not None:
-            from engine.loading.auto_tp import WEIGHT_SHARE, weight_bytes_per_rank
+            from engine.loading.auto_tp import WEIGHT_SHARE
 
-            room = WEIGHT_SHARE * gpu_bytes - weight_bytes_per_rank(config.model, family, parallel.tp, dtype,
-                                                                    text_bytes=0)
-        varies = not explicit_layout and layout_varies(family, config, world)
-        plan = plan_text_encoders(config.model, config.text_encoders, ranks=parallel.world_size // parallel.dp,
+            room = WEIGHT_SHARE * gpu_bytes - model.weight_bytes(parallel.tp, dtype, text_bytes=0)
+        varies = not explicit_layout and layout_varies(model.family, config, world)
+        plan = plan_text_encoders(model, config.text_encoders, ranks=parallel.world_size // parallel.dp,
                                   dtype=dtype, room=room, layout_varies=varies)
-        return cls(plan, config.model, family.encode_methods)
+        return cls(plan, model, model.family.encode_methods)
 
     @staticmethod
-    def bytes_for_room(config, *, ranks: int, dtype: torch.dtype):
-        """`room → text-encoder bytes per rank` for `--tp auto` (engine/loading/auto_tp.choose_tp)."""
-        return lambda room: plan_text_encoders(config.model, config.text_encoders, ranks=ranks, dtype=dtype,
+    def bytes_for_room(config, *, ranks: int, dtype: torch.dtype, model=None):
+        """`room → text-encoder bytes per rank` for `--tp auto` (engine/loading/auto_tp.choose_tp);
+        `model`: config.model's description, where the caller has it."""
+        model = model or config.model
+        return lambda room: plan_text_encoders(model, config.text_encoders, ranks=ranks, dtype=dtype,
                                                room=room).bytes_per_rank
 
     def setup(self, mesh, timeout: timedelta) -> None:

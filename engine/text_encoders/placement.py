@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.loading.model import resolve_model
+
 from .components import counting_model, text_encoder_classes
 from .names import check_placement
 from .plans import describe_split, local_numel, numel, plan_of, shard_degree
@@ -83,7 +85,7 @@ class TextPlan:
         return text + (f"; {self.reason}" if self.reason else "")
 
 
-def _counted(model: str, placement: str, ranks: int, dtype: torch.dtype, *, strict: bool, reason: str = "") -> TextPlan:
+def _counted(model, placement: str, ranks: int, dtype: torch.dtype, *, strict: bool, reason: str = "") -> TextPlan:
     classes = text_encoder_classes(model)
     degrees, full, local = {}, {}, {}
     for name, cls in classes.items():
@@ -104,14 +106,16 @@ def _counted(model: str, placement: str, ranks: int, dtype: torch.dtype, *, stri
                     local_bytes=local, reason=reason)
 
 
-def plan_text_encoders(model: str, placement: str, *, ranks: int, dtype: torch.dtype, room: float | None = None,
+def plan_text_encoders(model, placement: str, *, ranks: int, dtype: torch.dtype, room: float | None = None,
                        layout_varies: bool = False) -> TextPlan:
-    """The placement of `model`'s text encoders over `ranks` ranks per image (ValueError, no collective).
+    """The placement of `model`'s (a name, or its description: engine/loading/model.py) text encoders over
+    `ranks` ranks per image (ValueError, no collective).
 
     `room`: bytes one rank has for text encoders beside everything else (None: unknown, as on CPU —
     auto then keeps them replicated). `layout_varies`: the model regroups its ranks per request.
     """
     check_placement(placement)
+    model = resolve_model(model)
     if not text_encoder_classes(model) or ranks == 1:
         why = "" if placement in ("auto", "replicated") or not text_encoder_classes(model) else \
             f"--text-encoders {placement} on one rank per image is replicated"

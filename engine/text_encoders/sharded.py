@@ -21,7 +21,7 @@ import re
 
 import torch
 
-from engine.loading.inspect import is_preset
+from engine.loading.model import resolve_model
 from engine.loading.slices import SafetensorsSlices
 from engine.presets.weights import init_parameter, is_norm_module
 from shardiff_parallel.tensor import Slice
@@ -109,7 +109,7 @@ class CheckpointNames:
         raise ValueError(f"{self.reader.folder}: the checkpoint has no tensor for {' / '.join(candidates)}")
 
 
-def load_sharded_text_encoder(model: str, name: str, device_mesh, *, dtype: torch.dtype, device: torch.device | str,
+def load_sharded_text_encoder(model, name: str, device_mesh, *, dtype: torch.dtype, device: torch.device | str,
                               seed: int = 0, reader: SafetensorsSlices | None = None) -> torch.nn.Module:
     """Text encoder `name` of `model` split over `device_mesh` (1-D), holding this rank's shard only.
 
@@ -118,7 +118,8 @@ def load_sharded_text_encoder(model: str, name: str, device_mesh, *, dtype: torc
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import parallelize_module
 
-    preset = is_preset(model)
+    model = resolve_model(model)
+    preset = model.preset is not None
     empty = empty_text_encoder(model, name, None if preset else dtype)
     plan = plan_of(empty)
     assert plan is not None, f"{name} has no tensor-parallel plan"

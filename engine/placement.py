@@ -1,0 +1,48 @@
+"""One layout applied to the engine's models: its mesh, its attention, the denoiser's and ControlNets' plans.
+
+The engine holds one `Placement` at a time (`Engine.placement`). A family whose layout follows the batch
+(UNets: CFG split or data parallel, engine/data_parallel.py) moves to another one between requests with
+`Engine.use_layout`: the old placement's hooks are removed and a new one is applied on the layout's
+mesh (built once per layout and kept by the engine); the weights never move. Not to be confused with
+the text encoders' placement (engine/text_encoders/placement.py), which is decided once at load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shardiff_parallel.attention import ParallelAttention
+from shardiff_parallel.config import ParallelConfig
+from shardiff_parallel.mesh import Mesh
+from shardiff_parallel.plan import apply_plan
+
+from engine.controlnet import apply_controlnet_plans
+
+
+@dataclass
+class Placement:
+    parallel: ParallelConfig
+    """The layout."""
+    mesh: Mesh
+    """Its process groups."""
+    attention: ParallelAttention
+    """The attention over the mesh that the plans' processors call."""
+    plan: object
+    """The denoiser's applied plan (parallel/plan.py; remove() undoes it)."""
+    controlnet_plans: list = field(default_factory=list)
+    """Each ControlNet's applied plan (none without a ControlNet)."""
+
+    @classmethod
+    def apply(cls, parallel: ParallelConfig, mesh: Mesh, *, family, denoiser, controlnet,
+              attention_backend: str) -> "Placement":
+        """Split `denoiser` (and `controlnet`, if any) by `family`'s plans on `mesh`; no collective."""
+        attention = ParallelAttention(mesh, attention_backend)
+        plan = apply_plan(denoiser, family.pipeline_plan, mesh, attention)
+        controlnet_plans = ([] if controlnet is None or family.controlnet is None
+                            else apply_controlnet_plans(controlnet, family, mesh, attention))
+        return cls(parallel, mesh, attention, plan, controlnet_plans)
+
+    def remove(self) -> None:
+        self.plan.remove()
+        for plan in self.controlnet_plans:
+            plan.remove()
