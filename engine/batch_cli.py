@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .cli_flags import PROMPTS, Flag, complete, positive_int, values
 from .config import REQUEST_FLAGS, GenerateRequest
+from .limits import DEFAULT_MAX_PROMPT_CHARS, Limits, check_limits, model_limits
 
 DEFAULT_PROMPT = "a red fox in snow"
 
@@ -21,6 +22,8 @@ PROMPT_FLAGS = (
          help="text file with one prompt per line (blank lines skipped), after any --prompt"),
     Flag("num_images", PROMPTS, type=positive_int, default=1,
          help="images per prompt; image i (over all prompts) uses seed --seed + i"),
+    Flag("max_prompt_chars", PROMPTS, type=positive_int, default=DEFAULT_MAX_PROMPT_CHARS,
+         help="longest prompt (and negative prompt) accepted, in characters (the server's limit too)"),
 )
 """Flags of engine.generate alone: what makes its list of requests."""
 OUTPUT_FLAGS = (
@@ -53,12 +56,18 @@ def prompts_from_args(args) -> list[str]:
     return prompts or [DEFAULT_PROMPT]
 
 
-def requests_from_args(args) -> list[GenerateRequest]:
-    """One request per image, in image order, each with its own seed."""
+def requests_from_args(args, model=None) -> list[GenerateRequest]:
+    """One request per image, in image order, each with its own seed; within --max-prompt-chars and, given
+    the model (name or description), what its tokenizers take (engine/limits.py: the server's rules)."""
     prompts = prompts_from_args(args)
     every = [p for p in prompts for _ in range(args.num_images)]
     fields = values(args, request_flags())
-    return [GenerateRequest(prompt=prompt, **{**fields, "seed": args.seed + i}) for i, prompt in enumerate(every)]
+    requests = [GenerateRequest(prompt=prompt, **{**fields, "seed": args.seed + i}) for i, prompt in enumerate(every)]
+    if model is not None:
+        limits, takes = Limits(max_steps=None, max_prompt_chars=args.max_prompt_chars), model_limits(model)
+        for r in requests:
+            check_limits(r, limits, takes, model_name=str(model))
+    return requests
 
 
 def output_names(output: str, n: int) -> list[str]:

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = engine_config(args)
         # One request per image, image i seeded with --seed + i (engine/batch_cli.py).
-        requests = batch_cli.requests_from_args(args)
+        requests = batch_cli.requests_from_args(args, config.model)
     except ValueError as e:
         # Found from the arguments alone, before any collective: the same on every rank (see _Parser).
         raise UserError(str(e)) from None

@@ -78,13 +78,13 @@ def _directory_tokenizer_lengths(model) -> list:
 def check_limits(request, limits: Limits, model: ModelLimits, *, model_name: str = "the model") -> None:
     """ValueError (one line, naming the flag) when `request` asks for more than `limits` or `model` allow."""
     if limits.max_steps is not None and request.steps > limits.max_steps:
-        raise ValueError(f"--steps {request.steps} is more than this server's --max-steps {limits.max_steps}")
+        raise ValueError(f"--steps {request.steps} is more than --max-steps {limits.max_steps} allows")
     if limits.max_prompt_chars is not None:
         prompts = request.prompt if isinstance(request.prompt, list) else [request.prompt]
         for name, text in [*(("prompt", p) for p in prompts), ("negative prompt", request.negative_prompt)]:
             if text is not None and len(text) > limits.max_prompt_chars:
-                raise ValueError(f"the {name} has {len(text)} characters, more than this server's "
-                                 f"--max-prompt-chars {limits.max_prompt_chars}")
+                raise ValueError(f"the {name} has {len(text)} characters, more than --max-prompt-chars "
+                                 f"{limits.max_prompt_chars} allows")
     longest = model.max_sequence_length
     if longest is not None and request.max_sequence_length is not None and request.max_sequence_length > longest:
         raise ValueError(f"--max-sequence-length {request.max_sequence_length} is more than {model_name}'s "

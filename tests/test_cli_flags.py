@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 GENERATE = {
     "--prompt", "--negative-prompt", "--height", "--width", "--steps", "--guidance", "--true-cfg-scale", "--seed",
     "--max-sequence-length", "--output", "--overwrite", "--prompts-file", "--num-images", "--image", "--mask-image",
+    "--max-prompt-chars",
     "--control-image", "--controlnet-scale", "--control-mode", "--strength", "--pag-scale", "--keep-image-size",
 }
 ENGINE = {
@@ -23,6 +24,9 @@ ENGINE = {
 SERVE = {
     "--gpus", "--procs", "--host", "--port", "--max-queue", "--request-timeout", "--warmup-sizes", "--max-restarts",
     "--restart-backoff", "--stop-grace", "--drain-timeout", "--max-images",
+    # Bounds and access (the server against careless and hostile clients).
+    "--max-steps", "--max-prompt-chars", "--max-body-mb", "--max-input-pixels", "--api-key", "--cors-origin",
+    "--heartbeat-timeout",
 }
 
 
@@ -100,3 +104,19 @@ def test_the_dataclasses_import_nothing_heavy():
                     "shardiff_parallel", "shardiff_parallel.config"}, sorted(ours)
     heavy = {m for m in loaded if m.split(".")[0] in ("diffusers", "transformers", "accelerate", "PIL", "safetensors")}
     assert not heavy, sorted(heavy)[:10]
+
+
+def test_cli_bounds_prompts_and_text_tokens_as_the_server_does():
+    import pytest
+
+    from engine.batch_cli import requests_from_args
+    from engine.generate import build_parser
+
+    args = build_parser().parse_args(["--prompt", "a" * 20, "--max-prompt-chars", "10"])
+    with pytest.raises(ValueError, match="20 characters, more than --max-prompt-chars 10"):
+        requests_from_args(args, "shapes")
+    args = build_parser().parse_args(["--max-sequence-length", "100000"])
+    with pytest.raises(ValueError, match="--max-sequence-length 100000 is more than shapes's tokenizers take"):
+        requests_from_args(args, "shapes")
+    assert len(requests_from_args(build_parser().parse_args(["--prompt", "a" * 10, "--max-prompt-chars", "10"]),
+                                  "shapes")) == 1
