@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from shardiff_parallel.cache_config import parse_cache
 from shardiff_parallel.config import TP_COMMS, Degrees
 
 from engine.text_encoders.names import PLACEMENTS, check_placement
@@ -30,6 +31,8 @@ DEFAULT_MODEL = "shapes"
 VAE_PARALLEL = ("auto", "on", "off")
 # --parallel: how a UNet model (its layout follows the batch) spreads its ranks.
 PARALLEL = ("auto", "cfg", "dp")
+# --quantize: the denoiser's linears in FP8 (docs/FAST_PATH.md), or not.
+QUANTIZE = ("off", "fp8")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 
@@ -83,6 +86,16 @@ class EngineConfig(Degrees):
     """ControlNet directories (config.json + safetensors; engine/controlnet.py), loaded beside the model and
     split like it: every request then runs the family's ControlNet pipeline (it needs a control image).
     Several (repeat the flag): the family's multi-ControlNet form, their residuals summed."""
+    quantize: str = "off"
+    """The fast path (docs/FAST_PATH.md): "fp8" computes the denoiser's block linears in FP8 e4m3 (per-token
+    × per-channel scales; the family's rule keeps embedders, modulation and final layers in the model's
+    dtype) on GPUs with FP8 (compute capability 8.9+); on the CPU an exact emulation. Not the exact image:
+    its distance from it is measured in BENCHMARKS.md; the image on N ranks equals the FP8 image on one."""
+    cache: str = "off"
+    """The fast path's step cache (docs/FAST_PATH.md): "first-block[:THRESHOLD]" reuses the later blocks'
+    residual while the first block's output changes less than THRESHOLD (relative L1; default 0.08);
+    "taylorseer[:INTERVAL]" forecasts the attention outputs between computed calls (every INTERVAL-th
+    call; default 4). Every rank takes the same decision; the result says which steps were reused."""
 
     def __post_init__(self):
         from .lora import parse_lora  # import-light: torch only
@@ -102,6 +115,14 @@ class EngineConfig(Degrees):
                              f"got {self.vae_parallel!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout_s}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"--quantize must be {' or '.join(QUANTIZE)}, got {self.quantize!r}")
+        parse_cache(self.cache)  # a one-line ValueError for an unknown method or a parameter out of range
+
+    @property
+    def cache_config(self):
+        """The parsed --cache (shardiff_parallel.cache_config.CacheConfig), or None: off."""
+        return parse_cache(self.cache)
 
     def torch_dtype(self, device: torch.device, gpu_default: torch.dtype = torch.bfloat16) -> torch.dtype:
         """The dtype to run in; `gpu_default`: the model family's precision on GPUs (Family.gpu_dtype)."""
@@ -129,6 +150,8 @@ ENGINE_FLAGS = (
     Flag("compile", RUNTIME, action="store_true"),
     Flag("cuda_graphs", RUNTIME, action="store_true"),
     Flag("timeout_s", RUNTIME, name="--timeout", type=float),
+    Flag("quantize", RUNTIME, choices=QUANTIZE),
+    Flag("cache", RUNTIME, metavar="METHOD[:PARAM]"),
 )
 """EngineConfig's command-line flags (engine.generate and engine.serve): one line each."""
 

@@ -11,6 +11,7 @@ the same request (checked: a rank with another request stops the job with a mess
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from engine.runtime.stop import step_callback_kwargs
 from . import vae_parallel
 from .config import EngineConfig, GenerateRequest
 from .data_parallel import choose_layout, generate_batch
-from .lora import LoraState, check_loras
+from .lora import LoraState, check_loras, parse_lora
 from .pipelines import Pipelines
 from .placement import Placement
 from .preflight import Preflight, preflight
@@ -137,7 +138,8 @@ class Engine:
     def _place(self, parallel: ParallelConfig) -> Placement:
         """The denoiser and ControlNets split by their plans on `parallel`'s mesh."""
         return Placement.apply(parallel, self._mesh(parallel), family=self.family, denoiser=self.denoiser,
-                               controlnet=self.controlnet, attention_backend=self.config.attention_backend)
+                               controlnet=self.controlnet, attention_backend=self.config.attention_backend,
+                               quantize=self.config.quantize, cache=self.config.cache_config)
 
     def _compile(self) -> None:
         if self.config.compile:
@@ -220,6 +222,9 @@ class Engine:
         current ones, between requests, without reloading the base (engine/lora.py). Every rank calls it
         with the same list; no collective (ValueError, on every rank alike, for a bad file). Returns notes
         for the user (keys that match no layer)."""
+        if self.config.quantize != "off" and tuple(parse_lora(v) for v in loras) != self.loras.active:
+            raise ValueError("the LoRAs were fused into the weights before --quantize fp8 put them in FP8: switching "
+                             "them needs the bf16 weights, which are gone; start the engine with the LoRAs wanted")
         specs, notes = check_loras(loras, self.model, self.family, self.info)
         self.loras.set(specs)
         return notes
@@ -288,12 +293,15 @@ class Engine:
         )
         if self.vae_split is not None:
             self.vae_split.last.clear()
+        cache = self.placement.cache
+        if cache is not None:
+            cache.reset()  # every request starts from empty caches
         _sync(self.device)
         start = time.perf_counter()
         # Some pipelines also draw from torch's global generator (the SD3 ControlNet pipeline samples its
         # control image's latents with no generator): seeded from the request, so every rank draws the
         # same and the image is reproducible; the caller's global generator state is left as it was.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), cache_context(cache):
             torch.manual_seed(request.seed)
             out = self.call_pipeline(pipe, kwargs)
         _sync(self.device)
@@ -315,6 +323,8 @@ class Engine:
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention_backend": self.attention.kernel_for(self.device, self.dtype).name,
             "vae_parallel": self.config.vae_parallel,
+            "quantize": self.describe_quantize(),
+            "cache": None if cache is None else {"method": cache.config.describe(), **cache.log.summary()},
             "seconds": round(seconds, 3),
         }
         if output_type != "latent":
@@ -324,6 +334,14 @@ class Engine:
         if output_type == "latent":
             return GenerateResult(None, images, params, seconds)
         return GenerateResult(images[0], None, params, seconds, images=list(images))
+
+    def describe_quantize(self) -> str:
+        """"off", "fp8" (the FP8 kernel) or "fp8 (emulated)" (the CPU's exact emulation of it)."""
+        if self.config.quantize == "off":
+            return "off"
+        from shardiff_kernels.fp8 import uses_kernel
+
+        return "fp8" if uses_kernel(self.device) else "fp8 (emulated)"
 
     def call_pipeline(self, pipe, kwargs: dict):
         """`pipe(**kwargs)`, inside `self.gate` when one is set: an exception that every rank raises
@@ -347,6 +365,11 @@ class Engine:
             self.vae_split = None
         self.placement.remove()
         self.text_encoders.remove()
+
+
+def cache_context(cache):
+    """The step cache's context around a pipeline call (parallel/plan/cache.py), if there is a cache."""
+    return contextlib.nullcontext() if cache is None else cache.context()
 
 
 def _local_ranks() -> int:

@@ -9,7 +9,7 @@ the text encoders' placement (engine/text_encoders/placement.py), which is decid
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from shardiff_parallel.attention import ParallelAttention
 from shardiff_parallel.config import ParallelConfig
@@ -34,15 +34,37 @@ class Placement:
 
     @classmethod
     def apply(cls, parallel: ParallelConfig, mesh: Mesh, *, family, denoiser, controlnet,
-              attention_backend: str) -> "Placement":
-        """Split `denoiser` (and `controlnet`, if any) by `family`'s plans on `mesh`; no collective."""
+              attention_backend: str, quantize: str = "off", cache=None) -> "Placement":
+        """Split `denoiser` (and `controlnet`, if any) by `family`'s plans on `mesh`, with the fast path's
+        parts where asked (`quantize` "fp8": the family's FP8 rule; `cache`: a CacheConfig on the family's
+        block stacks); no collective."""
         attention = ParallelAttention(mesh, attention_backend)
-        plan = apply_plan(denoiser, family.pipeline_plan, mesh, attention)
+        plan = apply_plan(denoiser, fast_plan(family, quantize, cache), mesh, attention)
         controlnet_plans = ([] if controlnet is None or family.controlnet is None
                             else apply_controlnet_plans(controlnet, family, mesh, attention))
         return cls(parallel, mesh, attention, plan, controlnet_plans)
+
+    @property
+    def cache(self):
+        """The step cache installed on the denoiser (parallel/plan/cache.py: its log, its reset), or None."""
+        return self.plan.parts.get("cache")
 
     def remove(self) -> None:
         self.plan.remove()
         for plan in self.controlnet_plans:
             plan.remove()
+
+
+def fast_plan(family, quantize: str = "off", cache=None):
+    """The family's plan, with the fast path's parts where asked (the preflight checked the family has
+    what they need: an FP8 rule, block stacks)."""
+    from shardiff_parallel.plan import Quantize, StepCache
+
+    plan = family.pipeline_plan
+    if quantize == "fp8":
+        plan = replace(plan, quantize=Quantize(family.fp8))
+    if cache is not None:
+        if family.cache_setup is not None:
+            family.cache_setup()
+        plan = replace(plan, cache=StepCache(cache, family.cache_stacks))
+    return plan

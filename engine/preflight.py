@@ -105,7 +105,8 @@ def choose_tp_degree(p: Preflight) -> tuple[int, str]:
     ranks = p.world // p.config.dp
     return choose_tp(p.model, p.info, p.family, world_size=p.world, dp=p.config.dp, cfg=p.config.cfg,
                      dtype=p.dtype, gpu_bytes=p.gpu_bytes,
-                     text_bytes=TextEncoders.bytes_for_room(p.config, ranks=ranks, dtype=p.dtype, model=p.model))
+                     text_bytes=TextEncoders.bytes_for_room(p.config, ranks=ranks, dtype=p.dtype, model=p.model),
+                     quantize=p.config.quantize)
 
 
 def check_tp_split(p: Preflight) -> None:
@@ -145,6 +146,43 @@ def check_kernel(p: Preflight) -> None:
     choose_kernel(p.config.attention_backend, p.device, p.dtype, need_lse=p.parallel.ring > 1)
 
 
+def check_fast_path(p: Preflight) -> None:
+    """--quantize fp8 needs the family's FP8 rule and a GPU with FP8 (the CPU emulates it); --cache needs the
+    family's block stacks and no CUDA graphs (a graph replays one branch of the cache's decision)."""
+    if p.config.quantize == "fp8":
+        if p.family.fp8 is None:
+            raise ValueError(f"--quantize fp8: " + p.family.refusals.get(
+                "quantize", f"{p.family.name} models have no FP8 rule yet (which linears may run in FP8)")
+                + f"; families with one: {', '.join(families_with('fp8'))}")
+        from shardiff_kernels.fp8 import fp8_refusal
+
+        reason = fp8_refusal(p.device)
+        if reason:
+            raise ValueError(reason)
+        if p.config.tp_comm == "overlap" and (p.config.tp or 1) > 1:
+            raise ValueError("--quantize fp8 with --tp-comm overlap: the fused matmul + reduce-scatter kernels multiply "
+                             "in bf16; use --tp-comm allreduce or sequence")
+    cache = p.config.cache_config
+    if cache is not None:
+        if not p.family.cache_stacks:
+            raise ValueError(f"--cache {p.config.cache}: " + p.family.refusals.get(
+                "cache", f"{p.family.name} models name no block stacks to cache")
+                + f"; families that do: {', '.join(families_with('cache_stacks'))}")
+        if cache.method not in p.family.cache_methods:
+            raise ValueError(f"--cache {p.config.cache}: {p.family.name} models run --cache "
+                             f"{' or '.join(p.family.cache_methods)} only (their blocks' stream is not the hidden_states "
+                             f"argument diffusers' first-block hooks read)")
+        if p.config.cuda_graphs:
+            raise ValueError(f"--cache {p.config.cache} with --cuda-graphs: a CUDA graph replays one branch of the "
+                             "cache's per-step decision; use --compile without --cuda-graphs")
+
+
+def families_with(attribute: str) -> list[str]:
+    from engine.models import FAMILIES
+
+    return sorted(n for n, f in FAMILIES.items() if getattr(f, attribute))
+
+
 def check_cuda_graphs(p: Preflight) -> None:
     if p.config.cuda_graphs and p.device.type != "cuda":
         raise ValueError("--cuda-graphs needs CUDA GPUs; none is visible to this process")
@@ -177,6 +215,7 @@ STEPS: tuple[tuple[str | tuple[str, ...] | None, Callable[[Preflight], object]],
     ("device", find_device),
     ("model", resolve),
     ("dtype", choose_dtype),
+    (None, check_fast_path),
     (("tp", "tp_note"), choose_tp_degree),
     (None, check_tp_split),
     ("parallel", choose_layout),

@@ -5,10 +5,10 @@
   `torch._scaled_mm` call with row-wise scales (cuBLASLt / CUTLASS; fp32 accumulation, the bf16
   output rounded once);
 - anywhere else (the CPU, and the GPU check of the real kernel) an exact emulation: the e4m3 values
-  widened to fp32 (exact: e4m3 ⊂ fp32), an fp32 product (each e4m3 × e4m3 product is exact in fp32;
-  only the accumulation order differs from the kernel), the same scaling, one rounding to the output
-  dtype. The quantization itself (`quantize_rows`) is the same code on both paths, so both multiply
-  identical FP8 numbers.
+  widened to fp64 (exact), an fp64 product (each e4m3 × e4m3 product is exact, and so is a sum of up
+  to millions of them in fp64's 53 bits: the order of the additions no longer matters), the same
+  scaling, one rounding to the output dtype. The quantization itself (`quantize_rows`) is the same
+  code on both paths, so both multiply identical FP8 numbers.
 
 Why row-wise (per token × per output channel) and not per-tensor scales: a per-tensor activation scale
 is the maximum over every token of the image, which under a sequence split lives on several ranks, so
@@ -81,9 +81,9 @@ def scaled_linear(x_q_MK: torch.Tensor, x_scale_M1: torch.Tensor, w_q_NK: torch.
             x_q_MK, w_q_NK.t(), scale_a=x_scale_M1, scale_b=w_scale_N.view(1, -1),
             bias=None if bias_N is None else bias_N.to(out_dtype), out_dtype=out_dtype,
         )
-    y_MN = (x_q_MK.float() @ w_q_NK.float().t()) * x_scale_M1 * w_scale_N.view(1, -1)
+    y_MN = (x_q_MK.double() @ w_q_NK.double().t()) * x_scale_M1.double() * w_scale_N.double().view(1, -1)
     if bias_N is not None:
-        y_MN = y_MN + bias_N.float()
+        y_MN = y_MN + bias_N.double()
     return y_MN.to(out_dtype)
 
 

@@ -202,6 +202,14 @@ def local_numel(model: torch.nn.Module, plan: Mapping[str, Style], tp: int, t: i
     return total
 
 
+def local_out_features(linear: torch.nn.Linear) -> int:
+    """The output features this rank computes (a Colwise shard's share; `out_features` stays the whole
+    layer's), also for a linear whose weight is held in FP8 (parallel/fp8.py)."""
+    if linear.weight is not None:
+        return linear.weight.shape[0]
+    return linear.matmul.out_features
+
+
 Reduce = Callable[[torch.Tensor, "RowParallelLinear"], torch.Tensor]
 """(input with split features, the layer) → the reduced output. The layer's `partial(x, bias)` is this
 rank's partial product (bf16, or FP8: parallel/fp8.py); a fused form reads `layer.weight` itself."""
@@ -234,7 +242,7 @@ class RowParallelLinear(LinearStandIn):
         return torch.nn.functional.linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduce(x, self)
+        return self.reduce(x, self).to(x.dtype)  # a no-op unless the partial products were wider (parallel/fp8.py)
 
 
 class RowParallelConv2d(torch.nn.Conv2d):

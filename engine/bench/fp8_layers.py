@@ -45,24 +45,25 @@ def linear_groups(model: torch.nn.Module) -> dict[str, list[str]]:
 
 
 def _swap_in(model: torch.nn.Module, names: list[str]) -> dict:
+    """The linears `names` in FP8 (where their shape allows); name → the weight each dropped."""
     from shardiff_kernels.fp8 import kernel_shape_ok
-    from shardiff_parallel.fp8 import Fp8Linear, Fp8Matmul
+    from shardiff_parallel.fp8 import Fp8Matmul, to_fp8
 
     swapped = {}
     for name in names:
         m = model.get_submodule(name)
         if not kernel_shape_ok(m.out_features, m.in_features):
             continue
-        owner, _, child = name.rpartition(".")
-        holder = model.get_submodule(owner) if owner else model
-        setattr(holder, child, Fp8Linear(m, Fp8Matmul(m.weight)))
-        swapped[name] = (holder, child, m)
+        swapped[name] = m.weight
+        to_fp8(m, Fp8Matmul(m.weight))
     return swapped
 
 
-def _swap_back(swapped: dict) -> None:
-    for holder, child, m in swapped.values():
-        setattr(holder, child, m)
+def _swap_back(model: torch.nn.Module, swapped: dict) -> None:
+    from shardiff_parallel.fp8 import from_fp8
+
+    for name, weight in swapped.items():
+        from_fp8(model.get_submodule(name), weight)
 
 
 def captured_call(pipe, fam, info, args, device, dtype) -> dict:
@@ -124,8 +125,8 @@ def main(argv=None) -> None:
     def measure(what: str, names: list[str]) -> None:
         swapped = _swap_in(denoiser, names)
         err = ((run() - ref).norm() / ref.norm()).item() if swapped else 0.0
-        _swap_back(swapped)
-        params = sum(m.weight.numel() for _, _, m in swapped.values())
+        _swap_back(denoiser, swapped)
+        params = sum(w.numel() for w in swapped.values())
         rows.append(dict(group=what, linears=len(swapped), params=params, rel_l2=err))
         print(f"{what:60s} {len(swapped):4d} linears {params / 1e6:9.1f} M params   rel L2 {err:.5f}", flush=True)
 

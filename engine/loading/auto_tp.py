@@ -34,10 +34,12 @@ torch's total_memory leaves out the driver's reserve): the CLI's default without
 TEXT_ENCODER_PLACEMENTS = ("replicated", "first", "sharded")
 
 
-def weight_bytes_per_rank(model, family, tp: int, dtype: torch.dtype, text_bytes: int | None = None) -> int:
+def weight_bytes_per_rank(model, family, tp: int, dtype: torch.dtype, text_bytes: int | None = None,
+                          quantize: str = "off") -> int:
     """Bytes of weights one rank holds on `tp` TP ranks: the denoiser's shard plus every other component.
     `model`: a name or its description (engine/loading/model.py). `text_bytes`: what the text encoders
-    take on that rank (None: replicated, all of them)."""
+    take on that rank (None: replicated, all of them). `quantize` "fp8": the linears of the family's FP8
+    rule at 1 byte per weight and a 4-byte scale per output feature (parallel/fp8.py)."""
     model = resolve_model(model)
     empty, others = denoiser_parts(model)
     if text_bytes is None:
@@ -45,7 +47,17 @@ def weight_bytes_per_rank(model, family, tp: int, dtype: torch.dtype, text_bytes
 
         text_bytes = plan_text_encoders(model, "replicated", ranks=1, dtype=dtype).bytes_per_rank
     # TP rank 0 holds the most: it keeps the row-split biases.
-    return (local_numel(empty, family.plan.tp_styles, tp, 0) + others) * dtype.itemsize + text_bytes
+    styles = family.plan.tp_styles
+    denoiser = local_numel(empty, styles, tp, 0)
+    fp8 = 0
+    if quantize == "fp8" and family.fp8 is not None:
+        from shardiff_parallel.fp8 import quantized_weights
+        from shardiff_parallel.tensor import local_shards
+
+        numel, rows = quantized_weights(empty, family.fp8, local_shards(empty, styles, tp, 0) if tp > 1 else None)
+        denoiser -= numel
+        fp8 = numel + 4 * rows
+    return (denoiser + others) * dtype.itemsize + fp8 + text_bytes
 
 
 def _text_plan(model, placement: str, ranks: int, dtype: torch.dtype):
@@ -55,20 +67,21 @@ def _text_plan(model, placement: str, ranks: int, dtype: torch.dtype):
 
 
 def weight_bytes_by_rank(model, family, tp: int, dtype: torch.dtype, *, text_encoders: str = "replicated",
-                         world_size: int = 1) -> list[int]:
+                         world_size: int = 1, quantize: str = "off") -> list[int]:
     """Bytes of weights each of `world_size` ranks (one image's) holds: the denoiser's TP shard (TP rank
     0's, the largest), the other components, and the text encoders where `text_encoders` puts them."""
     if text_encoders not in TEXT_ENCODER_PLACEMENTS:
         raise ValueError(f"text-encoder placement must be one of {', '.join(TEXT_ENCODER_PLACEMENTS)}, "
                          f"got {text_encoders!r}")
     model = resolve_model(model)
-    rest = weight_bytes_per_rank(model, family, tp, dtype, text_bytes=0)
+    rest = weight_bytes_per_rank(model, family, tp, dtype, text_bytes=0, quantize=quantize)
     plan = _text_plan(model, text_encoders, world_size, dtype)
     return [rest + plan.rank_bytes(r) for r in range(world_size)]
 
 
 def choose_tp(model, info, family, *, world_size: int, dp: int, cfg: int, dtype: torch.dtype,
-              gpu_bytes: int | None, text_bytes=None, text_encoders: str | None = None) -> tuple[int, str]:
+              gpu_bytes: int | None, text_bytes=None, text_encoders: str | None = None,
+              quantize: str = "off") -> tuple[int, str]:
     """(TP degree, why) for `--tp auto`. `gpu_bytes`: one GPU's total memory; None (CPU): no TP.
 
     `text_bytes(room)`: the text encoders' bytes per rank when `room` bytes are left for them beside the
@@ -81,15 +94,15 @@ def choose_tp(model, info, family, *, world_size: int, dp: int, cfg: int, dtype:
     model = resolve_model(model)
     if text_encoders is not None:
         fixed = max(weight_bytes_by_rank(model, family, 1, dtype, text_encoders=text_encoders,
-                                         world_size=world_size // dp)) - weight_bytes_per_rank(
-            model, family, 1, dtype, text_bytes=0)
+                                         world_size=world_size // dp, quantize=quantize)) - weight_bytes_per_rank(
+            model, family, 1, dtype, text_bytes=0, quantize=quantize)
         text_bytes = lambda room: fixed  # noqa: E731
     budget = WEIGHT_SHARE * gpu_bytes
 
     def bytes_at(tp: int) -> int:
         if text_bytes is None:
-            return weight_bytes_per_rank(model, family, tp, dtype)
-        rest = weight_bytes_per_rank(model, family, tp, dtype, text_bytes=0)
+            return weight_bytes_per_rank(model, family, tp, dtype, quantize=quantize)
+        rest = weight_bytes_per_rank(model, family, tp, dtype, text_bytes=0, quantize=quantize)
         return rest + text_bytes(budget - rest)
 
     need_1 = bytes_at(1)
@@ -119,7 +132,7 @@ def choose_tp(model, info, family, *, world_size: int, dp: int, cfg: int, dtype:
 
 
 def placement_table(model, *, world_size: int, gpu_gib: float, dtype: torch.dtype = torch.bfloat16,
-                    dp: int = 1, cfg: int = 1) -> list[dict]:
+                    dp: int = 1, cfg: int = 1, quantize: str = "off") -> list[dict]:
     """For each text-encoder placement and each TP degree that splits the model and divides the ranks
     left after dp × cfg: GiB of weights on the most and least loaded rank, whether that fits
     WEIGHT_SHARE of a `gpu_gib` GPU, and what `--tp auto` would choose (counted from configs alone)."""
@@ -138,24 +151,31 @@ def placement_table(model, *, world_size: int, gpu_gib: float, dtype: torch.dtyp
     for placement in TEXT_ENCODER_PLACEMENTS:
         try:
             auto, _ = choose_tp(model, info, fam, world_size=world_size, dp=dp, cfg=cfg, dtype=dtype,
-                                gpu_bytes=int(gpu_gib * 2**30), text_encoders=placement)
+                                gpu_bytes=int(gpu_gib * 2**30), text_encoders=placement, quantize=quantize)
         except ValueError:
             auto = None
         for tp in degrees:
-            by_rank = weight_bytes_by_rank(model, fam, tp, dtype, text_encoders=placement, world_size=world_size)
-            rows.append(dict(model=model, text_encoders=placement, tp=tp, world_size=world_size,
+            by_rank = weight_bytes_by_rank(model, fam, tp, dtype, text_encoders=placement, world_size=world_size,
+                                           quantize=quantize)
+            rows.append(dict(model=str(model), quantize=quantize, text_encoders=placement, tp=tp, world_size=world_size,
                              max_gib=round(max(by_rank) / 2**30, 2), min_gib=round(min(by_rank) / 2**30, 2),
                              fits=max(by_rank) <= WEIGHT_SHARE * gpu_gib * 2**30, tp_auto=auto))
     return rows
 
 
-def component_gib(model, family, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+def component_gib(model, family, dtype: torch.dtype = torch.bfloat16, quantize: str = "off") -> dict[str, float]:
     """GiB of each component (the denoiser whole), from configs / headers."""
     model = resolve_model(model)
-    empty, _ = denoiser_parts(model)
-    out = {family.denoiser: local_numel(empty, family.plan.tp_styles, 1, 0) * dtype.itemsize}
+    out = {family.denoiser: weight_bytes_per_rank(model, family, 1, dtype, text_bytes=0, quantize=quantize)
+           - _others_bytes(model, dtype)}
     out |= _text_plan(model, "replicated", 1, dtype).full_bytes
     return {n: round(v / 2**30, 2) for n, v in out.items()}
+
+
+def _others_bytes(model, dtype: torch.dtype) -> int:
+    """The components besides the denoiser and the text encoders (the VAE, …)."""
+    _, others = denoiser_parts(model)
+    return others * dtype.itemsize
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"one GPU's memory; default: this machine's GPU 0, else an H200's {H200_GIB:.1f} GiB")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--cfg", type=int, default=1)
+    p.add_argument("--quantize", default="off", choices=("off", "fp8"), help="count the FP8 rule's linears at 1 byte")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
     if args.gpu_gib is None:
@@ -181,16 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     rows = []
     for model in args.model:
-        sizes = component_gib(model, resolve_model(model).family, dtype)
+        sizes = component_gib(model, resolve_model(model).family, dtype, quantize=args.quantize)
         print(f"\n{model}: " + ", ".join(f"{n} {g:.1f} GiB" for n, g in sizes.items())
-              + f"  ({args.dtype}; weights may take {WEIGHT_SHARE:.0%} of {args.gpu_gib:.1f} GiB = "
+              + f"  ({args.dtype}{', denoiser linears in fp8' if args.quantize == 'fp8' else ''}; weights may take {WEIGHT_SHARE:.0%} of {args.gpu_gib:.1f} GiB = "
               f"{WEIGHT_SHARE * args.gpu_gib:.1f} GiB)")
         print(f"{'GPUs':>4} {'text encoders':>13} {'tp':>3} {'max GiB/rank':>12} {'min GiB/rank':>12} {'fits':>5} "
               f"{'--tp auto':>9}")
         for world in args.world:
             if world % args.cfg:
                 continue
-            for r in placement_table(model, world_size=world, gpu_gib=args.gpu_gib, dtype=dtype, cfg=args.cfg):
+            for r in placement_table(model, world_size=world, gpu_gib=args.gpu_gib, dtype=dtype, cfg=args.cfg,
+                                     quantize=args.quantize):
                 rows.append(r)
                 print(f"{world:>4} {r['text_encoders']:>13} {r['tp']:>3} {r['max_gib']:>12.1f} {r['min_gib']:>12.1f} "
                       f"{'yes' if r['fits'] else 'no':>5} {('tp' + str(r['tp_auto'])) if r['tp_auto'] else 'none':>9}")

@@ -87,12 +87,13 @@ class ResolvedModel:
             self.configs[name] = read_json(self.folder(name) / "config.json", f"model directory {self.path}")
         return self.configs[name]
 
-    def weight_bytes(self, tp: int, dtype, text_bytes: int | None = None) -> int:
+    def weight_bytes(self, tp: int, dtype, text_bytes: int | None = None, quantize: str = "off") -> int:
         """Bytes of weights one rank holds on `tp` TP ranks, as `--tp auto` counts them from configs and
-        headers (engine/loading/auto_tp.py); `text_bytes`: the text encoders' share (None: replicated)."""
+        headers (engine/loading/auto_tp.py); `text_bytes`: the text encoders' share (None: replicated);
+        `quantize` "fp8": the FP8 rule's linears at 1 byte."""
         from .auto_tp import weight_bytes_per_rank
 
-        return weight_bytes_per_rank(self, self.family, tp, dtype, text_bytes)
+        return weight_bytes_per_rank(self, self.family, tp, dtype, text_bytes, quantize=quantize)
 
     def empty_model(self, name: str):
         """Component `name` on the meta device, from its config (a diffusers model of a directory; any

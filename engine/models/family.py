@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from engine.presets.spec import PresetSpec
+from shardiff_parallel.fp8 import Fp8Rule
 from shardiff_parallel.plan import CfgPairs, ModelPlan
 
 
@@ -192,7 +193,8 @@ class Family:
     """(ModelInfo, ParallelConfig, height, width) → ValueError if that image cannot be split so (Sana:
     fewer latent rows than sequence-parallel ranks), before any collective."""
     refusals: Mapping[str, str] = field(default_factory=dict)
-    """Axis → why this family cannot use it (said to the user instead of a generic message)."""
+    """Axis (or "quantize", "cache": the fast path's options) → why this family cannot use it (said to the
+    user instead of a generic message)."""
     layout: Callable[..., tuple] | None = None
     """(world, EngineConfig, guided: list[bool] | None) → (ParallelConfig, why) for families whose
     layout follows the batch of requests (UNets: CFG split or data parallel, engine/models/unet.py);
@@ -210,6 +212,19 @@ class Family:
     """(ModelInfo, pipeline kwargs, height, width) → tokens of each group of the plan's sequence, so
     that `--tp-comm sequence` can check its even split before any collective (the split itself checks
     again, on the real inputs)."""
+    fp8: Fp8Rule | None = None
+    """Which of the denoiser's linears `--quantize fp8` computes in FP8 (the rest stay in the model's
+    dtype), chosen from the error each group adds (`python -m engine.bench.fp8_layers`); None: the
+    family has no FP8 rule and `--quantize fp8` is refused."""
+    cache_stacks: tuple[str, ...] = ()
+    """The denoiser's stacks of blocks (ModuleList names, in call order) that `--cache first-block`
+    walks: the first block computed every step, the rest reused while its residual barely changes;
+    empty: `--cache` is refused."""
+    cache_setup: Callable[[], None] | None = None
+    """Run once before the cache hooks are installed (describing a block class to diffusers' registry)."""
+    cache_methods: tuple[str, ...] = ("first-block", "taylorseer")
+    """The `--cache` methods that run on this family's blocks (diffusers' first-block hooks read a block's
+    stream by the name `hidden_states`: a block that names it otherwise runs TaylorSeer only)."""
 
     def degree_heads(self, info: ModelInfo, world: int, tp: int) -> int:
         """The head count the degree resolution holds ulysses × tp to: the model's heads, or — for a

@@ -48,6 +48,7 @@ import torch
 
 from engine.presets.components import FLUX_VAE, GEMMA2_2B, TINY_GEMMA2, TINY_KL, gemma2, kl_vae
 from engine.presets.spec import Component, PresetSpec
+from shardiff_parallel.fp8 import Fp8Rule
 from shardiff_parallel.plan import ModelPlan, SeqDim, SequenceSplit, TensorPlan
 
 from .family import Family, PipelineSpec, ModelInfo, prompt_kwargs
@@ -195,4 +196,9 @@ FAMILY = Family(
     call_kwargs=prompt_kwargs, bench_kwargs=lumina2_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_tp_widths, cfg_pairs=True,
     cfg_hint="--guidance > 1",
+    # --quantize fp8: every linear of the refiners and the main stack; the embedders and the final layer stay in
+    # the model's dtype (as for Flux, engine/models/flux).
+    fp8=Fp8Rule(include=("noise_refiner.*", "context_refiner.*", "layers.*")),
+    refusals={"cache": "Lumina2Pipeline runs its two guidance branches as two calls per step without naming them "
+                       "(diffusers' cache contexts), so a step cache would mix the branches' states"},
 )

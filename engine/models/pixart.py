@@ -19,6 +19,7 @@ import torch
 from engine.presets.components import SDXL_VAE, T5_XXL, TINY_KL, TINY_T5, kl_vae, t5_encoder
 from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.attention import ParallelAttention
+from shardiff_parallel.fp8 import Fp8Rule
 from shardiff_parallel.plan import BatchSplit, ModelPlan, Processors, SeqContext, SeqDim, SequenceSplit, TensorPlan
 
 from .dit import dit_info
@@ -153,4 +154,7 @@ FAMILY = Family(
     name="pixart", pipelines=PIXART_PIPELINES, plan=PIXART_PLAN, read_info=read_pixart_info,
     call_kwargs=pixart_call_kwargs, bench_kwargs=pixart_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_tp_widths,
+    # --quantize fp8: the blocks' linears (self- and cross-attention, MLP); the adaLN-single modulation, the
+    # caption projection and the final layer, outside the blocks, stay in the model's dtype.
+    fp8=Fp8Rule(include=("transformer_blocks.*",)), cache_stacks=("transformer_blocks",),
 )

@@ -50,6 +50,8 @@ import torch.nn.functional as F
 from engine.presets.components import DC_AE_F32C32, GEMMA2_2B, TINY_DC_AE_F32, TINY_GEMMA2, dc_ae, gemma2
 from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.linear_attention import linear_attention
+from shardiff_parallel.fp8 import Fp8Rule
+from shardiff_parallel.tensor import local_out_features
 from shardiff_parallel.plan import (BatchSplit, ModelPlan, PerturbedPlan, Processors, Residuals, RowGrids, RowsArg,
                                     SeqContext, SeqDim, SequenceSplit, TensorPlan, grid_conv)
 from shardiff_parallel.tensor import Colwise, Rowwise, SplitNorm
@@ -109,7 +111,7 @@ class SanaCrossAttnProcessor:
         self.whole = SanaAttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
-        if attn.to_q.weight.shape[0] == attn.inner_dim:
+        if local_out_features(attn.to_q) == attn.inner_dim:
             return self.whole(attn, hidden_states, encoder_hidden_states, attention_mask)
         return self.shard_heads(attn, hidden_states, encoder_hidden_states, attention_mask)
 
@@ -300,6 +302,15 @@ PRESETS = (
                 TINY_DC_AE_F32, TINY_GEMMA2),
 )
 
+def register_cache_blocks() -> None:
+    """diffusers' first-block cache hooks need each block class's outputs described (its registry knows
+    the other families' blocks): a Sana block returns its image stream alone."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+    from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
+
+    TransformerBlockRegistry.register(SanaTransformerBlock, TransformerBlockMetadata(return_hidden_states_index=None))
+
+
 # SanaPipeline takes the same arguments as PixArtSigmaPipeline (prompt, mask-carrying embeddings,
 # resolution binning, caption cleaning), so the request → kwargs mappings are PixArt's.
 FAMILY = Family(
@@ -307,4 +318,8 @@ FAMILY = Family(
     call_kwargs=pixart_call_kwargs, bench_kwargs=pixart_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_sana_tp, heads_split=False,
     check_size=check_sana_size, controlnet=SANA_CONTROLNET,
+    # --quantize fp8: the blocks' attention linears (the Mix-FFN is convolutions, left as they are); the
+    # timestep and caption embedders and the final layer stay in the model's dtype.
+    fp8=Fp8Rule(include=("transformer_blocks.*",)), cache_stacks=("transformer_blocks",),
+    cache_setup=register_cache_blocks,
 )

@@ -29,6 +29,7 @@ from engine.presets.components import (
 )
 from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.attention import ParallelAttention
+from shardiff_parallel.fp8 import Fp8Rule
 from shardiff_parallel.plan import (BatchSplit, ModelPlan, PerturbedPlan, Processors, Residuals, SeqContext, SeqDim,
                                     SequenceSplit, TensorPlan)
 from shardiff_parallel.sharding import gather_pieces
@@ -279,4 +280,10 @@ FAMILY = Family(
     name="sd3", pipelines=SD3_PIPELINES, plan=SD3_PLAN, read_info=read_sd3_info,
     call_kwargs=prompt_kwargs, bench_kwargs=sd3_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_tp_widths, controlnet=SD3_CONTROLNET,
+    # --quantize fp8: every linear of the blocks; the embedders and the final layer stay in the model's dtype
+    # (as for Flux, engine/models/flux).
+    fp8=Fp8Rule(include=("transformer_blocks.*",)),
+    # SD3.5's last block returns no text stream (context_pre_only), which the first-block cache's residuals
+    # carry: it is computed every step.
+    cache_stacks=("transformer_blocks[:-1]",),
 )

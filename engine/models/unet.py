@@ -90,7 +90,9 @@ UNET_REFUSAL = (
     "--parallel auto (the default): one image with guidance → CFG split over 2 processes (--cfg 2); "
     "several images (--num-images N or several --prompt) → data parallel over all processes (--dp N)"
 )
-REFUSALS = {"ulysses": UNET_REFUSAL, "ring": UNET_REFUSAL, "tp": UNET_REFUSAL}
+REFUSALS = {"ulysses": UNET_REFUSAL, "ring": UNET_REFUSAL, "tp": UNET_REFUSAL,
+            "quantize": "the SD1.5 / SDXL UNets' time goes to convolutions, which FP8 linears do not speed up",
+            "cache": "the SD1.5 / SDXL UNets have no stack of identical blocks for a first-block cache"}
 
 CLIP_TOKENS = 77  # SD/SDXL text length is fixed by CLIP's position embeddings
 

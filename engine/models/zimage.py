@@ -29,6 +29,7 @@ import torch
 
 from engine.presets.components import FLUX_VAE, QWEN3_4B, TINY_KL, TINY_QWEN3_2L, kl_vae, qwen3
 from engine.presets.spec import Component, PresetSpec
+from shardiff_parallel.fp8 import Fp8Rule
 from shardiff_parallel.plan import BatchSplit, ModelPlan, SeqDim, SequenceSplit, TensorPlan
 
 from .family import Family, PipelineSpec, ModelInfo, prompt_kwargs, vae_scale
@@ -167,4 +168,8 @@ FAMILY = Family(
     call_kwargs=zimage_call_kwargs, bench_kwargs=zimage_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_tp_widths, uses_cfg=zimage_uses_cfg,
     cfg_hint="--guidance > 0",
+    # --quantize fp8: every linear of the refiners and the main stack; the embedders and the final layer stay in
+    # the model's dtype (as for Flux, engine/models/flux).
+    fp8=Fp8Rule(include=("noise_refiner.*", "context_refiner.*", "layers.*")),
+    cache_stacks=("layers",), cache_methods=("taylorseer",),  # its blocks take their stream as `x`
 )

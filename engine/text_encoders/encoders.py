@@ -52,7 +52,7 @@ class TextEncoders:
         if config.text_encoders == "auto" and gpu_bytes is not None:
             from engine.loading.auto_tp import WEIGHT_SHARE
 
-            room = WEIGHT_SHARE * gpu_bytes - model.weight_bytes(parallel.tp, dtype, text_bytes=0)
+            room = WEIGHT_SHARE * gpu_bytes - model.weight_bytes(parallel.tp, dtype, text_bytes=0, quantize=config.quantize)
         varies = not explicit_layout and layout_varies(model.family, config, world)
         plan = plan_text_encoders(model, config.text_encoders, ranks=parallel.world_size // parallel.dp,
                                   dtype=dtype, room=room, layout_varies=varies)

@@ -15,6 +15,8 @@ model is writing its plan.
         grids=RowGrids(...),                  # grids.py:      token groups split in whole rows of a grid
         residuals=Residuals(...),             # residuals.py:  inputs another model of the mesh left split
         perturbed=PerturbedPlan(...),         # perturbed.py:  the PAG layers' perturbed branch
+        quantize=Quantize(rule),              # quantize.py:   linears in FP8 (the engine's --quantize)
+        cache=StepCache(config, stacks),      # cache.py:      a step cache on the block stacks (--cache)
     )
 
 What the parts share is in context.py: token groups and where tensors hold them (`SeqDim`,
@@ -40,18 +42,21 @@ No other part and no shared hook changes.
 
 from .apply import INSTALL, STEPS, AppliedPlan, ModelPlan, apply_plan
 from .batch import BatchSplit, BatchState
+from .cache import AppliedCache, CacheConfig, CacheLog, StepCache, parse_cache
 from .cfg_pairs import CfgPairs
 from .context import Installed, JointSeqDim, SeqContext, SeqDim
 from .grids import GridState, RowGrids, RowsArg, grid_conv
 from .perturbed import PerturbedPlan
 from .processors import Processors
+from .quantize import Quantize, Quantized
 from .residuals import Residuals
 from .runs import LayerRun, RunState, prefix_lengths
 from .sequence import SequenceSplit
 from .tensor import TensorPlan
 
 __all__ = [
-    "INSTALL", "STEPS", "AppliedPlan", "BatchSplit", "BatchState", "CfgPairs", "GridState", "Installed",
+    "INSTALL", "STEPS", "AppliedCache", "AppliedPlan", "BatchSplit", "BatchState", "CacheConfig", "CacheLog",
+    "CfgPairs", "Quantize", "Quantized", "StepCache", "parse_cache", "GridState", "Installed",
     "JointSeqDim", "LayerRun", "ModelPlan", "PerturbedPlan", "Processors", "Residuals", "RowGrids", "RowsArg",
     "RunState", "SeqContext", "SeqDim", "SequenceSplit", "TensorPlan", "apply_plan", "grid_conv", "prefix_lengths",
 ]

@@ -5,8 +5,11 @@ Two orders matter, and they are written down here and nowhere else:
 - INSTALL: what each part does to the model when the plan is applied. The batch part first (the
   perturbed pair and the residuals read its branches); attention processors before the perturbed
   pair (whose normal rows may run them); TP shards before the sequence form's module hooks
-  (inside the TP part) and before any stand-in (which wraps a shard); module splits after the runs'.
-  `remove()` undoes the parts in the reverse order (stand-ins first, then the shards under them).
+  (inside the TP part) and before any stand-in (which wraps a shard); module splits after the runs';
+  FP8 right after the TP shards (a row-split layer must be a RowParallelLinear by then, and the
+  sequence form's stand-ins keep their products in bf16); the step cache last (its hooks wrap the
+  blocks as every other part left them). `remove()` undoes the parts in the reverse order (stand-ins
+  first, then the shards under them).
 - STEPS: the work of the parts that act around each forward call of the whole model, from one
   pre-hook (each part's `before`, in this order) and one hook (each part's `after`, in the reverse
   order). The cfg pair decides first whether this rank computes the call at all; the batch split
@@ -25,17 +28,20 @@ import torch
 from ..attention import ParallelAttention
 from ..mesh import Mesh
 from .batch import BatchSplit
+from .cache import StepCache
 from .cfg_pairs import CfgPairs
 from .context import Installed, SeqContext
 from .grids import RowGrids
 from .perturbed import PerturbedPlan
 from .processors import Processors
+from .quantize import Quantize
 from .residuals import Residuals
 from .runs import LayerRun
 from .sequence import SequenceSplit
 from .tensor import TensorPlan, sequence_refusal
 
-INSTALL = ("batch", "attention", "perturbed", "tensor", "cfg_pairs", "runs", "sequence", "grids", "residuals")
+INSTALL = ("batch", "attention", "perturbed", "tensor", "quantize", "cfg_pairs", "runs", "sequence", "grids",
+           "residuals", "cache")
 STEPS = ("cfg_pairs", "batch", "grids", "sequence", "residuals", "tensor")
 
 
@@ -63,6 +69,10 @@ class ModelPlan:
     perturbed: PerturbedPlan | None = None
     """How the layers that perturbed-attention guidance (PAG) perturbs run under the mesh
     (parallel/plan/perturbed.py); None: the family has no PAG pipeline."""
+    quantize: Quantize | None = None
+    """Linears in FP8 (parallel/plan/quantize.py): the engine's `--quantize fp8` over the family's rule."""
+    cache: StepCache | None = None
+    """A step cache over the block stacks (parallel/plan/cache.py): the engine's `--cache`."""
 
     def __post_init__(self):
         assert self.batch is None or self.cfg_pairs is None, "the cfg axis splits a batch or pairs of calls, not both"

@@ -34,6 +34,7 @@ from engine.presets.components import (
     qwen3_lm,
 )
 from engine.presets.spec import Component, PresetSpec
+from shardiff_parallel.fp8 import Fp8Rule
 from shardiff_parallel.plan import ModelPlan, Processors, SequenceSplit, TensorPlan
 from shardiff_parallel.tensor import PACKED, Colwise, Rowwise
 
@@ -200,7 +201,13 @@ KLEIN_PRESETS = (
                  qwen3_lm(TINY_QWEN3), klein=True),
 )
 
-_COMMON = dict(plan=FLUX2_PLAN, check_tp=check_tp_widths)
+# --quantize fp8: the blocks' token-wise linears (FLUX.2 modulates from shared linears outside the blocks,
+# which stay in the model's dtype with the embedders and the final layer). --cache: over the single-stream
+# stack (most of the work), whose blocks all return the joint stream; the double-stream blocks, which return
+# two streams, are computed every step.
+_COMMON = dict(plan=FLUX2_PLAN, check_tp=check_tp_widths,
+               fp8=Fp8Rule(include=("transformer_blocks.*", "single_transformer_blocks.*")),
+               cache_stacks=("single_transformer_blocks",))
 FAMILY = Family(
     name="flux2", pipelines=(PipelineSpec(cls="Flux2Pipeline"),), read_info=functools.partial(read_flux2_info, family="flux2"),
     call_kwargs=flux2_call_kwargs, bench_kwargs=flux2_bench_kwargs, presets=PRESETS,

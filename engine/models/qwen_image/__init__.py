@@ -38,6 +38,7 @@ from engine.presets.components import (
     QWEN25_VL_7B, QWEN_IMAGE_VAE, TINY_QWEN25_VL, TINY_QWEN_IMAGE_VAE, qwen25_vl, qwen_image_vae,
 )
 from engine.presets.spec import Component, PresetSpec
+from shardiff_parallel.fp8 import Fp8Rule
 from shardiff_parallel.plan import ModelPlan, Processors, SeqDim, SequenceSplit, TensorPlan
 
 from ..family import Family, PipelineSpec, ModelInfo
@@ -169,4 +170,8 @@ FAMILY = Family(
     call_kwargs=qwen_image_call_kwargs, bench_kwargs=qwen_image_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "tp", "cfg"}), check_tp=check_tp_widths,
     uses_cfg=flux_uses_cfg, cfg_pairs=True,
+    # --quantize fp8: every linear of the blocks (modulation included); the embedders and the final layer stay
+    # in the model's dtype (as for Flux, engine/models/flux).
+    fp8=Fp8Rule(include=("transformer_blocks.*",)),
+    cache_stacks=("transformer_blocks",),
 )

@@ -1,4 +1,4 @@
-"""Step caching under the mesh: diffusers' cache hooks, with one decision for the whole image.
+"""The step-cache part of a plan: diffusers' cache hooks under the mesh, one decision for the whole image.
 
 Two methods, both diffusers' own hooks (`diffusers.hooks`):
 - `first-block[:THRESHOLD]` (first-block cache): every call computes the first transformer block;
@@ -23,70 +23,22 @@ The decisions are logged per call (`CacheLog`) for the result, the PNG metadata 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from diffusers.hooks.hooks import HookRegistry, StateManager
+from diffusers.hooks.hooks import CacheContext, HookRegistry, StateManager, _set_cache_context
 from diffusers.hooks.first_block_cache import (
     _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK, FBCBlockHook, FBCHeadBlockHook, FBCSharedBlockState)
 from diffusers.hooks.taylorseer_cache import (
-    _TAYLORSEER_CACHE_HOOK, _TRANSFORMER_BLOCK_IDENTIFIERS, TaylorSeerCacheConfig, TaylorSeerCacheHook,
+    _TAYLORSEER_CACHE_HOOK, TaylorSeerCacheConfig, TaylorSeerCacheHook,
     TaylorSeerState)
 
-from .mesh import Mesh
-
-METHODS = ("off", "first-block", "taylorseer")
-FIRST_BLOCK_DEFAULT = 0.08
-"""Relative L1 change of the first block's residual under which the other blocks are reused."""
-TAYLORSEER_DEFAULT = 4
-"""Calls between two computed ones once TaylorSeer forecasts (after `TAYLORSEER_WARMUP` computed calls)."""
-TAYLORSEER_WARMUP = 3
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    method: str
-    """"first-block" or "taylorseer"."""
-    threshold: float = FIRST_BLOCK_DEFAULT
-    interval: int = TAYLORSEER_DEFAULT
-
-    def describe(self) -> str:
-        if self.method == "first-block":
-            return f"first-block:{self.threshold:g}"
-        return f"taylorseer:{self.interval}"
-
-
-def parse_cache(text: str | None) -> CacheConfig | None:
-    """`--cache off | first-block[:THRESHOLD] | taylorseer[:INTERVAL]` → CacheConfig (None: off);
-    ValueError naming what is wrong."""
-    if text is None or text == "off":
-        return None
-    if not isinstance(text, str):
-        raise ValueError(f"--cache must be a string such as first-block:0.08, got {text!r}")
-    method, _, param = text.partition(":")
-    if method == "first-block":
-        try:
-            threshold = float(param) if param else FIRST_BLOCK_DEFAULT
-        except ValueError:
-            raise ValueError(f"--cache first-block:THRESHOLD takes a number, got {param!r}") from None
-        if not (math.isfinite(threshold) and 0 < threshold <= 1):
-            raise ValueError(f"--cache first-block:{param}: the threshold is a relative change in (0, 1] "
-                             f"(default {FIRST_BLOCK_DEFAULT}; larger reuses more steps)")
-        return CacheConfig("first-block", threshold=threshold)
-    if method == "taylorseer":
-        try:
-            interval = int(param) if param else TAYLORSEER_DEFAULT
-        except ValueError:
-            raise ValueError(f"--cache taylorseer:INTERVAL takes an integer, got {param!r}") from None
-        if not 2 <= interval <= 16:
-            raise ValueError(f"--cache taylorseer:{param}: the interval is 2 … 16 calls between computed ones "
-                             f"(default {TAYLORSEER_DEFAULT})")
-        return CacheConfig("taylorseer", interval=interval)
-    raise ValueError(f"--cache {text!r}: unknown method {method!r}; use one of {', '.join(METHODS)} "
-                     "(first-block[:THRESHOLD], taylorseer[:INTERVAL])")
-
+from ..cache_config import TAYLORSEER_WARMUP, CacheConfig, parse_cache  # noqa: F401 — the part's options
+from ..mesh import Mesh
+from .context import Installed, SeqContext
 
 @dataclass
 class CacheLog:
@@ -163,17 +115,39 @@ class _LoggedTaylorSeerHook(TaylorSeerCacheHook):
         return compute, state
 
 
-@dataclass
-class AppliedCache:
-    model: torch.nn.Module
+@dataclass(frozen=True)
+class StepCache:
+    """A plan's step cache: `config`'s method on the model's block `stacks` (ModuleList names, in call
+    order: what the first-block cache walks; TaylorSeer hooks the attention modules instead). Not a
+    family's declaration but the engine's option (`--cache`), over the stacks the family names."""
+
     config: CacheConfig
-    log: CacheLog
-    hooked: list[tuple[torch.nn.Module, str]] = field(default_factory=list)
+    stacks: tuple[str, ...]
+
+    def install(self, model: torch.nn.Module, ctx: SeqContext, attention, parts) -> "AppliedCache":
+        return apply_step_cache(model, self.config, ctx.mesh, stacks=self.stacks, cfg_pairs="cfg_pairs" in parts)
+
+
+class AppliedCache(Installed):
+    def __init__(self, model: torch.nn.Module, config: CacheConfig, log: CacheLog):
+        super().__init__()
+        self.model, self.config, self.log = model, config, log
+        self.hooked: list[tuple[torch.nn.Module, str]] = []
 
     def reset(self) -> None:
         """Empty caches and log: every request starts fresh."""
-        self.model._reset_stateful_cache()
+        HookRegistry.check_if_exists_or_initialize(self.model).reset_stateful_hooks(recurse=True)
         self.log.clear()
+
+    @contextlib.contextmanager
+    def context(self, name: str = "image"):
+        """The hooks' cache context around a pipeline call: their state is kept per context. Pipelines
+        that name their own (Flux's "cond" / "uncond") set them inside; the others run in this one."""
+        _set_cache_context(self.model, CacheContext(name))
+        try:
+            yield
+        finally:
+            _set_cache_context(self.model, None)
 
     def remove(self) -> None:
         for module, name in self.hooked:
@@ -189,13 +163,32 @@ def _hooks_changed(model: torch.nn.Module) -> None:
 
 
 def block_stacks(model: torch.nn.Module, names: tuple[str, ...]) -> list[torch.nn.Module]:
-    """The blocks of the model's ModuleLists `names`, in call order."""
+    """The blocks of the model's ModuleLists `names`, in call order. A name may end in a slice of the
+    list (`transformer_blocks[:-1]`: SD3.5's last block returns no text stream, which the cache's
+    residuals need, so it is computed every step)."""
     blocks = []
-    for name in names:
+    for spec in names:
+        name, _, cut = spec.partition("[")
         stack = model.get_submodule(name)
         assert isinstance(stack, torch.nn.ModuleList), f"{name} of {type(model).__name__} is no ModuleList"
+        if cut:
+            start, _, stop = cut.rstrip("]").partition(":")
+            stack = list(stack)[slice(int(start) if start else None, int(stop) if stop else None)]
         blocks.extend(stack)
     return blocks
+
+
+def attention_modules(blocks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The attention modules (diffusers' `Attention`: they take a processor) of `blocks`, outermost only."""
+    found = []
+    for block in blocks:
+        inner: set[int] = set()
+        for _, m in block.named_modules():
+            if id(m) in inner or not hasattr(m, "set_processor"):
+                continue
+            found.append(m)
+            inner.update(id(sub) for sub in m.modules())
+    return found
 
 
 def apply_step_cache(model: torch.nn.Module, config: CacheConfig, mesh: Mesh, *, stacks: tuple[str, ...],
@@ -205,7 +198,7 @@ def apply_step_cache(model: torch.nn.Module, config: CacheConfig, mesh: Mesh, *,
     applied = AppliedCache(model, config, CacheLog())
     if config.method == "first-block":
         blocks = block_stacks(model, stacks)
-        assert len(blocks) >= 3, f"{type(model).__name__}: first-block caching needs 3 blocks or more"
+        assert len(blocks) >= 2, f"{type(model).__name__}: first-block caching needs a first block and others"
         manager = StateManager(FBCSharedBlockState, (), {})
         head = _MeshHeadHook(manager, config.threshold, _Decision(mesh, cfg_pairs), applied.log)
         HookRegistry.check_if_exists_or_initialize(blocks[0]).register_hook(head, _FBC_LEADER_BLOCK_HOOK)
@@ -216,14 +209,10 @@ def apply_step_cache(model: torch.nn.Module, config: CacheConfig, mesh: Mesh, *,
             applied.hooked.append((block, _FBC_BLOCK_HOOK))
         _hooks_changed(model)
         return applied
-    import re
-
     ts = TaylorSeerCacheConfig(cache_interval=config.interval, disable_cache_before_step=TAYLORSEER_WARMUP,
                                taylor_factors_dtype=torch.float32)
     first = True
-    for name, module in model.named_modules():
-        if not any(re.fullmatch(p, name) for p in _TRANSFORMER_BLOCK_IDENTIFIERS):
-            continue
+    for module in attention_modules(block_stacks(model, stacks)):
         manager = StateManager(TaylorSeerState, init_kwargs={"taylor_factors_dtype": ts.taylor_factors_dtype,
                                                               "max_order": ts.max_order, "is_inactive": False})
         hook = _LoggedTaylorSeerHook(ts.cache_interval, ts.disable_cache_before_step, ts.taylor_factors_dtype,
