@@ -14,6 +14,11 @@ keys of sample b are real — positions in the whole sequence, the concatenation
 in sp order, so it is meant for one token group split contiguously (Lumina2's and Z-Image's streams);
 padded keys are never attended (parallel/blocks.py). Padded queries are computed like any other, as
 the models' own attention does, and the models drop them.
+
+Block-causal attention (Qwen-Image 2.1, `causal`): positions are whole-sequence ones again, so after
+Ulysses' exchange a rank's queries and keys are one contiguous range, and every ring block another;
+each block is attended by the rule (parallel/block_causal.py). The prefill can keep this rank's share of
+the prefix's K/V (`keep`), which later steps attend before their own keys (`prefix`).
 """
 
 from __future__ import annotations
