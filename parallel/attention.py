@@ -14,6 +14,11 @@ keys of sample b are real — positions in the whole sequence, the concatenation
 in sp order, so it is meant for one token group split contiguously (Lumina2's and Z-Image's streams);
 padded keys are never attended (parallel/blocks.py). Padded queries are computed like any other, as
 the models' own attention does, and the models drop them.
+
+Block-causal attention (Qwen-Image 2.1, `causal`): positions are whole-sequence ones again, so after
+Ulysses' exchange a rank's queries and keys are one contiguous range, and every ring block another;
+each block is attended by the rule (parallel/block_causal.py). The prefill can keep this rank's share of
+the prefix's K/V (`keep`), which later steps attend before their own keys (`prefix`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 from shardiff_kernels.registry import choose_kernel
 
+from .block_causal import BlockCausal, PrefixKV, attend_block
 from .blocks import attend, valid_counts
 from .heads import head_split
 from .mesh import Mesh
@@ -44,8 +50,8 @@ class ParallelAttention:
         self.head_chunks = head_chunks
         self._kernels: dict[tuple, object] = {}
 
-    def kernel_for(self, device: torch.device, dtype: torch.dtype):
-        need_lse = self.mesh.size("ring") > 1
+    def kernel_for(self, device: torch.device, dtype: torch.dtype, need_lse: bool = False):
+        need_lse = need_lse or self.mesh.size("ring") > 1
         key = (device.type, dtype, need_lse)
         if key not in self._kernels:
             self._kernels[key] = choose_kernel(self.kernel_name, device, dtype, need_lse=need_lse)
@@ -60,12 +66,19 @@ class ParallelAttention:
         *,
         scale: float | None = None,
         key_lengths: list[int] | None = None,
+        causal: BlockCausal | None = None,
+        keep: PrefixKV | None = None,
+        prefix: PrefixKV | None = None,
     ) -> torch.Tensor:
         """Attention of this rank's queries over the whole sequence's keys, for this rank's tokens.
-        K and V may have fewer heads than Q (they must divide its heads)."""
+        K and V may have fewer heads than Q (they must divide its heads).
+
+        `causal`: the block-causal rule over the whole sequence (the concatenation of every rank's piece
+        in sp order); `keep`: where this rank keeps its share of the prefix's K/V for later steps;
+        `prefix`: attend over that kept prefix before these keys (parallel/block_causal.py)."""
         mesh = self.mesh
         U, R = mesh.size("ulysses"), mesh.size("ring")
-        kernel = self.kernel_for(q_BSHD.device, q_BSHD.dtype)
+        kernel = self.kernel_for(q_BSHD.device, q_BSHD.dtype, need_lse=causal is not None)
         if seq_sizes is None:
             seq_sizes = [q_BSHD.shape[1]] * (U * R)
         assert len(seq_sizes) == U * R and seq_sizes[mesh.coord("sp")] == q_BSHD.shape[1]
@@ -75,7 +88,9 @@ class ParallelAttention:
         group_sizes = seq_sizes[ring_r * U : (ring_r + 1) * U]
         C = self.head_chunks
         plain = Hkv == Hq and Hq % U == 0
-        if U > 1 and R == 1 and C > 1 and plain and key_lengths is None and Hq % (C * U) == 0:
+        masked = causal is not None or prefix is not None
+        assert not masked or (plain and key_lengths is None), "block-causal attention takes whole K/V heads, no padding"
+        if U > 1 and R == 1 and C > 1 and plain and key_lengths is None and not masked and Hq % (C * U) == 0:
             return self._chunked_ulysses(q_BSHD, k_BSHD, v_BSHD, group_sizes, kernel, scale)
         heads = None
         if U > 1 and plain:
@@ -91,7 +106,9 @@ class ParallelAttention:
             )
             heads = split.q
         q_BHSD, k_BHSD, v_BHSD = (t.transpose(1, 2) for t in (q_BSHD, k_BSHD, v_BSHD))
-        if R > 1:
+        if masked:
+            out_BHSD = self._block_causal(q_BHSD, k_BHSD, v_BHSD, seq_sizes, kernel, scale, causal, keep, prefix)
+        elif R > 1:
             blocks = [sum(seq_sizes[j * U : (j + 1) * U]) for j in range(R)]
             out_BHSD = ring_attention(
                 q_BHSD, k_BHSD, v_BHSD, group=mesh.group("ring"), block_sizes=blocks, kernel=kernel, scale=scale,
@@ -108,6 +125,34 @@ class ParallelAttention:
         elif U > 1:
             out_BSHD = head_to_seq(out_BSHD, mesh.group("ulysses"), group_sizes)
         return out_BSHD
+
+    def _block_causal(self, q_BHSD, k_BHSD, v_BHSD, seq_sizes, kernel, scale, causal, keep, prefix) -> torch.Tensor:
+        """After Ulysses' exchange: this rank's heads of its ring rank's block, a contiguous range of the
+        sequence, for queries and keys alike."""
+        U, R, r = self.mesh.size("ulysses"), self.mesh.size("ring"), self.mesh.coord("ring")
+        blocks = [sum(seq_sizes[j * U : (j + 1) * U]) for j in range(R)]
+        starts = [sum(blocks[:j]) for j in range(R)]
+        if causal is None:  # a cached step: the target's queries see every key
+            k_BHSD, v_BHSD = prefix.extend(k_BHSD, v_BHSD)
+            if R == 1:
+                return kernel(q_BHSD, k_BHSD, v_BHSD, scale=scale, return_lse=False)[0]
+            blocks = [p + b for p, b in zip(prefix.ring_sizes, blocks)]
+            return ring_attention(q_BHSD, k_BHSD, v_BHSD, group=self.mesh.group("ring"), block_sizes=blocks,
+                                  kernel=kernel, scale=scale)
+        length = sum(blocks)
+        if keep is not None:
+            keep.keep(k_BHSD, v_BHSD, [min(max(causal.prefix - s, 0), b) for s, b in zip(starts, blocks)], r)
+
+        def block(q, k, v, j):
+            return attend_block(kernel, q, k, v, q_start=starts[r], k_start=starts[j], causal=causal, length=length,
+                                scale=scale)
+
+        if R == 1:
+            got = block(q_BHSD, k_BHSD, v_BHSD, 0)
+            assert got is not None, "every query sees at least itself"
+            return got[0].to(q_BHSD.dtype)
+        return ring_attention(q_BHSD, k_BHSD, v_BHSD, group=self.mesh.group("ring"), block_sizes=blocks, kernel=kernel,
+                              scale=scale, block_attend=block)
 
     def _chunked_ulysses(self, q_BSHD, k_BSHD, v_BSHD, group_sizes, kernel, scale) -> torch.Tensor:
         """Ulysses in C head chunks: all input exchanges are launched at once; chunk c's attention

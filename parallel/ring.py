@@ -43,9 +43,12 @@ def ring_attention(
     kernel,
     scale: float | None = None,
     key_lengths: list[int] | None = None,
+    block_attend=None,
 ) -> torch.Tensor:
     """Attention of the local queries over every ring rank's K/V block. `key_lengths[b]`: sample b's
-    real keys are the first key_lengths[b] of the whole sequence (blocks in ring order)."""
+    real keys are the first key_lengths[b] of the whole sequence (blocks in ring order).
+    `block_attend(q, k, v, j)` → (out, lse) or None: the partial over ring rank j's block, where a
+    mask decides which of its keys each query sees (parallel/block_causal.py)."""
     R = len(block_sizes)
     r = dist.get_rank(group)
     assert k_BHSD.shape[2] == block_sizes[r]
@@ -54,8 +57,9 @@ def ring_attention(
     B, H, _, D = k_BHSD.shape
     # K and V in one buffer: one send and one receive per step instead of two of each.
     kv = torch.stack([k_BHSD, v_BHSD]).contiguous()
-    if key_lengths is not None or H != q_BHSD.shape[1]:
-        return _ring_general(q_BHSD, kv, group, block_sizes, kernel, scale, key_lengths, send_to, recv_from)
+    if key_lengths is not None or H != q_BHSD.shape[1] or block_attend is not None:
+        return _ring_general(q_BHSD, kv, group, block_sizes, kernel, scale, key_lengths, send_to, recv_from,
+                             block_attend)
     out = lse = None
     for step in range(R):
         reqs = []
@@ -77,8 +81,10 @@ def ring_attention(
     return out.to(q_BHSD.dtype)
 
 
-def _ring_general(q_BHSD, kv, group, block_sizes, kernel, scale, key_lengths, send_to, recv_from) -> torch.Tensor:
-    """The ring with padded keys and/or grouped K/V heads: same exchange, blocks through `attend`."""
+def _ring_general(q_BHSD, kv, group, block_sizes, kernel, scale, key_lengths, send_to, recv_from,
+                  block_attend=None) -> torch.Tensor:
+    """The ring with padded keys, grouped K/V heads or a mask: same exchange, blocks through `attend`
+    (or `block_attend`)."""
     R, r = len(block_sizes), dist.get_rank(group)
     _, B, H, _, D = kv.shape
     offsets = [sum(block_sizes[:j]) for j in range(R)]
@@ -94,8 +100,11 @@ def _ring_general(q_BHSD, kv, group, block_sizes, kernel, scale, key_lengths, se
             reqs = dist.batch_isend_irecv(
                 [dist.P2POp(dist.isend, kv, send_to, group), dist.P2POp(dist.irecv, nxt, recv_from, group)]
             )
-        valid = valid_counts(key_lengths, offsets[src_now], block_sizes[src_now])
-        blk = attend(kernel, q_BHSD, kv[0], kv[1], scale=scale, valid=valid, return_lse=True)
+        if block_attend is not None:
+            blk = block_attend(q_BHSD, kv[0], kv[1], src_now)
+        else:
+            valid = valid_counts(key_lengths, offsets[src_now], block_sizes[src_now])
+            blk = attend(kernel, q_BHSD, kv[0], kv[1], scale=scale, valid=valid, return_lse=True)
         if blk is not None:
             out, lse = merge_partial_masked(out, lse, *blk)
         for req in reqs:

@@ -271,3 +271,30 @@ def test_sequence_part_splits_inputs_by_group():
     with pytest.raises(ValueError, match=r"inputs of token group 'image' disagree in length \(6 tokens in 'ids', 7"):
         state.before({"image": image, "ids": torch.arange(6)})
     state.remove()
+
+
+def test_sequence_part_splits_module_inputs_by_keyword_or_position():
+    """A module input is split whether the caller passes it by keyword or by position (HunyuanImage's
+    blocks get their text stream positionally); an input left None stays None."""
+    from shardiff_parallel.plan import SeqContext, SeqDim, SequenceSplit
+
+    class Block(torch.nn.Module):
+        def forward(self, hidden_states, text=None, mask=None):
+            return hidden_states, text, mask
+
+    model = torch.nn.Module()
+    model.block = Block()
+    ctx = SeqContext(_fake_mesh(ring=2))
+    split = SequenceSplit(module_inputs={"block": {"text": SeqDim("text", 1), "mask": SeqDim("text", 0)}})
+    state = split.install(model, ctx, None, {})
+    text, mask = torch.randn(2, 5, 3), torch.arange(5)
+    for call in (lambda: model.block(None, text, mask), lambda: model.block(None, text=text, mask=mask),
+                 lambda: model.block(None, text, mask=mask)):
+        ctx.begin()
+        _, got_text, got_mask = call()
+        assert ctx.sizes == {"text": [3, 2]}
+        assert torch.equal(got_text, text[:, 3:]) and torch.equal(got_mask, mask[3:])
+    ctx.begin()
+    assert model.block(None)[1:] == (None, None)
+    state.remove()
+    assert model.block(None, text)[1] is text

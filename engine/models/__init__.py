@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from engine.presets.spec import PresetSpec
 
-from . import flux, flux2, lumina2, pixart, qwen_image, sana, sd3, unet, zimage
+from . import chroma, flux, flux2, hunyuan_image, lumina2, pixart, qwen_image, sana, sd3, unet, zimage
 from .family import Family, ModelInfo, PipelineSpec
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     flux.FAMILY,
+    chroma.FAMILY,
     *flux2.FAMILIES,
     qwen_image.FAMILY,
+    hunyuan_image.FAMILY,
     sd3.FAMILY,
     pixart.FAMILY,
     sana.FAMILY,

@@ -41,14 +41,15 @@ MMDIT_TP_PLAN = {
 
 
 def check_tp_widths(info, tp: int) -> None:
-    """ValueError unless --tp splits the heads, the key/value heads (grouped-query attention) and the
-    MLP width evenly (from configs, no weights)."""
+    """ValueError unless --tp splits the heads, the key/value heads (grouped-query attention), the
+    MLP width and the family's further `tp_widths` evenly (from configs, no weights)."""
     if tp == 1:
         return
     mlp = info.mlp_width or info.num_heads * info.head_dim * MLP_RATIO
     widths = [("attention heads", info.num_heads), ("MLP width", mlp)]
     if info.num_kv_heads and info.num_kv_heads != info.num_heads:
         widths.insert(1, ("key/value heads", info.num_kv_heads))
+    widths += list(info.tp_widths)
     for what, n in widths:
         if n % tp:
             ok = [d for d in range(2, 9) if all(m % d == 0 for _, m in widths)]

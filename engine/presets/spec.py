@@ -51,6 +51,9 @@ class PresetSpec:
     """(diffusers scheduler class, its config)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Pipeline kwargs that are not weights (components left out: image encoders, safety checkers)."""
+    guiders: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    """Guider attribute → (diffusers guider class, its config): components made of a config alone, built
+    and saved like the scheduler (HunyuanImage's `guider` / `ocr_guider`)."""
 
     @property
     def model_components(self) -> tuple[str, ...]:
@@ -84,11 +87,12 @@ class PresetSpec:
         return materialize_(self.empty_model(name), prefix=name, seed=seed, device=device, dtype=dtype)
 
     def other_components(self, *, with_text_encoders: bool) -> dict[str, Any]:
-        """The scheduler, and the tokenizers (None without text encoders)."""
+        """The scheduler, the guiders, and the tokenizers (None without text encoders)."""
         import diffusers
 
         cls_name, config = self.scheduler
         parts: dict[str, Any] = {"scheduler": getattr(diffusers, cls_name)(**config)}
+        parts |= {name: getattr(diffusers, cls)(**config) for name, (cls, config) in self.guiders.items()}
         for name, kind in self.tokenizers.items():
             parts[name] = tok.make_tokenizer(kind) if with_text_encoders else None
         return parts

@@ -103,7 +103,7 @@ CHAT_KINDS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 """Chat tokenizer kind → (its chat-format special tokens, its chat template)."""
 CHAT_MAX_LENGTH = 4096
-KINDS = ("clip", "t5", *CHAT_KINDS)
+KINDS = ("clip", "t5", "byt5", *CHAT_KINDS)
 CHAT_VOCAB_SIZE = VOCAB_SIZE + 1 + max(len(t) for t, _ in CHAT_KINDS.values())
 """Ids a chat tokenizer can produce: the words, the newline token and its special tokens."""
 
@@ -118,10 +118,15 @@ def _chat_backend(specials: tuple[str, ...]) -> Tokenizer:
 
 
 def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:
-    """`kind` is "clip" (77 tokens, <bos>..<eos>), "t5" (512 tokens, ..<eos>) or a chat kind
-    (`CHAT_KINDS`)."""
+    """`kind` is "clip" (77 tokens, <bos>..<eos>), "t5" (512 tokens, ..<eos>), "byt5" (bytes, ..<eos>) or
+    a chat kind (`CHAT_KINDS`)."""
     if kind not in KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind == "byt5":
+        # Bytes are its vocabulary: transformers' own tokenizer, no file needed (ids < 384).
+        from transformers import ByT5Tokenizer
+
+        return ByT5Tokenizer()
     common = dict(pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS, padding_side="right")
     if kind in CHAT_KINDS:
         specials, template = CHAT_KINDS[kind]

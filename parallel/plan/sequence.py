@@ -11,6 +11,7 @@ where sp > 1.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -34,8 +35,8 @@ class SequenceSplit:
     returning a tuple gets one entry per element (None: left whole), e.g. Qwen-Image's rotary module,
     which returns (image table, text table)."""
     module_inputs: Mapping[str, Mapping[str, SeqDim]] = field(default_factory=dict)
-    """Module-name glob → {keyword argument → where its tokens are}: split over sp when the module is
-    called (a forward pre-hook). For per-token inputs the model builds whole inside forward from
+    """Module-name glob → {forward argument → where its tokens are}: split over sp when the module is
+    called (a forward pre-hook), passed by keyword or by position. For per-token inputs the model builds whole inside forward from
     whole-sequence lengths and passes to its blocks (Qwen-Image's text stream after its rotary tables
     are computed, its `modulate_index`); a module matching several globs gets all their entries."""
     gather_modules: Mapping[str, SeqDim] = field(default_factory=dict)
@@ -67,8 +68,9 @@ class SequenceState(Installed):
             hook = _module_split_hook(ctx, where, name)
             self.handles.append(model.get_submodule(name).register_forward_hook(hook))
         for name, inputs in _module_inputs(model, split.module_inputs).items():
-            hook = _module_input_split_hook(ctx, inputs, name)
-            self.handles.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
+            module = model.get_submodule(name)
+            hook = _module_input_split_hook(ctx, inputs, name, module)
+            self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         for name, where in split.gather_modules.items():
             hook = _module_gather_hook(ctx, where)
             for module in _modules(model, name):
@@ -153,15 +155,27 @@ def _module_inputs(model: torch.nn.Module, globs: Mapping[str, Mapping[str, SeqD
     return out
 
 
-def _module_input_split_hook(ctx: SeqContext, inputs: Mapping[str, SeqDim], name: str):
+def _module_input_split_hook(ctx: SeqContext, inputs: Mapping[str, SeqDim], name: str, module: torch.nn.Module):
+    # An input the caller passes positionally (HunyuanImage's blocks get their text stream so) is found
+    # by its place in the module's forward signature.
+    params = list(inspect.signature(module.forward).parameters)
+    positions = {key: params.index(key) for key in inputs if key in params}
+
     def hook(module, args, kwargs):
+        args = list(args)
         for key, where in inputs.items():
-            x = kwargs.get(key)
+            at = positions.get(key)
+            positional = key not in kwargs and at is not None and at < len(args)
+            x = args[at] if positional else kwargs.get(key)
             if isinstance(x, torch.Tensor):
-                kwargs[key] = split_tokens(ctx, x, where, f"in {name}({key}=...)")
+                x = split_tokens(ctx, x, where, f"in {name}({key}=...)")
+                if positional:
+                    args[at] = x
+                else:
+                    kwargs[key] = x
             else:
-                assert x is None, f"{name} must get {key} as a keyword tensor to split it"
-        return args, kwargs
+                assert x is None, f"{name} must get {key} as a tensor to split it"
+        return tuple(args), kwargs
 
     return hook
 

@@ -25,8 +25,6 @@ class FluxParallelAttnProcessor:
         self.attention = attention
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if attention_mask is not None:
-            raise ValueError("shardiff's Flux attention does not take an attention mask")
         q_BSHD, k_BSHD, v_BSHD, eq_BSHD, ek_BSHD, ev_BSHD = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         # A fixed head_dim with -1 for heads keeps this independent of how many heads a rank holds.
         q_BSHD = attn.norm_q(q_BSHD.unflatten(-1, (-1, attn.head_dim)))
@@ -44,8 +42,7 @@ class FluxParallelAttnProcessor:
             q_BSHD = apply_rotary_emb(q_BSHD, image_rotary_emb, sequence_dim=1)
             k_BSHD = apply_rotary_emb(k_BSHD, image_rotary_emb, sequence_dim=1)
 
-        out_BSHD = self.attention(q_BSHD, k_BSHD, v_BSHD, self.ctx.joint_sizes("text", "image"))
-        out = out_BSHD.flatten(2, 3).to(q_BSHD.dtype)
+        out = self.attend(q_BSHD, k_BSHD, v_BSHD, attention_mask).flatten(2, 3).to(q_BSHD.dtype)
 
         if encoder_hidden_states is None:
             return out
@@ -53,3 +50,9 @@ class FluxParallelAttnProcessor:
         img = attn.to_out[1](attn.to_out[0](img.contiguous()))
         txt = attn.to_add_out(txt.contiguous())
         return img, txt
+
+    def attend(self, q_BSHD, k_BSHD, v_BSHD, attention_mask) -> torch.Tensor:
+        """Attention over this rank's joint [text, image] piece (Chroma's processor adds its mask here)."""
+        if attention_mask is not None:
+            raise ValueError("shardiff's Flux attention does not take an attention mask")
+        return self.attention(q_BSHD, k_BSHD, v_BSHD, self.ctx.joint_sizes("text", "image"))
