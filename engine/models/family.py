@@ -71,6 +71,9 @@ class PipelineSpec:
     mask_image, control_image)."""
     required: tuple[str, ...] = ()
     """Inputs it cannot run without (FluxFill: image and mask_image)."""
+    max_images: int = 1
+    """How many input images (`image`: reference images, in order) it takes: 1, or more for the
+    pipelines that take a list (Qwen-Image-Edit-Plus). A request with more is refused before any collective."""
     strength: bool = False
     """Takes `strength` (how much of the input image's noise schedule is redone)."""
     pag: bool = False
