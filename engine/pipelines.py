@@ -139,7 +139,10 @@ def prepare_call(request, info, family, resolve_size, *, controlnets: int = 0) -
     `controlnets`: how many ControlNets the engine holds."""
     spec = choose(family, info.pipeline_class, request, controlnets=controlnets)
     images = load_inputs(request)
-    height, width = resolve_size(request, default_size(images, info.spatial_multiple))
+    height, width = resolve_size(request, _default_size(spec, images, info.spatial_multiple))
+    if spec.fixed_size and (height, width) != (sized := spec.size_rule(_listed(images["image"]))):
+        raise ValueError(f"--height/--width: {spec.cls} draws at {sized[1]}x{sized[0]} for this input image (its own "
+                         f"size rule), not {width}x{height}; leave --height and --width out")
     kwargs = fit_call(spec.cls, family.call_kwargs(request))
     for name, image in images.items():
         if isinstance(image, list) and spec.max_images == 1:
@@ -159,6 +162,18 @@ def prepare_call(request, info, family, resolve_size, *, controlnets: int = 0) -
         kwargs.update(spec.call_extra(request, height, width))
     records = {n: record(getattr(request, n), images[n]) for n in images}
     return PreparedCall(spec, kwargs, height, width, branches(family, spec, kwargs), records)
+
+
+def _listed(image) -> list:
+    return image if isinstance(image, list) else [image]
+
+
+def _default_size(spec, images: dict, multiple: int) -> tuple[int, int] | None:
+    """The output size without --height/--width: the class's own rule from its input images, else the first
+    input image's size."""
+    if spec.size_rule is not None and "image" in images:
+        return spec.size_rule(_listed(images["image"]))
+    return default_size(images, multiple)
 
 
 def controlnet_call(spec, request, nets: int, control_image) -> dict:
