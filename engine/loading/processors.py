@@ -9,15 +9,18 @@ type-check their video processor, PixtralProcessor is declared as needing torchv
 the images need none of it — transformers' `*ImageProcessorPil` classes do the same resizing and
 normalisation with PIL and NumPy.
 
-So where torchvision is absent, `image_text_processor` builds the processor for images and text alone:
+So where torchvision is absent, `build` (from parts: the presets) and `load` (a model directory's
+component: engine/loading/pipeline.py) make the processor for images and text alone:
 - the Qwen classes: a subclass of the real class whose constructor takes no video processor — every
   other line (placeholder expansion from `image_grid_thw`, tokenizing, chat templates) is the real class's;
 - Pixtral: a processor of the same image processor and tokenizer with PixtralProcessor's image-token
   layout (rows of [IMG] closed by [IMG_BREAK], the last by [IMG_END]), written out below since the real
   class cannot be imported.
 The image processor is the `*ImageProcessorPil` class (what transformers' auto classes fall back to),
-read from the same preprocessor_config.json. Asking such a processor for video raises. `NOTE` is the one
-line the engine prints when it does this.
+read from the same preprocessor_config.json. Asking such a processor for video raises. `note` is the one
+line the engine prints when it does this (engine/preflight.py; the server logs it). Saved, it writes the
+real class's name, so a directory reads as the real model's. tests/test_processors.py compares each with
+a reference made from the same image processor's outputs and tokenizer, and the text embeddings too.
 """
 
 from __future__ import annotations
@@ -64,12 +67,13 @@ def image_text_class(cls_name: str) -> type:
         # this class's attributes (image_processor, tokenizer), so the third is never looked at.
         real.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-    def _process_videos(self, videos, **kwargs):
-        raise ValueError(f"{cls_name} was built without torchvision, for images and text: it processes no video")
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
+        if videos is not None:
+            raise ValueError(f"{cls_name} was built without torchvision, for images and text: it processes no video")
+        return real.__call__(self, images=images, text=text, **kwargs)
 
     return type(cls_name.replace("Processor", "ImageTextProcessor"), (real,),
-                {"__init__": __init__, "_process_videos": _process_videos, "to_dict": _saved_as(cls_name),
-                 "__module__": __name__})
+                {"__init__": __init__, "__call__": __call__, "to_dict": _saved_as(cls_name), "__module__": __name__})
 
 
 def _saved_as(cls_name: str):
