@@ -54,6 +54,8 @@ class Flag:
     """The default as --help writes it, where the value would mislead (None meaning "auto")."""
     mutex: str | None = None
     """Flags of one group with the same `mutex` exclude each other."""
+    gather: Callable[[list], Any] | None = None
+    """A repeatable flag's values (a list, in order) → the field's value; default: a tuple."""
 
     @property
     def flag(self) -> str:
@@ -94,6 +96,14 @@ def positive_int(text: str) -> int:
 def auto_or_positive_int(text: str) -> int | None:
     """A degree that may be chosen automatically: "auto" → None."""
     return None if text == "auto" else positive_int(text)
+
+
+def one_or_list(given: list):
+    """A repeatable flag whose field takes one value or several: none given → None, one → that value
+    (as the flag was before it could repeat), several → the list, in order."""
+    if not given:
+        return None
+    return given[0] if len(given) == 1 else list(given)
 
 
 def scales(text: str):
@@ -169,5 +179,12 @@ def _help(f: Flag) -> str:
 
 
 def values(args: argparse.Namespace, flags: Sequence[Flag]) -> dict[str, Any]:
-    """Field → parsed value of every flag (repeatable ones as tuples), for the dataclass's constructor."""
-    return {f.dest: tuple(getattr(args, f.dest)) if f.action == "append" else getattr(args, f.dest) for f in flags}
+    """Field → parsed value of every flag (repeatable ones as tuples, or as their `gather` makes them), for the
+    dataclass's constructor."""
+    out = {}
+    for f in flags:
+        value = getattr(args, f.dest)
+        if f.action == "append":
+            value = f.gather(list(value)) if f.gather is not None else tuple(value)
+        out[f.dest] = value
+    return out

@@ -20,7 +20,7 @@ from shardiff_parallel.config import TP_COMMS, Degrees
 
 from engine.text_encoders.names import PLACEMENTS, check_placement
 from .cli_flags import (
-    IMAGE, INPUTS, LAYOUT, MODEL, PROMPTS, RUNTIME, Flag, auto_or_positive_int, positive_int, scales,
+    IMAGE, INPUTS, LAYOUT, MODEL, PROMPTS, RUNTIME, Flag, auto_or_positive_int, one_or_list, positive_int, scales,
 )
 from .validation import check_fields
 
@@ -182,8 +182,10 @@ class GenerateRequest:
     num_images_per_prompt: int = 1
     """Images per prompt, generated as one batch (the same images as one process on any layout)."""
     image: object = None
-    """Input image (a path or a PIL image): img2img, or the image to inpaint / fill / edit (Kontext).
-    On a text-to-image model it selects the family's img2img pipeline (engine/pipelines.py)."""
+    """Input image (a path or a PIL image): img2img, or the image to inpaint / fill / edit (Kontext). On a
+    text-to-image model it selects the family's img2img pipeline (engine/pipelines.py). Several reference
+    images, in order (a list; on the command line, repeat the flag): for the pipelines that take them
+    (Qwen-Image-Edit-Plus)."""
     mask_image: object = None
     """Inpainting mask (a path or a PIL image; white = repaint); with an input image it selects the
     inpainting pipeline."""
@@ -204,6 +206,8 @@ class GenerateRequest:
     """Flux Union ControlNets: the control type (canny, depth, …: the ControlNet's own numbering)."""
 
     def __post_init__(self):
+        if isinstance(self.image, tuple):  # several reference images: one form, a list
+            object.__setattr__(self, "image", list(self.image))
         # The same checks for the CLI, the Python API and the server (engine/validation.py); the checks
         # against the model and the world come once per request (engine/request_check.py).
         check_fields(self)
@@ -226,7 +230,7 @@ REQUEST_FLAGS = (
     Flag("true_cfg_scale", IMAGE, type=float),
     Flag("seed", IMAGE, type=int),
     Flag("max_sequence_length", IMAGE, type=int),
-    Flag("image", INPUTS),
+    Flag("image", INPUTS, action="append", gather=one_or_list),
     Flag("mask_image", INPUTS),
     Flag("control_image", INPUTS),
     Flag("controlnet_scale", INPUTS, type=scales),

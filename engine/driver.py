@@ -95,6 +95,8 @@ class Engine:
         """Why `--tp auto` chose TP (empty when it did not)."""
         self.lora_notes = pre.lora_notes
         """Notes on the LoRAs for the user (keys that match no layer)."""
+        self.processor_note = pre.processor_note
+        """Which vision-language processors were built without torchvision (empty: none)."""
         self.text_encoders = pre.text_encoders
         self.meshes: dict[ParallelConfig, Mesh] = {}
         """Layout → its mesh, built once (`use_layout` switches between them)."""

@@ -4,7 +4,8 @@ The choice starts at the model directory's class (model_index.json: FluxFillPipe
 FluxKontextPipeline, StableDiffusion3Pipeline, …) and follows the family's `PipelineSpec.variants`
 links (engine/models/*) for what the request brings that the class does not take: the engine's
 `--controlnet` → its ControlNet form, `--image` → its img2img form, then `--mask-image` → its
-inpainting form, then `--pag-scale` → its PAG form. Each
+inpainting form, then `--pag-scale` → its PAG form; the form reached must take as many input
+images as the request brings (`PipelineSpec.max_images`: several reference images). Each
 pipeline other than the loaded one is made once with diffusers' `from_pipe` — the same module objects,
 no weight loaded or copied — and kept, so the plan applied to the denoiser, LoRAs fused into it and
 compiled blocks serve every one of them.
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .inputs import FLAGS, IMAGE_FIELDS, default_size, fit, load_inputs, record
+from .inputs import FLAGS, IMAGE_FIELDS, count, default_size, each, fit, load_inputs, record
 
 ORDER = ("controlnet", "image", "mask_image", "pag")
 """The order in which a request's additions move from one pipeline class to another."""
@@ -76,9 +77,27 @@ def choose(family, directory_class: str, request, *, controlnets: int = 0):
     missing = [FLAGS[n] for n in spec.required if n not in brings]
     if missing:
         raise ValueError(f"{spec.cls} needs {' and '.join(missing)}")
+    given = count(request.image)
+    if given > spec.max_images:
+        takes = "one input image" if spec.max_images == 1 else f"at most {spec.max_images} input images"
+        raise ValueError(f"--image: {spec.cls} takes {takes}, got {given}")
     if request.strength is not None and not spec.strength:
         raise ValueError(f"--strength: {spec.cls} takes none (it is for image-to-image and inpainting pipelines)")
     return spec
+
+
+def max_input_images(family, directory_class: str) -> int:
+    """The most input images any pipeline form of a model of `directory_class` takes (0: none takes an
+    image): what the server tells a client sending more, before the request's own check."""
+    seen, todo, most = set(), [directory_class], 0
+    while todo:
+        spec = family.pipeline(todo.pop())
+        if spec.cls in seen:
+            continue
+        seen.add(spec.cls)
+        most = max(most, spec.max_images if "image" in spec.inputs else 0)
+        todo.extend(spec.variants.values())
+    return most
 
 
 def _no_form(family, spec, what: str) -> str:
@@ -120,10 +139,15 @@ def prepare_call(request, info, family, resolve_size, *, controlnets: int = 0) -
     `controlnets`: how many ControlNets the engine holds."""
     spec = choose(family, info.pipeline_class, request, controlnets=controlnets)
     images = load_inputs(request)
-    height, width = resolve_size(request, default_size(images, info.spatial_multiple))
+    height, width = resolve_size(request, _default_size(spec, images, info.spatial_multiple))
+    if spec.fixed_size and (height, width) != (sized := spec.size_rule(_listed(images["image"]))):
+        raise ValueError(f"--height/--width: {spec.cls} draws at {sized[1]}x{sized[0]} for this input image (its own "
+                         f"size rule), not {width}x{height}; leave --height and --width out")
     kwargs = fit_call(spec.cls, family.call_kwargs(request))
     for name, image in images.items():
-        kwargs[spec.arg(name)] = image if spec.sized else fit(image, height, width)
+        if isinstance(image, list) and spec.max_images == 1:
+            image = image[0]  # a list of one, for a pipeline that takes one image
+        kwargs[spec.arg(name)] = image if spec.sized else each(image, lambda im: fit(im, height, width))
     if spec.controlnet:
         kwargs.update(controlnet_call(spec, request, max(controlnets, 1), kwargs.pop(spec.arg("control_image"))))
     elif request.controlnet_scale is not None or request.control_mode is not None:
@@ -138,6 +162,18 @@ def prepare_call(request, info, family, resolve_size, *, controlnets: int = 0) -
         kwargs.update(spec.call_extra(request, height, width))
     records = {n: record(getattr(request, n), images[n]) for n in images}
     return PreparedCall(spec, kwargs, height, width, branches(family, spec, kwargs), records)
+
+
+def _listed(image) -> list:
+    return image if isinstance(image, list) else [image]
+
+
+def _default_size(spec, images: dict, multiple: int) -> tuple[int, int] | None:
+    """The output size without --height/--width: the class's own rule from its input images, else the first
+    input image's size."""
+    if spec.size_rule is not None and "image" in images:
+        return spec.size_rule(_listed(images["image"]))
+    return default_size(images, multiple)
 
 
 def controlnet_call(spec, request, nets: int, control_image) -> dict:

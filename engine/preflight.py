@@ -57,6 +57,8 @@ class Preflight:
     """Notes on the LoRAs for the user (keys that match no layer)."""
     controlnets: list = field(default_factory=list)
     """The --controlnet directories, checked (engine/controlnet.py ControlNetDir)."""
+    processor_note: str = ""
+    """Which vision-language processors are built without torchvision, for images and text (empty: none)."""
     error: str | None = None
 
     @property
@@ -211,6 +213,16 @@ def check_controlnet_dirs(p: Preflight) -> list:
     return check_controlnets(p.config.controlnets, p.model, p.family, p.parallel, cuda_graphs=p.config.cuda_graphs)
 
 
+def note_processors(p: Preflight) -> str:
+    """One line when the model's vision-language processors are built for images and text alone (no
+    torchvision: engine/loading/processors.py)."""
+    from engine.loading.pipeline import stand_in_processors
+    from engine.loading.processors import note
+
+    found = stand_in_processors(p.model)
+    return note(found) if found else ""
+
+
 STEPS: tuple[tuple[str | tuple[str, ...] | None, Callable[[Preflight], object]], ...] = (
     ("device", find_device),
     ("model", resolve),
@@ -230,6 +242,7 @@ STEPS: tuple[tuple[str | tuple[str, ...] | None, Callable[[Preflight], object]],
     (("loras", "lora_notes"), check_lora_files),
     (None, check_model_controlnet),
     ("controlnets", check_controlnet_dirs),
+    ("processor_note", note_processors),
 )
 """(where the step's value goes, the step): None for a check, a tuple for a step that finds two things."""
 

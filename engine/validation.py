@@ -34,6 +34,9 @@ every family's blocks, split by TP) is being computed."""
 
 IMAGE_FIELDS = {"image": "RGB", "mask_image": "L", "control_image": "RGB"}
 """Request field → the PIL mode the pipelines get it in (engine/inputs.py reads them)."""
+LIST_FIELDS = ("image",)
+"""Image fields that may hold several images, in order (a list): several reference images, for the
+pipelines that take them (`PipelineSpec.max_images`)."""
 FLAGS = {"image": "--image", "mask_image": "--mask-image", "control_image": "--control-image",
          "strength": "--strength", "pag_scale": "--pag-scale", "controlnet": "--controlnet"}
 
@@ -98,7 +101,13 @@ def _check_inputs(request) -> None:
     """What can be said of a request's image inputs without reading them: types, ranges, combinations."""
     for name in IMAGE_FIELDS:
         value = getattr(request, name)
-        if value is not None and not _is_image_value(value):
+        if name in LIST_FIELDS and isinstance(value, list):
+            if not value:
+                raise ValueError(f"{FLAGS[name]}: an empty list; give one image, or several")
+            bad = next((v for v in value if not _is_image_value(v)), None)
+            if bad is not None:
+                raise ValueError(f"{FLAGS[name]} must be paths or PIL images, got a {type(bad).__name__} in the list")
+        elif value is not None and not _is_image_value(value):
             raise ValueError(f"{FLAGS[name]} must be a path or a PIL image, got {type(value).__name__}")
     if request.mask_image is not None and request.image is None:
         raise ValueError("--mask-image needs --image: the mask says which part of that image to repaint")

@@ -199,6 +199,7 @@ def test_deadline_answers_504_and_the_server_keeps_serving(server):
     (b'{"prompt": "x", "image": "/etc/hostname"}', ["image is not valid base64"]),
     (b'{"prompt": "x", "image": "aGVsbG8="}', ["image cannot be read as an image"]),
     (b'{"prompt": "x", "image": 7}', ["image must be a base64 string"]),
+    (b'{"prompt": "x", "image": ["aGVsbG8=", "aGVsbG8="]}', ["this model takes 1 input image, got 2; send one"]),
     (b'{"prompt": "x", "strength": 0.5}', ["--strength", "needs --image"]),
     (b'{"prompt": "x", "pag_scale": 3}', ["--pag-scale", "perturbed-attention guidance"]),
     # Bounds: the operator's and the model's, before any rank works.

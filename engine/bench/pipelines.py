@@ -14,6 +14,14 @@ real length, latent output):
 - `controlnet`: FluxControlNetPipeline with a random ControlNet of InstantX's FLUX.1-dev Union shape
   (5 dual-stream + 10 single-stream blocks, 10 control modes; `--controlnet-layers D,S`), a random
   control image, mode 0, scale 0.7. Our layouts apply the ControlNet's own plan too (engine/controlnet.py).
+Qwen-Image's cases (a qwen-image preset: `qwen-image` for t2i / img2img / inpaint, `qwen-image-edit` for
+edit / edit-inpaint, `qwen-image-edit-plus` for edit-plus; true CFG at 4 with random embeddings of both
+branches, two transformer calls per step):
+- `img2img`, `inpaint`: QwenImageImg2ImgPipeline / QwenImageInpaintPipeline (a random mask of the size);
+- `edit`: QwenImageEditPipeline, a random reference image of the output size (the pipeline encodes it at
+  ~1024² pixels: 4096 reference tokens beside the output's 4096 at 1024²);
+- `edit-inpaint`: QwenImageEditInpaintPipeline (it draws at its reference's ~1024² whatever `--size`);
+- `edit-plus`: QwenImageEditPlusPipeline with `--references` random reference images (each ~1024²).
 Systems: `diffusers` (the pipeline as is, its default attention) and our layouts (engine.bench names:
 `1`, `u2`, `u4:compile`, …; a layout of n ranks uses ranks 0..n-1).
 
@@ -24,6 +32,8 @@ Relative L2 of the latents is against the case's first system.
 
     python -m engine.bench.pipelines --model flux-dev --size 1024 --steps 8 --cases t2i,img2img,kontext,lora \\
         --systems diffusers,1,1:compile --json pipelines.json
+    python -m engine.bench.pipelines --model qwen-image-edit-plus --size 1024 --steps 8 --cases edit-plus \\
+        --systems diffusers,1 --json qwen-edit-plus.json
 """
 
 from __future__ import annotations
@@ -49,15 +59,21 @@ from shardiff_parallel.plan import apply_plan
 
 from .layouts import parse_layout
 
-CASES = ("t2i", "img2img", "kontext", "lora", "controlnet")
-PIPELINE_OF_CASE = {"img2img": "FluxImg2ImgPipeline", "kontext": "FluxKontextPipeline",
-                    "controlnet": "FluxControlNetPipeline"}
+PIPELINE_OF_CASE = {
+    "flux": {"t2i": None, "img2img": "FluxImg2ImgPipeline", "kontext": "FluxKontextPipeline", "lora": None,
+             "controlnet": "FluxControlNetPipeline"},
+    "qwen-image": {"t2i": "QwenImagePipeline", "img2img": "QwenImageImg2ImgPipeline", "inpaint": "QwenImageInpaintPipeline",
+                   "edit": "QwenImageEditPipeline", "edit-inpaint": "QwenImageEditInpaintPipeline",
+                   "edit-plus": "QwenImageEditPlusPipeline"},
+}
+"""Family → case → the pipeline class it runs (None: the preset's own), made from the preset's with from_pipe."""
+CASES = tuple(dict.fromkeys(c for cases in PIPELINE_OF_CASE.values() for c in cases))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="engine.bench.pipelines", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="flux-dev", help="a Flux preset (random weights, real config)")
+    p.add_argument("--model", default="flux-dev", help="a Flux or Qwen-Image preset (random weights, real config)")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
@@ -67,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=1.0,
                    help="img2img strength (1.0: every step runs, so the per-step figure is comparable)")
     p.add_argument("--lora-rank", type=int, default=64)
+    p.add_argument("--references", type=int, default=2, help="edit-plus: reference images")
     p.add_argument("--keep-image-size", action="store_true",
                    help="kontext: keep the input image's size (default: diffusers' resize to a trained resolution)")
     p.add_argument("--repeats", type=int, default=2)
@@ -88,11 +105,31 @@ def random_lora(model: torch.nn.Module, rank: int, seed: int = 0) -> dict:
     return out
 
 
-def _image(size: int):
+def _image(size: int, seed: int = 0, mode: str = "RGB"):
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
+    if mode == "L":  # a mask: white = repaint
+        return Image.fromarray((rng.random((size, size)) > 0.5).astype(np.uint8) * 255)
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def case_kwargs(case: str, args) -> dict:
+    """The inputs a case adds to the prompt embeddings and the size."""
+    size = args.size
+    if case == "img2img":
+        return dict(image=_image(size), strength=args.strength)
+    if case == "kontext":
+        return dict(image=_image(size), max_area=size * size, _auto_resize=not args.keep_image_size)
+    if case == "controlnet":
+        return dict(control_image=_image(size), control_mode=0, controlnet_conditioning_scale=0.7)
+    if case in ("inpaint", "edit-inpaint"):
+        return dict(image=_image(size), mask_image=_image(size, 1, "L"), strength=args.strength)
+    if case == "edit":
+        return dict(image=_image(size))
+    if case == "edit-plus":
+        return dict(image=[_image(size, i) for i in range(args.references)])
+    return {}
 
 
 class _StepClock:
@@ -137,12 +174,14 @@ def main(argv=None) -> None:
     try:
         spec = get_preset(args.model)
         fam = family(spec.family)
-        if fam.name != "flux":
-            raise ValueError(f"--model {args.model}: this benchmark runs the Flux pipelines (a flux preset)")
-        cases = args.cases.split(",")
-        bad = [c for c in cases if c not in CASES]
+        if fam.name not in PIPELINE_OF_CASE:
+            raise ValueError(f"--model {args.model}: this benchmark runs the Flux and Qwen-Image pipelines")
+        cases, known = args.cases.split(","), PIPELINE_OF_CASE[fam.name]
+        bad = [c for c in cases if c not in known]
         if bad:
-            raise ValueError(f"unknown case(s) {', '.join(bad)}; cases: {', '.join(CASES)}")
+            raise ValueError(f"case(s) {', '.join(bad)} are not {fam.name}'s; its cases: {', '.join(known)}")
+        for case in cases:
+            _check_components(known[case], spec, case)
         systems = args.systems.split(",")
         layouts = {s: parse_layout(s) for s in systems if s != "diffusers"}
         for name, lay in layouts.items():
@@ -172,19 +211,13 @@ def main(argv=None) -> None:
             double, single = (int(v) for v in args.controlnet_layers.split(","))
             controlnet = random_controlnet(fam, dict(base.transformer.config), double, single_layers=single,
                                            num_mode=10, device=device, dtype=dtype)
-        if case in PIPELINE_OF_CASE:
+        if PIPELINE_OF_CASE[fam.name][case] not in (None, type(base).__name__):
             from engine.pipelines import from_pipe
 
             extra = {"controlnet": controlnet} if controlnet is not None else {}
-            pipe = from_pipe(PIPELINE_OF_CASE[case], base, dtype, **extra)
+            pipe = from_pipe(PIPELINE_OF_CASE[fam.name][case], base, dtype, **extra)
             pipe.set_progress_bar_config(disable=True)
-        kwargs = dict(embeds, height=args.size, width=args.size)
-        if case == "img2img":
-            kwargs.update(image=_image(args.size), strength=args.strength)
-        if case == "kontext":
-            kwargs.update(image=_image(args.size), max_area=args.size * args.size, _auto_resize=not args.keep_image_size)
-        if case == "controlnet":
-            kwargs.update(control_image=_image(args.size), control_mode=0, controlnet_conditioning_scale=0.7)
+        kwargs = dict(embeds, height=args.size, width=args.size, **case_kwargs(case, args))
         for system in systems:
             lay = layouts.get(system)
             member = lay is None and env.rank == 0 or lay is not None and env.rank < lay.config.world_size
@@ -239,6 +272,23 @@ def main(argv=None) -> None:
                 dist.barrier()
     if env.rank == 0:
         _table(results)
+
+
+def _check_components(cls_name: str | None, spec, case: str) -> None:
+    """ValueError when the preset lacks a component the case's pipeline needs (an edit pipeline's processor)."""
+    if cls_name is None:
+        return
+    import inspect
+
+    import diffusers
+
+    params = inspect.signature(getattr(diffusers, cls_name).__init__).parameters
+    have = {*spec.components, *spec.tokenizers, *spec.processors, "scheduler"}
+    missing = [n for n, p in params.items() if n != "self" and p.default is inspect.Parameter.empty and n not in have
+               and n != "controlnet"]
+    if missing:
+        raise ValueError(f"case {case} ({cls_name}) needs {', '.join(missing)}, which {spec.name} has not: give "
+                         f"a preset of that model")
 
 
 def spec_info(model: str):

@@ -29,9 +29,30 @@ def load_pipeline(model: str | ResolvedModel, *, dtype: torch.dtype, device: tor
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, local_files_only=True, **_left_out(index), **components
+        path, dtype=dtype, use_safetensors=True, local_files_only=True, **_left_out(index),
+        **_processors(model, components), **components
     )
     return pipe.to(device)
+
+
+def _processors(model: ResolvedModel, given: dict) -> dict:
+    """The vision-language processors transformers cannot build without torchvision, built for images and
+    text (engine/loading/processors.py; the engine says so once, from the preflight)."""
+    from . import processors
+
+    return {name: processors.load(cls, model.folder(name)) for name, cls in stand_in_processors(model).items()
+            if name not in given}
+
+
+def stand_in_processors(model: ResolvedModel) -> dict[str, str]:
+    """Component → processor class, for the processors of `model` built without torchvision (none when it
+    is installed)."""
+    from .processors import needs_stand_in
+
+    entries = model.index.items() if model.preset is None else ((n, ["transformers", p.cls])
+                                                                for n, p in model.preset.processors.items())
+    return {name: entry[1] for name, entry in entries
+            if isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers" and needs_stand_in(entry[1])}
 
 
 def _left_out(index: dict) -> dict:

@@ -72,6 +72,9 @@ class PipelineSpec:
     mask_image, control_image)."""
     required: tuple[str, ...] = ()
     """Inputs it cannot run without (FluxFill: image and mask_image)."""
+    max_images: int = 1
+    """How many input images (`image`: reference images, in order) it takes: 1, or more for the
+    pipelines that take a list (Qwen-Image-Edit-Plus). A request with more is refused before any collective."""
     strength: bool = False
     """Takes `strength` (how much of the input image's noise schedule is redone)."""
     pag: bool = False
@@ -85,6 +88,13 @@ class PipelineSpec:
     form, "pag" → its PAG form."""
     call_extra: Callable[..., dict] | None = None
     """(request, height, width) → further call arguments of this class (Kontext: its size rule)."""
+    size_rule: Callable[[list], tuple[int, int]] | None = None
+    """(the input images, in order) → the (height, width) it draws at when the request gives no size, where
+    the class's own default is not the first image's size (Qwen-Image-Edit: 1024² pixels at the image's
+    aspect, as diffusers does); None: the first input image's size."""
+    fixed_size: bool = False
+    """It draws at `size_rule`'s size whatever height / width it is given (QwenImageEditInpaintPipeline): a
+    request asking for another size is refused."""
     controlnet: bool = False
     """A ControlNet pipeline: its `controlnet` component is the engine's ControlNet(s)."""
     arg_names: Mapping[str, str] = field(default_factory=dict)

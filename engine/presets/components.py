@@ -42,8 +42,14 @@ GEMMA2_2B = dict(
     rms_norm_eps=1e-6, **TOKEN_IDS,
 )
 
+# Qwen2.5-VL's vision token ids as our qwen2.5-vl tokenizer numbers them (the real tokenizer's: 151652 …).
+QWEN25_VL_VISION_IDS = {
+    field: tok.chat_token_id("qwen2.5-vl", token) for field, token in zip(
+        ("vision_start_token_id", "image_token_id", "vision_end_token_id", "video_token_id"), tok.VISION_TOKENS)
+}
 # Qwen/Qwen-Image text_encoder/config.json: Qwen2.5-VL-7B-Instruct (28 layers × 3584, GQA 28/4 heads,
-# M-RoPE sections 16/24/24; its 32-block 1280-wide vision tower is loaded though text prompts never use it).
+# M-RoPE sections 16/24/24; its 32-block 1280-wide vision tower, which the edit pipelines run on the input
+# images and text prompts never use), with our tokenizer's vision token ids.
 QWEN25_VL_7B = dict(
     text_config=dict(
         vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -56,7 +62,7 @@ QWEN25_VL_7B = dict(
         patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
         fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu",
     ),
-    tie_word_embeddings=False,
+    tie_word_embeddings=False, **QWEN25_VL_VISION_IDS,
 )
 # black-forest-labs/FLUX.2-dev text_encoder: Mistral-Small-3.2-24B-Instruct-2506 (Mistral3ForConditionalGeneration,
 # the config of Mistral-Small-3.1-24B-Instruct-2503: 40 layers × 5120, GQA 32/8 heads of 128, 24-layer Pixtral
@@ -109,7 +115,7 @@ TINY_QWEN25_VL = dict(
                  "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
     vision_config={**QWEN25_VL_7B["vision_config"], "depth": 1, "hidden_size": 16, "intermediate_size": 32,
                    "num_heads": 2, "out_hidden_size": 32, "fullatt_block_indexes": [0]},
-    tie_word_embeddings=False,
+    tie_word_embeddings=False, **QWEN25_VL_VISION_IDS,
 )
 TINY_MISTRAL3 = {
     **MISTRAL_SMALL_3_24B,

@@ -32,6 +32,25 @@ class Component:
     """transformers' config class ("T5Config"); None for diffusers models, built from kwargs."""
 
 
+@dataclass(frozen=True)
+class Processor:
+    """A vision-language processor component (Qwen-Image-Edit's `processor`): image processor + tokenizer."""
+
+    cls: str
+    """The transformers processor class ("Qwen2VLProcessor"); without torchvision, its image-and-text form
+    (engine/loading/processors.py)."""
+    tokenizer: str
+    """Its tokenizer's kind (engine.presets.tokenizer)."""
+    image_processor: dict[str, Any] = field(default_factory=dict)
+    """Its image processor's settings (the model's preprocessor_config.json)."""
+
+    def build(self):
+        from engine.loading import processors
+
+        return processors.build(self.cls, processors.image_processor(self.cls, **self.image_processor),
+                                tok.make_tokenizer(self.tokenizer))
+
+
 @dataclass(kw_only=True, frozen=True)
 class PresetSpec:
     """Everything needed to build (or describe) one model without any file."""
@@ -49,6 +68,8 @@ class PresetSpec:
     """Tokenizer attribute → engine.presets.tokenizer kind ("clip" / "t5")."""
     scheduler: tuple[str, dict[str, Any]]
     """(diffusers scheduler class, its config)."""
+    processors: dict[str, Processor] = field(default_factory=dict)
+    """Processor attribute → its processor (the edit pipelines' vision-language processors)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Pipeline kwargs that are not weights (components left out: image encoders, safety checkers)."""
     guiders: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
@@ -87,7 +108,7 @@ class PresetSpec:
         return materialize_(self.empty_model(name), prefix=name, seed=seed, device=device, dtype=dtype)
 
     def other_components(self, *, with_text_encoders: bool) -> dict[str, Any]:
-        """The scheduler, the guiders, and the tokenizers (None without text encoders)."""
+        """The scheduler, the guiders, and the tokenizers and processors (None without text encoders)."""
         import diffusers
 
         cls_name, config = self.scheduler
@@ -95,6 +116,8 @@ class PresetSpec:
         parts |= {name: getattr(diffusers, cls)(**config) for name, (cls, config) in self.guiders.items()}
         for name, kind in self.tokenizers.items():
             parts[name] = tok.make_tokenizer(kind) if with_text_encoders else None
+        for name, processor in self.processors.items():
+            parts[name] = processor.build() if with_text_encoders else None
         return parts
 
     def build_pipeline(self, *, dtype: torch.dtype, device, seed: int = 0, with_text_encoders: bool = True,
@@ -132,8 +155,22 @@ class PresetSpec:
         del empty
         for name, part in others.items():
             part.save_pretrained(path / name)
+        _name_real_classes(path, self.processors)
         for name in self.model_components:
             model = self.build_component(name, dtype=dtype, device="cpu", seed=seed)
             model.save_pretrained(path / name, safe_serialization=True)
             del model
         return path
+
+
+def _name_real_classes(path: Path, processors: dict[str, Processor]) -> None:
+    """model_index.json naming each processor by its transformers class, as the real model's does (built
+    without torchvision, the object in the pipeline is its image-and-text form)."""
+    if not processors:
+        return
+    import json
+
+    index_file = path / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index.update({name: ["transformers", p.cls] for name, p in processors.items()})
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

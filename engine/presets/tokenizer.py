@@ -96,8 +96,13 @@ _MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}[S
             "[/SYSTEM_PROMPT]{% elif m.role == 'user' %}[INST]" + _CONTENT + "[/INST]{% else %}" + _CONTENT +
             "{{ eos_token }}{% endif %}{% endfor %}")
 NEWLINE = "\n"
+VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+"""Qwen2.5-VL's image markers, in this order: a tokenizer's ids of them are its text encoder's
+`vision_start_token_id`, `image_token_id`, `vision_end_token_id`, `video_token_id`."""
 CHAT_KINDS: dict[str, tuple[tuple[str, ...], str]] = {
-    "qwen2.5-vl": (("<|im_start|>", "<|im_end|>"), _CHATML),
+    # With Qwen2.5-VL's vision tokens: the edit pipelines' prompts hold one <|vision_start|><|image_pad|>
+    # <|vision_end|> per input image, which its processor expands to the image's tokens.
+    "qwen2.5-vl": (("<|im_start|>", "<|im_end|>", *VISION_TOKENS), _CHATML),
     "qwen3": (("<|im_start|>", "<|im_end|>", "<think>", "</think>"), _CHATML),
     "mistral3": (("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"), _MISTRAL),
 }
@@ -117,6 +122,12 @@ def _chat_backend(specials: tuple[str, ...]) -> Tokenizer:
     return tok
 
 
+def chat_token_id(kind: str, token: str) -> int:
+    """The id a chat tokenizer of `kind` gives one of its special tokens (after the words and the newline),
+    without building it: what a text encoder's config names (Qwen2.5-VL's `image_token_id`)."""
+    return VOCAB_SIZE + 1 + CHAT_KINDS[kind][0].index(token)
+
+
 def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:
     """`kind` is "clip" (77 tokens, <bos>..<eos>), "t5" (512 tokens, ..<eos>), "byt5" (bytes, ..<eos>) or
     a chat kind (`CHAT_KINDS`)."""
@@ -130,8 +141,10 @@ def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:
     common = dict(pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS, padding_side="right")
     if kind in CHAT_KINDS:
         specials, template = CHAT_KINDS[kind]
-        return PreTrainedTokenizerFast(tokenizer_object=_chat_backend(specials), model_max_length=CHAT_MAX_LENGTH,
+        made = PreTrainedTokenizerFast(tokenizer_object=_chat_backend(specials), model_max_length=CHAT_MAX_LENGTH,
                                        chat_template=template, **common)
+        assert made.convert_tokens_to_ids(list(specials)) == [chat_token_id(kind, t) for t in specials]
+        return made
     return PreTrainedTokenizerFast(
         tokenizer_object=_backend(add_bos=kind == "clip"),
         model_max_length=CLIP_MAX_LENGTH if kind == "clip" else T5_MAX_LENGTH,

@@ -6,12 +6,14 @@ the served model's name), `output_format` (png / jpeg / webp) and `output_compre
 the encoder's quality, 0–100), `background` (auto / opaque: the models draw opaque images),
 `quality` (auto / low / medium / high: a step count, `QUALITY`), `stream` and `partial_images` (0–3),
 and — accepted, ignored — `moderation`, `style`, `user`, `safety_identifier`. Edits: `image` (one or
-several; the model's editing form takes one today) and `mask` (transparent = edit, as OpenAI's; a
-mask without alpha: white = edit, as diffusers').
+several reference images, in order: a list, or `image[]` parts of the form; more than the model's
+pipelines take is refused naming its maximum) and `mask` (transparent = edit, as OpenAI's; a mask
+without alpha: white = edit, as diffusers').
 Ours: `negative_prompt`, `seed`, `num_inference_steps`, `guidance_scale`, `true_cfg_scale`,
 `max_sequence_length`, `timeout` (seconds, at most the server's --request-timeout), `request_id` (the
-id to cancel it by), and the editing pipelines' `image`, `mask_image`, `control_image` (base64 or a
-data: URL of a PNG, JPEG or WebP file; never a path on the server), `strength`, `pag_scale`,
+id to cancel it by), and the editing pipelines' `image` (one, or a list of reference images),
+`mask_image`, `control_image` (base64 or a data: URL of a PNG, JPEG or WebP file; never a path on the
+server), `strength`, `pag_scale`,
 `keep_image_size`, `controlnet_scale`, `control_mode`. Any other field is refused, by name.
 
 `n` images are `n` requests with the seeds seed, seed + 1, …, as the CLI's --num-images. A request
@@ -54,8 +56,6 @@ num_inference_steps, when given, wins."""
 MAX_PARTIAL_IMAGES = 3
 SEED_DRAWN_BELOW = 2**32
 """Drawn seeds fit 32 bits: every client's integers (JavaScript's included) hold them exactly."""
-EDIT_IMAGES = 1
-"""Input images the editing forms take (img2img, inpainting, Kontext: one)."""
 
 
 @dataclass(frozen=True)
@@ -161,9 +161,10 @@ def parse_output(body: dict, *, edit: bool) -> Output:
 
 
 def parse_body(body, *, model: str, max_images: int, max_input_pixels: int = 4096 * 4096,
-               edit: bool = False) -> tuple[list[GenerateRequest], dict]:
+               edit: bool = False, max_input_images: int | None = None) -> tuple[list[GenerateRequest], dict]:
     """(one GenerateRequest per image, options: request_id, timeout, output) from a JSON body or an
-    edit's form (files as bytes); ValueError."""
+    edit's form (files as bytes); ValueError. `max_input_images`: the most reference images the model's
+    pipelines take (engine/pipelines.max_input_images; None: left to the request check)."""
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object such as {\"prompt\": \"a red fox\"}")
     known = [*FIELDS, *SCALARS, *IMAGES, *OUTPUT_FIELDS, *OTHER_FIELDS, *(EDIT_FIELDS if edit else ())]
@@ -196,8 +197,13 @@ def parse_body(body, *, model: str, max_images: int, max_input_pixels: int = 409
     images = dict(body)
     if edit:
         images.update(_edit_images(body))
-    fields.update({name: decode_image(images[name], name, max_pixels=max_input_pixels)
-                   for name in IMAGES if images.get(name) is not None})
+    check_image_count(images.get("image"), max_input_images)
+    for name in IMAGES:
+        value = images.get(name)
+        if isinstance(value, list) and name == "image":
+            fields[name] = [decode_image(v, f"{name}[{i}]", max_pixels=max_input_pixels) for i, v in enumerate(value)]
+        elif value is not None:
+            fields[name] = decode_image(value, name, max_pixels=max_input_pixels)
     if edit and body.get("mask") is not None:
         fields["mask_image"] = openai_mask(fields["mask_image"])
     # GenerateRequest checks every value (engine/validation.check_fields: the CLI's messages).
@@ -213,16 +219,24 @@ def parse_body(body, *, model: str, max_images: int, max_input_pixels: int = 409
     return requests, {"request_id": request_id, "timeout": timeout, "output": output}
 
 
+def check_image_count(image, most: int | None) -> None:
+    """`image`: one image, or a list of reference images; no more than `most` (the model's maximum)."""
+    if not isinstance(image, list):
+        return
+    if not image:
+        raise ValueError("image is an empty list; give one image, or several")
+    if most is not None and 1 <= most < len(image):
+        raise ValueError(f"this model takes {most} input image, got {len(image)}; send one" if most == 1 else
+                         f"this model takes up to {most} input images, got {len(image)}")
+
+
 def _edit_images(body: dict) -> dict:
-    """An edit's `image` (one, or a list) and `mask`, as the request's image and mask_image."""
+    """An edit's `image` (one, or a list of reference images: one alone stays one) and `mask`, as the
+    request's image and mask_image."""
     image = body.get("image")
-    if image is None:
+    if image is None or image == []:
         raise ValueError("an edit needs an image (the image to edit)")
-    if isinstance(image, list):
-        if not image:
-            raise ValueError("an edit needs an image (the image to edit)")
-        if len(image) > EDIT_IMAGES:
-            raise ValueError(f"this model's editing form takes {EDIT_IMAGES} input image, got {len(image)}; send one")
+    if isinstance(image, list) and len(image) == 1:
         image = image[0]
     if body.get("mask_image") is not None and body.get("mask") is not None:
         raise ValueError("give mask or mask_image, not both")
@@ -240,7 +254,9 @@ def usage(results: list, requests: list, spatial_multiple: int) -> dict:
         return (width // spatial_multiple) * (height // spatial_multiple)
 
     out = sum(tokens(r.params["width"], r.params["height"]) for r in results)
-    inputs = sum(tokens(*im.size) for req in requests[:1] for im in (req.image, req.control_image) if im is not None)
+    images = [im for req in requests[:1] for field in (req.image, req.control_image)
+              for im in (field if isinstance(field, list) else [field]) if im is not None]
+    inputs = sum(tokens(*im.size) for im in images)
     return {"input_tokens": inputs, "input_tokens_details": {"image_tokens": inputs, "text_tokens": 0},
             "output_tokens": out, "total_tokens": inputs + out}
 

@@ -55,7 +55,7 @@ def build_app(controller: Controller, *, host: str = "127.0.0.1") -> FastAPI:
                 body = await asyncio.get_running_loop().run_in_executor(pool, _json, raw)
             return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(
                 api.parse_body, body, model=controller.config.model, max_images=options.max_images,
-                max_input_pixels=options.max_input_pixels, edit=edit))
+                max_input_pixels=options.max_input_pixels, edit=edit, max_input_images=controller.max_input_images))
         except ValueError as e:
             raise BadRequest(str(e)) from None
 

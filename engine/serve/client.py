@@ -29,7 +29,7 @@ from .controller import (
 )
 
 
-def _requests(request, controller_model: str, max_images: int, n: int):
+def _requests(request, controller_model: str, max_images: int, n: int, max_input_images: int | None = None):
     """(requests, options) of one generate call."""
     if isinstance(request, GenerateRequest):
         if n != 1:
@@ -42,7 +42,8 @@ def _requests(request, controller_model: str, max_images: int, n: int):
         if n != 1:
             body["n"] = n
         try:
-            return api.parse_body(body, model=controller_model, max_images=max_images)
+            return api.parse_body(body, model=controller_model, max_images=max_images,
+                                  max_input_images=max_input_images)
         except ValueError as e:
             raise BadRequest(str(e)) from None
     raise TypeError(f"a request is a GenerateRequest, a dict or a prompt, not {type(request).__name__}")
@@ -94,7 +95,7 @@ class Client:
 
     async def _one(self, request, n, request_id, timeout):
         c = self.controller
-        requests, options = _requests(request, c.config.model, c.options.max_images, n)
+        requests, options = _requests(request, c.config.model, c.options.max_images, n, c.max_input_images)
         return await self._run(requests, request_id or options.get("request_id"),
                                timeout if timeout is not None else options.get("timeout"))
 
@@ -235,18 +236,27 @@ def request_body(request: GenerateRequest) -> dict:
 def encode_images(body: dict) -> dict:
     """The body with its input images (PIL images, or paths on the client's machine) as base64 PNG /
     the file's own bytes: the server reads no path."""
-    from PIL import Image
-
     out = dict(body)
     for name in api.IMAGES:
         value = out.get(name)
-        if isinstance(value, Image.Image):
-            buf = io.BytesIO()
-            value.save(buf, format="PNG")
-            out[name] = base64.b64encode(buf.getvalue()).decode("ascii")
-        elif isinstance(value, (str, Path)) and _is_file(value):
-            out[name] = base64.b64encode(Path(value).expanduser().read_bytes()).decode("ascii")
+        if isinstance(value, (list, tuple)):  # several reference images
+            out[name] = [_encoded(v) for v in value]
+        elif value is not None:
+            out[name] = _encoded(value)
     return out
+
+
+def _encoded(value):
+    """One input image as base64 (a PIL image: PNG; a file: its own bytes); anything else as it is."""
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+    if isinstance(value, (str, Path)) and _is_file(value):
+        return base64.b64encode(Path(value).expanduser().read_bytes()).decode("ascii")
+    return value
 
 
 def _is_file(value) -> bool:

@@ -36,6 +36,9 @@ import torch
 from engine.limits import check_limits, model_limits
 from engine.config import GenerateRequest
 from engine.loading import resolve_model
+from engine.loading.pipeline import stand_in_processors
+from engine.loading.processors import note as processor_note
+from engine.pipelines import max_input_images
 from engine.request_check import Target, check_requests
 from engine.validation import resolve_size
 
@@ -77,6 +80,11 @@ class Controller:
         # Configs only (no weights): the model's sizes and family, for every request's checks.
         model = resolve_model(config.model)
         self.info, self.family = model.info, model.family
+        self.max_input_images = max_input_images(self.family, self.info.pipeline_class)
+        """The most reference images the model's pipelines take (a request with more: 400 at once)."""
+        stand_ins = stand_in_processors(model)
+        if stand_ins:
+            self.log(processor_note(stand_ins))
         self.model_limits = model_limits(model)
         if options.world_size < 1:
             raise ValueError(f"the model group needs at least one rank, got {options.world_size}")

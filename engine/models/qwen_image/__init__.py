@@ -1,4 +1,6 @@
-"""Qwen-Image (QwenImagePipeline, QwenImageTransformer2DModel): plans, call, config reader, presets.
+"""Qwen-Image (QwenImagePipeline and its img2img / inpaint / Edit / Edit-Plus / Edit-inpaint forms,
+QwenImageTransformer2DModel): plans, call, config reader, presets. The editing forms, their size rules and
+the edit models' presets: engine/models/qwen_image/edit.py.
 
 A 60-block double-stream MMDiT: every block runs its image and text streams through their own
 modulation, norms and MLPs and one joint attention over [text, image] (engine/models/qwen_image/attention.py).
@@ -11,8 +13,10 @@ plan splits each where it appears (diffusers' own `_cp_plan` marks the same plac
   length and then split, never from a piece;
 - text tokens: where block 0 receives them (after `txt_in` and after `pos_embed` has read the whole
   text length; `txt_norm` / `txt_in` run on the whole text, a few hundred tokens);
-- `modulate_index` (the edit models' per-image-token choice of modulation, zero_cond_t): at every
+- `modulate_index` (Edit-2511's per-image-token choice of modulation, zero_cond_t): at every
   block, which the model passes it to whole;
+- the Edit pipelines' reference tokens are part of the image stream (`hidden_states` and the rotary
+  table hold them after the output's tokens): split with it, as Kontext's (edit.py);
 - the text padding mask stays whole: the processor reads the pieces it needs (attention.py).
 The output is gathered where the model returns it (proj_out is per token).
 
@@ -41,10 +45,11 @@ from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.fp8 import Fp8Rule
 from shardiff_parallel.plan import ModelPlan, Processors, SeqDim, SequenceSplit, TensorPlan
 
-from ..family import Family, PipelineSpec, ModelInfo
+from ..family import Family, ModelInfo
 from ..flux import flux_uses_cfg
 from ..mmdit import COL, GATHER, ROW, check_tp_widths
 from .attention import QwenImageParallelAttnProcessor
+from .edit import QWEN_IMAGE_PIPELINES, edit_presets
 
 QWEN_IMAGE_TP_PLAN = {
     "time_text_embed.timestep_embedder.linear_1": COL,
@@ -163,10 +168,11 @@ PRESETS = (
                       "weights", 1024, QWEN_IMAGE_TRANSFORMER, QWEN_IMAGE_VAE, QWEN25_VL_7B),
     qwen_image_preset("qwen-image-tiny", "tiny Qwen-Image for CPU tests: 2 blocks, 4 heads x 16, tiny Qwen2.5-VL, "
                       "4-level VAE (scale 8)", 128, QWEN_IMAGE_TINY_TRANSFORMER, TINY_QWEN_IMAGE_VAE, TINY_QWEN25_VL),
+    *edit_presets(QWEN_IMAGE_TRANSFORMER, QWEN_IMAGE_TINY_TRANSFORMER, TINY_QWEN_IMAGE_VAE, QWEN_IMAGE_SCHEDULER),
 )
 
 FAMILY = Family(
-    name="qwen-image", pipelines=(PipelineSpec(cls="QwenImagePipeline"),), plan=QWEN_IMAGE_PLAN, read_info=read_qwen_image_info,
+    name="qwen-image", pipelines=QWEN_IMAGE_PIPELINES, plan=QWEN_IMAGE_PLAN, read_info=read_qwen_image_info,
     call_kwargs=qwen_image_call_kwargs, bench_kwargs=qwen_image_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "tp", "cfg"}), check_tp=check_tp_widths,
     uses_cfg=flux_uses_cfg, cfg_pairs=True,
