@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from engine import EngineConfig, GenerateRequest, serve
-from engine.limits import Limits, ModelLimits
+from engine.limits import ModelLimits
 
 P1 = "a red circle top left on a white background"
 P2 = "a large green triangle in the center on a black background"
@@ -26,7 +26,7 @@ def client():
     # No restart allowed: the last test kills a rank and the server must give up. A warm-up size makes
     # /health wait for one generation first.
     c = serve.start(EngineConfig(), procs=2, port=0, max_queue=8, max_restarts=0, warmup_sizes=((64, 64),),
-                    limits=Limits(max_steps=100_000))
+                    max_steps=100_000)
     yield c
     c.close()
 
@@ -111,7 +111,7 @@ def test_what_the_pipeline_refuses_on_every_rank_is_a_400_and_the_group_goes_on(
     after = client.health()
     assert after["status"] == "ready" and after["generation"] == health["generation"]
     assert after["workers"] == health["workers"]
-    assert controller.metrics.restarts._value.get() == 0
+    assert controller.metrics.restarts.labels("0")._value.get() == 0
     assert controller.metrics.requests.labels("rejected")._value.get() >= 20
     assert client.generate(GenerateRequest(prompt=P1, seed=1, steps=2)).params["steps"] == 2
 

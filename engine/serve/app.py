@@ -6,6 +6,7 @@
     GET    /health                                200 when warm and ready; 503 starting/warming/restarting/stopping
     GET    /metrics                               Prometheus text
     GET    /v1/models, /v1/models/{id}            the served model (OpenAI's shapes)
+    GET    /v1/loras                              the named LoRA adapters a request may choose
 
 In front of them, engine/serve/guard.py (Host, API key, body type and size). Every error is OpenAI's
 JSON shape, FastAPI's own (unknown route, wrong method) and unexpected ones included; no message
@@ -71,7 +72,7 @@ def build_app(controller: Controller, *, host: str = "127.0.0.1") -> FastAPI:
         try:  # refusals are counted by the controller
             job = controller.admit(requests, request_id=opts["request_id"], timeout=opts["timeout"],
                                    encoding=output.encoding, previews=previews,
-                                   on_partial=stream.on_partial if stream else None)
+                                   on_partial=stream.on_partial if stream else None, lora=opts["lora"])
         except ServeError as e:
             return error(e)
         if stream is not None:
@@ -130,6 +131,13 @@ def build_app(controller: Controller, *, host: str = "127.0.0.1") -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/loras")
+    async def loras():
+        return {"object": "list", "data": [
+            {"id": name, "object": "lora", "scale": spec.scale,
+             "groups": [g.index for g in controller.groups if name in dict(g.fused)]}
+            for name, spec in controller.adapters.items()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
