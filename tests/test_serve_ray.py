@@ -76,7 +76,7 @@ def test_the_answers_are_engine_serves(url, tmp_path):
     answer = r.json()
     assert {"id", "created", "data", "seed", "size", "parameters", "timings", "usage", "lora"} <= set(answer)
     assert answer["seed"] == 5 and answer["size"] == "64x64" and answer["parameters"]["steps"] == STEPS
-    assert r.headers["X-Request-Id"] == answer["id"]
+    assert r.headers["X-Request-Id"] == answer["id"]  # Ray's id, taken as the request's
     assert np.array_equal(image_of(r), np.asarray(Image.open(out).convert("RGB")))
     # Our errors, our routes, through Ray's proxy.
     assert "unknown field(s) 'frame_count'" in error_of(http.post("/v1/images/generations",

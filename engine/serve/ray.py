@@ -13,7 +13,8 @@ dies. Inside a replica our supervisor still restarts the group when a rank dies;
 controller dies (its process) is replaced by Ray, its ranks dying with it (their parent-death signal).
 
 `check_health` fails only when the controller gave up (the group past its restarts, a configuration
-mistake) or stops: a group being restarted by its supervisor is left to it. Every route is per replica:
+mistake) or stops: a group being restarted by its supervisor is left to it. A request's id is Ray's
+(its X-Request-Id) unless the request names its own `request_id`. Every route is per replica:
 `/health` and `/metrics` answer for the replica that gets them, a cancel by id (DELETE) reaches one
 replica (a client that closes its connection cancels its request wherever it runs). docs/SERVING.md.
 """
@@ -70,7 +71,7 @@ class Replica:
     def __serve_build_asgi_app__(self):
         from .app import build_app
 
-        return build_app(self.controller, host=self.host)
+        return build_app(self.controller, host=self.host, proxy_ids=True)
 
     async def check_health(self) -> None:
         """Ray's health check: fails when the controller gave up or stops (Ray then replaces the replica)."""
