@@ -209,3 +209,20 @@ def test_dispatch_prefers_a_group_holding_the_adapters_within_the_pass_bound():
     queued[0].passed = 4
     assert pick(queued, [group_a, group_b], 4) == (queued[0], group_b)
     assert pick([], [group_a], 4) is None and pick(queued, [], 4) is None
+
+
+def test_each_group_gets_its_own_slice_of_the_visible_gpus(monkeypatch):
+    from launch import topology
+
+    from engine import EngineConfig
+    from engine.serve.group import group_devices
+
+    monkeypatch.setattr(topology, "visible_gpus", lambda: 8)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert group_devices(2, 4, EngineConfig()) == [("0", "1", "2", "3"), ("4", "5", "6", "7")]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7,6,5,4,3,2,1,0")
+    assert group_devices(4, 2, EngineConfig()) == [("7", "6"), ("5", "4"), ("3", "2"), ("1", "0")]
+    # One group, CPU ranks, or fewer GPUs than ranks: the ranks see what the server sees.
+    assert group_devices(1, 8, EngineConfig()) == [None]
+    assert group_devices(2, 1, EngineConfig(device="cpu")) == [None, None]
+    assert group_devices(2, 8, EngineConfig()) == [None, None]
