@@ -141,11 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shardiff serve.ray: {args.replicas} replica(s) ready on http://{args.host}:{args.port} "
           "(Ctrl-C to stop)", file=sys.stderr, flush=True)
     import signal
+    import threading
 
-    stop = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # waited for below, not delivered
-    signal.sigwait(stop)
-    serve.shutdown()  # each replica drains (engine/serve/runner.py's rules) and ends its ranks
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):  # a timed wait: Python runs its signal handlers between two
+        pass
+    print("shardiff serve.ray: shutting down (each replica drains its running request)", file=sys.stderr, flush=True)
+    serve.shutdown()
     return 0
 
 
