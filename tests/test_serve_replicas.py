@@ -114,7 +114,8 @@ def test_each_request_runs_its_adapters_and_gets_the_clis_image(server, loras, t
     # Switched back: no adapter is the base image again (the weights restored bit for bit), and a group
     # that holds an adapter says so.
     groups = {d["id"]: d["groups"] for d in server.http.get("/v1/loras").json()["data"]}
-    assert len(groups["style"]) == 1 and len(groups["other"]) == 1
+    ran = {"style": [style.json()["group"]], "other": [other.json()["group"]]}
+    assert ran["style"] != ran["other"] and groups == ran  # both free at once: one each, as in the first test
     again = [server.post(**body, lora={}) for _ in range(2)]
     for r in again:
         assert r.json()["lora"] == {} and np.array_equal(image_of(r), REFERENCE["plain"])
