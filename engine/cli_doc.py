@@ -56,6 +56,7 @@ def table(flags: Sequence[Flag], groups: Sequence[str]) -> str:
 def markdown() -> str:
     from .generate import flags as generate_flags
     from .serve.cli import flags as serve_flags
+    from .serve.ray import RAY_FLAGS
 
     serve = [f for f in serve_flags() if f.group not in ENGINE_GROUPS]
     return "\n".join([
@@ -71,6 +72,13 @@ def markdown() -> str:
         f"engine.generate's {', '.join(f'“{g}”' for g in ENGINE_GROUPS[:-1])} and “{ENGINE_GROUPS[-1]}” sections above.",
         "",
         table(serve, GROUPS),
+        "## `python -m engine.serve.ray`",
+        "",
+        "A Ray Serve deployment, one model group per replica (docs/SERVING.md; `pip install -e \".[ray]\"`). Its own "
+        "flags (`--gpus-per-replica` and `--procs-per-replica` exclude each other); it also takes every flag of "
+        "engine.serve above but `--gpus`, `--procs`, `--host`, `--port` and `--replicas` (here: Ray's).",
+        "",
+        table(RAY_FLAGS, GROUPS),
     ]).rstrip() + "\n"
 
 

@@ -81,7 +81,8 @@ class EngineConfig(Degrees):
     loras: tuple = ()
     """LoRAs fused into the weights at load, each "PATH[:SCALE]" (from Python also a (path, scale) pair;
     on the command line, repeat the flag): safetensors files in any format diffusers reads
-    (engine/lora.py; switch later with Engine.set_loras)."""
+    (engine/lora.py; switch later with Engine.set_loras). engine.serve also takes NAME=PATH[:SCALE]: a
+    named adapter that each request may choose ("lora": {"NAME": SCALE}), fused only for those."""
     controlnets: tuple = ()
     """ControlNet directories (config.json + safetensors; engine/controlnet.py), loaded beside the model and
     split like it: every request then runs the family's ControlNet pipeline (it needs a control image).
@@ -135,7 +136,7 @@ ENGINE_FLAGS = (
     Flag("model", MODEL),
     Flag("dtype", MODEL),
     Flag("device", MODEL),
-    Flag("loras", MODEL, name="--lora", action="append", metavar="PATH[:SCALE]"),
+    Flag("loras", MODEL, name="--lora", action="append", metavar="[NAME=]PATH[:SCALE]"),
     Flag("controlnets", MODEL, name="--controlnet", action="append", metavar="DIR"),
     Flag("ulysses", LAYOUT, type=positive_int),
     Flag("ring", LAYOUT, type=positive_int),

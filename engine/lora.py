@@ -24,9 +24,11 @@ weights and the ΔW products; no file of the base is read again. `set_loras([])`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +42,49 @@ class LoraSpec:
     path: str
     scale: float = 1.0
     """diffusers' adapter weight (`set_adapters(..., weights)`): ΔW is multiplied by it."""
+    name: str | None = None
+    """A server's adapter name (`--lora NAME=PATH[:SCALE]`: requests choose it by name); None: fused always."""
 
     def record(self) -> dict:
         """What the PNG metadata says of it."""
-        return {"path": self.path, "scale": self.scale, "sha256": _file_sha256(self.path)}
+        named = {"name": self.name} if self.name is not None else {}
+        return {**named, "path": self.path, "scale": self.scale, "sha256": _file_sha256(self.path)}
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""A named adapter's name: what a request may write, never a path."""
+
+
+def parse_adapter(value) -> LoraSpec | None:
+    """`"NAME=PATH[:SCALE]"` → LoraSpec with its name; None for a plain `PATH[:SCALE]` (a file of that very
+    name, `a=b.safetensors`, stays a path)."""
+    if isinstance(value, LoraSpec):
+        if value.name is not None:
+            return value
+        # EngineConfig parsed "NAME=PATH:SCALE" as a path already: the name is still in it.
+        named = parse_adapter(value.path)
+        return None if named is None else dataclasses.replace(named, scale=value.scale)
+    if not isinstance(value, str):
+        return None
+    name, sep, rest = value.partition("=")
+    if not sep or not ADAPTER_NAME.fullmatch(name) or not rest or Path(value).expanduser().is_file():
+        return None
+    return dataclasses.replace(parse_lora(rest), name=name)
+
+
+def split_adapters(values) -> tuple[tuple[LoraSpec, ...], tuple[LoraSpec, ...]]:
+    """(plain LoRAs, fused for every request; named adapters, chosen per request) of `--lora` values;
+    ValueError for a name given twice."""
+    plain, named = [], {}
+    for value in values:
+        adapter = parse_adapter(value)
+        if adapter is None:
+            plain.append(parse_lora(value))
+        elif adapter.name in named:
+            raise ValueError(f"--lora {adapter.name}=…: the adapter name {adapter.name!r} is given twice")
+        else:
+            named[adapter.name] = adapter
+    return tuple(plain), tuple(named.values())
 
 
 def parse_lora(value) -> LoraSpec:

@@ -27,6 +27,8 @@ SERVE = {
     # Bounds and access (the server against careless and hostile clients).
     "--max-steps", "--max-prompt-chars", "--max-body-mb", "--max-input-pixels", "--api-key", "--cors-origin",
     "--heartbeat-timeout",
+    # Several model groups behind one queue, and the LoRA dispatch bound.
+    "--replicas", "--max-passes",
 }
 
 

@@ -111,7 +111,7 @@ def test_what_the_pipeline_refuses_on_every_rank_is_a_400_and_the_group_goes_on(
     after = client.health()
     assert after["status"] == "ready" and after["generation"] == health["generation"]
     assert after["workers"] == health["workers"]
-    assert controller.metrics.restarts._value.get() == 0
+    assert controller.metrics.restarts.labels("0")._value.get() == 0
     assert controller.metrics.requests.labels("rejected")._value.get() >= 20
     assert client.generate(GenerateRequest(prompt=P1, seed=1, steps=2)).params["steps"] == 2
 

@@ -20,8 +20,15 @@
 Latency at concurrency c includes the wait behind the c - 1 requests ahead: one request runs at a
 time per model group, by design. p99 of a few requests is their maximum.
 
+Instead of the above, one of (engine/bench/serve_fleet.py): `--compare-replicas` (one group of every
+rank against one group per rank, HTTP at each concurrency), `--ray` (the Ray Serve deployment's
+overhead per request against engine.serve), `--lora-switch RANK` (Engine.set_loras between two random
+adapters of that rank).
+
     python -m engine.bench.serve --model shapes --procs 2 --steps 4 --json serve-cpu.json          # CPU
     python -m engine.bench.serve --model flux-dev --gpus 1 --size 1024 --steps 28 --json serve-h200.json
+    python -m engine.bench.serve --model shapes --procs 2 --steps 4 --compare-replicas --json replicas-cpu.json
+    python -m engine.bench.serve --model flux-dev --gpus 1 --lora-switch 64 --json lora-switch-h100.json
 """
 
 from __future__ import annotations
@@ -56,6 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--json", default=None, help="write the record here")
+    p.add_argument("--compare-replicas", action="store_true",
+                   help="only: HTTP against one group of every rank, then one group per rank (--replicas)")
+    p.add_argument("--ray", action="store_true", help="only: the Ray Serve deployment's overhead per request")
+    p.add_argument("--lora-switch", type=int, default=None, metavar="RANK",
+                   help="only: Engine.set_loras between two random adapters of this rank")
     p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)  # the torchrun child
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -96,6 +108,14 @@ def baseline(args) -> None:
     from engine.runtime.stop import AgreedStop
 
     engine = Engine(engine_config(args))
+    if args.lora_switch is not None:
+        from .serve_fleet import lora_switch
+
+        record = lora_switch(args, engine)
+        if record is not None:
+            Path(args.out).write_text(json.dumps({**record, "layout": engine.parallel.describe()}))
+        engine.close()
+        return
     stop = AgreedStop(engine)
     engine.generate(request(args, 0))  # warm (compiles, captures)
     times: dict[str, list[float]] = {"plain": [], "stop": []}
@@ -131,6 +151,8 @@ def _child_args(args) -> list[str]:
            "--baseline-requests", str(args.baseline_requests)]
     if args.size is not None:
         out += ["--size", str(args.size)]
+    if args.lora_switch is not None:
+        out += ["--lora-switch", str(args.lora_switch)]
     return out + (["--compile"] if args.compile else []) + (["--cuda-graphs"] if args.cuda_graphs else [])
 
 
@@ -188,8 +210,11 @@ def main(argv=None) -> None:
     from engine import serve
     from engine.serve.encode import Encoding
 
-    world, _ = serve.world_size(gpus=args.gpus, procs=args.procs)
+    world, _, _ = serve.world_size(gpus=args.gpus, procs=args.procs)
     levels = [int(c) for c in args.concurrency.split(",")]
+    if args.lora_switch is not None or args.compare_replicas or args.ray:
+        fleet(args, world, levels)
+        return
     print(f"baseline: Engine.generate on {world} rank(s) under torchrun ...", file=sys.stderr, flush=True)
     base = run_baseline(args, world)
     base_p50 = percentile(base["latencies"], 50)
@@ -258,6 +283,28 @@ def main(argv=None) -> None:
               f"{r['images_per_s']:>9.2f}")
     for k, v in record["overhead_ms"].items():
         print(f"overhead: {k}: {v} ms")
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=1))
+
+
+def fleet(args, world: int, levels: list[int]) -> None:
+    """--lora-switch, --compare-replicas or --ray (engine/bench/serve_fleet.py): printed, and the record."""
+    from . import serve_fleet
+
+    record = {"model": args.model, "ranks": world, "size": args.size, "steps": args.steps}
+    if args.lora_switch is not None:
+        record["lora_switch"] = run_baseline(args, world)
+        print(f"LoRA switch on {args.model}, {world} rank(s): {record['lora_switch']}")
+    if args.compare_replicas:
+        record["rows"] = rows = serve_fleet.compare_replicas(args, world, levels)
+        print(f"\n{args.model}, {world} rank(s), {args.size or 'default'} px, {args.steps} steps, HTTP")
+        print(f"{'groups x ranks':<16}{'conc.':>6}{'n':>5}{'p50 ms':>11}{'p99 ms':>11}{'img/s':>9}")
+        for r in rows:
+            print(f"{r['server']:<16}{r['concurrency']:>6}{r['n']:>5}{r['p50_ms']:>11.1f}{r['p99_ms']:>11.1f}"
+                  f"{r['images_per_s']:>9.2f}")
+    if args.ray:
+        record["ray"] = serve_fleet.ray_overhead(args, world, max(8, args.baseline_requests))
+        print(f"Ray Serve against engine.serve, HTTP, concurrency 1: {record['ray']}")
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1))
 

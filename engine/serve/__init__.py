@@ -9,11 +9,12 @@
 The package, one job per file: `supervisor.py` (the worker processes: spawn, watch, heartbeats,
 restart), `worker.py` (one rank's loop over the engine's SPMD API), `protocol.py` (their messages),
 `encode.py` (image files made on the first rank), `preview.py` (partial images at agreed steps),
-`controller.py` (checks, limits, queue, deadlines, cancels, warm-up, failures), `admission.py` (the
-bounded FIFO), `metrics.py` (Prometheus), `api.py` (the HTTP bodies), `forms.py` (edits' multipart
+`controller.py` (checks, limits, queue, deadlines, cancels, warm-up, failures), `group.py` (one model
+group of --replicas), `dispatch.py` (which request runs next, where), `admission.py` (the bounded FIFO), `metrics.py` (Prometheus), `api.py` (the HTTP bodies), `forms.py` (edits' multipart
 forms), `guard.py` (Host, API key, body type and size), `stream.py` (server-sent events), `errors.py`
 (what an error body may say), `app.py` (the routes), `client.py` (Python clients), `runner.py` (event
-loop, signals, shutdown), `cli.py` (`python -m engine.serve`). docs/SERVING.md.
+loop, signals, shutdown), `cli.py` (`python -m engine.serve`), `ray.py` (a Ray Serve deployment of
+groups over several nodes). docs/SERVING.md.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .options import ServeOptions
 __all__ = [
     "BadRequest", "Cancelled", "Conflict", "DeadlineExceeded", "Forbidden", "NotFound", "PayloadTooLarge", "ServeError",
     "ServeOptions", "TooManyRequests", "Unauthorized", "Unavailable", "UnsupportedMediaType", "WorkerFailure",
-    "connect", "on_device", "start", "world_size",
+    "connect", "on_device", "setup", "start", "world_size",
 ]
 
 
@@ -61,21 +62,42 @@ def on_device(config, note: str):
     return dataclasses.replace(config, device="cpu")
 
 
+def setup(config, *, gpus: int | None = None, procs: int | None = None, **options):
+    """(EngineConfig, ServeOptions) of a server: the ranks checked against the machine and split into
+    `replicas` groups; `--lora NAME=PATH[:SCALE]` values taken out of config.loras as named adapters
+    (the plain ones stay, fused for every request); ValueError, one line."""
+    import dataclasses
+
+    from engine.lora import split_adapters
+
+    world, threads, note = world_size(gpus=gpus, procs=procs)
+    replicas = options.get("replicas", 1)
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+        raise ValueError(f"--replicas must be a positive integer, got {replicas!r}")
+    if world % replicas:
+        raise ValueError(f"--replicas {replicas} does not divide the {world} ranks: each group has as many "
+                         f"(--gpus / --procs a multiple of {replicas})")
+    plain, named = split_adapters(config.loras)
+    config = dataclasses.replace(on_device(config, note), loras=plain)
+    options.setdefault("threads", threads)
+    options["adapters"] = (*named, *options.get("adapters", ()))
+    return config, ServeOptions(world_size=world // replicas, **options)
+
+
 def start(config=None, *, gpus: int | None = None, procs: int | None = None, port: int | None = None,
           host: str = "127.0.0.1", ready_timeout: float | None = None, **options):
     """Start a server in this process (the controller on a background thread, one worker process per
-    GPU) and return its thread-safe Client once the model is ready; closing the client (or leaving
-    its `with` block) shuts the server down. `port`: also serve HTTP there (0: a free port,
-    `client.url`). `options`: ServeOptions fields (max_queue, request_timeout_s, warmup_sizes, …)."""
+    GPU) and return its thread-safe Client once the model is ready (every group: `replicas=R` splits the
+    ranks into R groups); closing the client (or leaving its `with` block) shuts the server down. `port`:
+    also serve HTTP there (0: a free port, `client.url`). `options`: ServeOptions fields (replicas,
+    max_queue, request_timeout_s, warmup_sizes, adapters, …)."""
     from engine.config import EngineConfig
 
     from .client import Client
     from .controller import Controller
     from .runner import Background
 
-    world, threads, note = world_size(gpus=gpus, procs=procs)
-    options.setdefault("threads", threads)
-    controller = Controller(on_device(config or EngineConfig(), note), ServeOptions(world_size=world, **options))
+    controller = Controller(*setup(config or EngineConfig(), gpus=gpus, procs=procs, **options))
     client = Client(Background(controller, host, port))
     try:
         client.wait_ready(ready_timeout)

@@ -1,4 +1,4 @@
-"""Admission: a bounded FIFO of jobs, one running at a time per model group.
+"""Admission: one bounded FIFO of jobs for every model group, one running at a time per group.
 
 A full queue refuses at once (the HTTP layer answers 429 with Retry-After: the expected wait, from
 the mean service time of recent requests) instead of letting latency grow without bound. Queued jobs
@@ -38,8 +38,10 @@ class Job:
     started: float | None = None
     state: str = "queued"
     """queued → running → done; or cancelled / expired / failed."""
+    group: object = None
+    """The model group it runs on (engine/serve/group.py), once dispatched."""
     generation: int = -1
-    """The worker group it was sent to."""
+    """The generation of that group's ranks it was sent to."""
     timer: asyncio.TimerHandle | None = None
     encoding: object = None
     """How the first rank encodes the images (engine/serve/encode.Encoding); None: PIL images."""
@@ -47,6 +49,15 @@ class Job:
     """Partial images to stream (engine/serve/preview.Previews), or None."""
     on_partial: object = None
     """on_partial(index, b64): called on the loop thread for each partial image."""
+    lora: dict = field(default_factory=dict)
+    """The named LoRA adapters to run with: name → scale ({}: none, the plain --lora ones only)."""
+    passed: int = 0
+    """How often a younger job ran first, sparing a LoRA switch (engine/serve/dispatch.py bounds it)."""
+
+    @property
+    def lora_key(self) -> tuple:
+        """The adapters as the groups' `fused` says them: ((name, scale), …) sorted."""
+        return tuple(sorted(self.lora.items()))
 
 
 class AdmissionQueue:
@@ -77,6 +88,10 @@ class AdmissionQueue:
     def remove(self, job_id: str) -> Job | None:
         return self._queue.pop(job_id, None)
 
+    def jobs(self) -> list[Job]:
+        """The queued jobs, oldest first."""
+        return list(self._queue.values())
+
     def peek(self) -> Job | None:
         return next(iter(self._queue.values()), None)
 
@@ -98,3 +113,22 @@ class AdmissionQueue:
         if not self._service:
             return 1
         return max(1, math.ceil(sum(self._service) / len(self._service)))
+
+
+@dataclass
+class JobResult:
+    id: str
+    results: list
+    """GenerateResults in request order (each with its image and params)."""
+    queue_s: float
+    generate_s: float
+    """generate_batch on the first rank."""
+    total_s: float
+    encode_s: float = 0.0
+    """Encoding the images on the first rank (HTTP answers), after generate_batch."""
+    lora: dict = field(default_factory=dict)
+    """The named adapters that ran: name → scale."""
+    lora_s: float = 0.0
+    """Switching the fused adapters before generate_batch (0: the group held them already)."""
+    group: int = 0
+    """The model group that ran it."""

@@ -11,7 +11,8 @@ pipelines take is refused naming its maximum) and `mask` (transparent = edit, as
 without alpha: white = edit, as diffusers').
 Ours: `negative_prompt`, `seed`, `num_inference_steps`, `guidance_scale`, `true_cfg_scale`,
 `max_sequence_length`, `timeout` (seconds, at most the server's --request-timeout), `request_id` (the
-id to cancel it by), and the editing pipelines' `image` (one, or a list of reference images),
+id to cancel it by), `lora` (the server's named adapters to run with, {"NAME": SCALE}: checked by the
+controller, `check_lora`), and the editing pipelines' `image` (one, or a list of reference images),
 `mask_image`, `control_image` (base64 or a data: URL of a PNG, JPEG or WebP file; never a path on the
 server), `strength`, `pag_scale`,
 `keep_image_size`, `controlnet_scale`, `control_mode`. Any other field is refused, by name.
@@ -47,7 +48,7 @@ path: a client names no file on the server's disk."""
 OUTPUT_FIELDS = ("output_format", "output_compression", "background", "quality", "stream", "partial_images")
 IGNORED = ("user", "moderation", "style", "safety_identifier")
 """Accepted for OpenAI's clients, and ignored (documented)."""
-OTHER_FIELDS = ("n", "size", "response_format", "model", "seed", "timeout", "request_id", *IGNORED)
+OTHER_FIELDS = ("n", "size", "response_format", "model", "seed", "timeout", "request_id", "lora", *IGNORED)
 EDIT_FIELDS = ("mask",)
 DEFAULT_STEPS = GenerateRequest.__dataclass_fields__["steps"].default
 QUALITY = {"low": 0.25, "medium": 0.5, "high": 1.0}
@@ -216,7 +217,7 @@ def parse_body(body, *, model: str, max_images: int, max_input_pixels: int = 409
     request_id = body.get("request_id")
     if request_id is not None and not isinstance(request_id, str):
         raise ValueError("request_id must be a string")
-    return requests, {"request_id": request_id, "timeout": timeout, "output": output}
+    return requests, {"request_id": request_id, "timeout": timeout, "output": output, "lora": body.get("lora")}
 
 
 def check_image_count(image, most: int | None) -> None:
@@ -241,6 +242,28 @@ def _edit_images(body: dict) -> dict:
     if body.get("mask_image") is not None and body.get("mask") is not None:
         raise ValueError("give mask or mask_image, not both")
     return {"image": image, "mask_image": body.get("mask", body.get("mask_image"))}
+
+
+def check_lora(value, adapters: dict) -> dict:
+    """A request's `lora`: {name: scale} (a scale None: the adapter's own), or a list of names, or None /
+    {} for none → {name: scale}; ValueError naming what is wrong (an unknown name lists the known)."""
+    if value is None:
+        return {}
+    if isinstance(value, (list, tuple)):
+        value = dict.fromkeys(value)
+    if not isinstance(value, dict):
+        raise ValueError("lora must be an object {\"NAME\": SCALE, …} (or a list of names)")
+    out = {}
+    for name, scale in value.items():
+        if not isinstance(name, str) or name not in adapters:
+            known = ", ".join(sorted(adapters)) or "none (start it with --lora NAME=PATH)"
+            raise ValueError(f"lora: no adapter named {str(name)[:64]!r}; this server has {known}")
+        if scale is None:
+            scale = adapters[name].scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"lora: the scale of {name!r} must be a finite number, got {scale!r}")
+        out[name] = float(scale)
+    return out
 
 
 PARAMETERS = ("prompt", "negative_prompt", "steps", "guidance", "true_cfg_scale", "max_sequence_length", "model",
@@ -276,8 +299,11 @@ def encode_response(result, output: Output = Output(), usage_: dict | None = Non
         "seed": first["seed"],
         "size": f"{first['width']}x{first['height']}",
         "parameters": {k: first.get(k) for k in PARAMETERS},
-        "timings": {"queue_s": round(result.queue_s, 4), "generate_s": round(result.generate_s, 4),
-                    "encode_s": round(result.encode_s, 4), "total_s": round(result.total_s, 4)},
+        "lora": result.lora,
+        "group": result.group,
+        "timings": {"queue_s": round(result.queue_s, 4), "lora_s": round(result.lora_s, 4),
+                    "generate_s": round(result.generate_s, 4), "encode_s": round(result.encode_s, 4),
+                    "total_s": round(result.total_s, 4)},
     }
     if usage_ is not None:
         answer["usage"] = usage_

@@ -6,6 +6,7 @@
     GET    /health                                200 when warm and ready; 503 starting/warming/restarting/stopping
     GET    /metrics                               Prometheus text
     GET    /v1/models, /v1/models/{id}            the served model (OpenAI's shapes)
+    GET    /v1/loras                              the named LoRA adapters a request may choose
 
 In front of them, engine/serve/guard.py (Host, API key, body type and size). Every error is OpenAI's
 JSON shape, FastAPI's own (unknown route, wrong method) and unexpected ones included; no message
@@ -28,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from . import api
 from .controller import BadRequest, Cancelled, Controller, NotFound, ServeError
+from .errors import check_request_id
 from .forms import form_body
 from .guard import Guard, loopback_hosts
 from .metrics import CONTENT_TYPE
@@ -35,7 +37,10 @@ from .preview import Previews
 from .stream import Stream
 
 
-def build_app(controller: Controller, *, host: str = "127.0.0.1") -> FastAPI:
+def build_app(controller: Controller, *, host: str = "127.0.0.1", proxy_ids: bool = False) -> FastAPI:
+    """`proxy_ids`: a proxy in front (Ray Serve's) gives every request an X-Request-Id and adds it to the
+    answer: a request without its own request_id takes that id as its own, and the answer does not set
+    the header a second time."""
     app = FastAPI(title="shardiff", docs_url=None, redoc_url=None, openapi_url=None)
     pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="shardiff-parse")
     options = controller.options
@@ -68,16 +73,21 @@ def build_app(controller: Controller, *, host: str = "127.0.0.1") -> FastAPI:
         output: api.Output = opts["output"]
         stream = Stream(controller, output, requests) if output.stream else None
         previews = Previews(output.partial_images, output.encoding) if stream and output.partial_images else None
+        request_id = opts["request_id"]
+        if proxy_ids and request_id is None:
+            given = request.headers.get("x-request-id")
+            request_id = given if given and _valid_id(given) and given not in controller.jobs else None
+        id_header = () if proxy_ids else ("X-Request-Id",)  # behind a proxy: its header, set by it
         try:  # refusals are counted by the controller
-            job = controller.admit(requests, request_id=opts["request_id"], timeout=opts["timeout"],
+            job = controller.admit(requests, request_id=request_id, timeout=opts["timeout"],
                                    encoding=output.encoding, previews=previews,
-                                   on_partial=stream.on_partial if stream else None)
+                                   on_partial=stream.on_partial if stream else None, lora=opts["lora"])
         except ServeError as e:
             return error(e)
         if stream is not None:
             stream.job = job
             return StreamingResponse(stream.events(), media_type="text/event-stream",
-                                     headers={"X-Request-Id": job.id, "Cache-Control": "no-cache"})
+                                     headers={**{h: job.id for h in id_header}, "Cache-Control": "no-cache"})
         answer = asyncio.ensure_future(controller.result(job))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -97,7 +107,8 @@ def build_app(controller: Controller, *, host: str = "127.0.0.1") -> FastAPI:
         except ServeError as e:
             return error(e)
         usage = api.usage(result.results, requests, controller.info.spatial_multiple)
-        return JSONResponse(api.encode_response(result, output, usage), headers={"X-Request-Id": job.id})
+        return JSONResponse(api.encode_response(result, output, usage),
+                            headers={h: job.id for h in id_header})
 
     @app.post("/v1/images/generations")
     async def generations(request: Request):
@@ -131,6 +142,13 @@ def build_app(controller: Controller, *, host: str = "127.0.0.1") -> FastAPI:
     async def models():
         return {"object": "list", "data": [model_card()]}
 
+    @app.get("/v1/loras")
+    async def loras():
+        return {"object": "list", "data": [
+            {"id": name, "object": "lora", "scale": spec.scale,
+             "groups": [g.index for g in controller.groups if name in dict(g.fused)]}
+            for name, spec in controller.adapters.items()]}
+
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         if model_id != controller.config.model:
@@ -163,6 +181,14 @@ def build_app(controller: Controller, *, host: str = "127.0.0.1") -> FastAPI:
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["authorization", "content-type"],
                            expose_headers=["x-request-id", "retry-after"])
     return app
+
+
+def _valid_id(text: str) -> bool:
+    try:
+        check_request_id(text)
+    except BadRequest:
+        return False
+    return True
 
 
 def _json(raw: bytes):

@@ -46,14 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         print("shardiff serve: error: run `python -m engine.serve` as one plain process, not under torchrun: "
               "it starts one worker per GPU itself", file=sys.stderr)
         return 2
-    from . import on_device, world_size
+    from . import setup
     from .controller import Controller
     from .runner import bind, run_foreground
 
     try:
-        world, threads, note = world_size(gpus=args.gpus, procs=args.procs)
-        config = on_device(engine_config(args), note)
-        options = ServeOptions(world_size=world, threads=threads, **values(args, option_flags()))
+        config, options = setup(engine_config(args), gpus=args.gpus, procs=args.procs,
+                                **values(args, option_flags()))
         if options.api_key is None and os.environ.get(API_KEY_ENV):
             options = dataclasses.replace(options, api_key=os.environ[API_KEY_ENV])
         controller = Controller(config, options)

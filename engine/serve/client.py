@@ -2,7 +2,8 @@
 (`serve.connect`), each thread-safe, each with an async form.
 
     generate(request)          → GenerateResult (request: GenerateRequest, a dict of the HTTP body's
-                                 fields — a missing seed is drawn —, or a prompt)
+                                 fields — a missing seed is drawn —, or a prompt); lora={name: scale}
+                                 runs the server's named adapters
     generate_batch(requests)   → [GenerateResult]: one job, spread by the engine's own dp / cfg rules
     agenerate / agenerate_batch: the same, awaitable; cancelling the awaiting task cancels the request
     cancel(request_id), health()
@@ -68,39 +69,45 @@ class Client:
         """The HTTP address when started with a port, else None."""
         return self._bg.url
 
-    def generate(self, request, *, n: int = 1, request_id: str | None = None, timeout: float | None = None):
+    def generate(self, request, *, n: int = 1, request_id: str | None = None, timeout: float | None = None,
+                 lora: dict | None = None):
         """One request (n > 1 with a dict: n images, seeds seed … seed + n - 1): a GenerateResult, or a
-        list of n of them."""
-        results = self._bg.call(self._one(request, n, request_id, timeout))
+        list of n of them. `lora`: the server's named adapters to run with, {name: scale}."""
+        results = self._bg.call(self._one(request, n, request_id, timeout, lora))
         return results[0] if n == 1 else results
 
-    def generate_batch(self, requests: list, *, request_id: str | None = None, timeout: float | None = None) -> list:
+    def generate_batch(self, requests: list, *, request_id: str | None = None, timeout: float | None = None,
+                       lora: dict | None = None) -> list:
         """Several GenerateRequests as one job (the engine's generate_batch: dp / cfg rules)."""
-        return self._bg.call(self._run(list(requests), request_id, timeout))
+        return self._bg.call(self._run(list(requests), request_id, timeout, lora))
 
-    def job(self, requests: list, *, request_id: str | None = None, timeout: float | None = None, encoding=None):
+    def job(self, requests: list, *, request_id: str | None = None, timeout: float | None = None, encoding=None,
+            lora: dict | None = None):
         """Like generate_batch, but the controller's JobResult: the results and the server's clocks
-        (queue_s, generate_s on the first rank, encode_s, total_s from admission to answer).
-        `encoding` (engine.serve.encode.Encoding): the images come as the HTTP answers' files (Encoded)."""
+        (queue_s, lora_s, generate_s on the first rank, encode_s, total_s from admission to answer) and the
+        group that ran it. `encoding` (engine.serve.encode.Encoding): the images come as the HTTP answers'
+        files (Encoded)."""
         return self._bg.call(self.controller.generate(list(requests), request_id=request_id, timeout=timeout,
-                                                      encoding=encoding))
+                                                      encoding=encoding, lora=lora))
 
-    async def agenerate(self, request, *, n: int = 1, request_id: str | None = None, timeout: float | None = None):
-        results = await asyncio.wrap_future(self._bg.submit(self._one(request, n, request_id, timeout)))
+    async def agenerate(self, request, *, n: int = 1, request_id: str | None = None, timeout: float | None = None,
+                        lora: dict | None = None):
+        results = await asyncio.wrap_future(self._bg.submit(self._one(request, n, request_id, timeout, lora)))
         return results[0] if n == 1 else results
 
     async def agenerate_batch(self, requests: list, *, request_id: str | None = None,
-                              timeout: float | None = None) -> list:
-        return await asyncio.wrap_future(self._bg.submit(self._run(list(requests), request_id, timeout)))
+                              timeout: float | None = None, lora: dict | None = None) -> list:
+        return await asyncio.wrap_future(self._bg.submit(self._run(list(requests), request_id, timeout, lora)))
 
-    async def _one(self, request, n, request_id, timeout):
+    async def _one(self, request, n, request_id, timeout, lora):
         c = self.controller
         requests, options = _requests(request, c.config.model, c.options.max_images, n, c.max_input_images)
         return await self._run(requests, request_id or options.get("request_id"),
-                               timeout if timeout is not None else options.get("timeout"))
+                               timeout if timeout is not None else options.get("timeout"),
+                               lora if lora is not None else options.get("lora"))
 
-    async def _run(self, requests, request_id, timeout):
-        result = await self.controller.generate(requests, request_id=request_id, timeout=timeout)
+    async def _run(self, requests, request_id, timeout, lora=None):
+        result = await self.controller.generate(requests, request_id=request_id, timeout=timeout, lora=lora)
         return _with_id(result.results, result.id)
 
     def cancel(self, request_id: str) -> str | None:
@@ -143,16 +150,18 @@ class HTTPClient:
         self._sync = httpx.Client(base_url=self.url, timeout=timeout, headers=self._headers)
         self._async_timeout = timeout
 
-    def generate(self, request, *, n: int = 1, request_id: str | None = None, timeout: float | None = None):
-        r = self._sync.post("/v1/images/generations", json=self._body(request, n, request_id, timeout))
+    def generate(self, request, *, n: int = 1, request_id: str | None = None, timeout: float | None = None,
+                 lora: dict | None = None):
+        r = self._sync.post("/v1/images/generations", json=self._body(request, n, request_id, timeout, lora))
         results = self._decode(r)
         return results[0] if n == 1 else results
 
-    async def agenerate(self, request, *, n: int = 1, request_id: str | None = None, timeout: float | None = None):
+    async def agenerate(self, request, *, n: int = 1, request_id: str | None = None, timeout: float | None = None,
+                        lora: dict | None = None):
         import httpx
 
         async with httpx.AsyncClient(base_url=self.url, timeout=self._async_timeout, headers=self._headers) as client:
-            r = await client.post("/v1/images/generations", json=self._body(request, n, request_id, timeout))
+            r = await client.post("/v1/images/generations", json=self._body(request, n, request_id, timeout, lora))
         results = self._decode(r)
         return results[0] if n == 1 else results
 
@@ -173,7 +182,7 @@ class HTTPClient:
         self.close()
 
     @staticmethod
-    def _body(request, n: int, request_id, timeout) -> dict:
+    def _body(request, n: int, request_id, timeout, lora=None) -> dict:
         if isinstance(request, str):
             body = {"prompt": request}
         elif isinstance(request, dict):
@@ -188,6 +197,8 @@ class HTTPClient:
             body["request_id"] = request_id
         if timeout is not None:
             body["timeout"] = timeout
+        if lora is not None:
+            body["lora"] = lora
         return body
 
     @staticmethod

@@ -4,16 +4,19 @@ Runs on one asyncio event loop (uvicorn's, or a background thread's for `serve.s
 GPU work. For every request it decides everything before any rank sees it — the request id, the
 image size (the model's default when none is given), the layout (engine/request_check.check_requests,
 the engine's own rule) — so that every rank runs the identical request and a user mistake is a 400
-that costs no rank anything. One request runs at a time on the group; the rest wait in a bounded FIFO.
+that costs no rank anything. One request runs at a time on a group; the rest wait in one bounded FIFO
+for every group (--replicas: several groups, engine/serve/group.py), and a free group takes the next
+(engine/serve/dispatch.py: arrival order, bent within a bound to spare LoRA switches).
 
 Deadlines: a request past its deadline is answered 504 at once; if it was running, the ranks are told
 to stop (they stop together at the next step, engine/runtime/stop.py) and the group takes the next
 request as soon as they have. Cancels work the same way. A group that does not stop within
 `stop_grace_s` of being told is declared broken and restarted.
 
-Failures: the supervisor reports a group that lost a rank (death, out of memory, exception, a rank
-that stopped answering); the running request gets a 500 naming the cause, queued requests stay queued
-and run after the restart. A request that the ranks refuse while preparing it (the pipeline's own
+Failures: a group's supervisor reports that it lost a rank (death, out of memory, exception, a rank
+that stopped answering); its running request gets a 500 naming the cause, queued requests stay queued
+and run on the other groups, or after the restart. A group past its restarts is given up; the server
+gives up when every group is. A request that the ranks refuse while preparing it (the pipeline's own
 checks, on every rank before the first collective: engine/runtime/gate.py) is a 400 and the group
 goes on.
 
@@ -29,9 +32,6 @@ import dataclasses
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
-
-import torch
 
 from engine.limits import check_limits, model_limits
 from engine.config import GenerateRequest
@@ -39,40 +39,24 @@ from engine.loading import resolve_model
 from engine.loading.pipeline import stand_in_processors
 from engine.loading.processors import note as processor_note
 from engine.pipelines import max_input_images
-from engine.request_check import Target, check_requests
+from engine.request_check import check_requests
 from engine.validation import resolve_size
 
-from .admission import AdmissionQueue, Job, QueueFull
+from .admission import AdmissionQueue, Job, JobResult, QueueFull  # noqa: F401 — JobResult: the API too
 from .errors import (  # noqa: F401 — the error classes are the controller's API too
     BadRequest, Cancelled, Conflict, DeadlineExceeded, Forbidden, NotFound, PayloadTooLarge, ServeError,
     TooManyRequests, Unauthorized, Unavailable, UnsupportedMediaType, WorkerFailure, check_request_id, clean,
 )
+from .api import check_lora
+from .dispatch import pick
+from .events import GroupEvents
+from .group import Group, group_devices
 from .metrics import Metrics
 from .options import ServeOptions
-from .protocol import Cancel, Finished, Partial, Run
-from .supervisor import GroupDown, GroupMessage, GroupUp, Supervisor
-
-WARMUP_STEPS = 3
-"""Denoising steps of a warm-up request: the compile happens on the first call; CUDA graphs capture
-on the third call of a shape (after two eager warm-up calls)."""
+from .protocol import Cancel, Run
 
 
-
-
-@dataclass
-class JobResult:
-    id: str
-    results: list
-    """GenerateResults in request order (each with its image and params)."""
-    queue_s: float
-    generate_s: float
-    """generate_batch on the first rank."""
-    total_s: float
-    encode_s: float = 0.0
-    """Encoding the images on the first rank (HTTP answers), after generate_batch."""
-
-
-class Controller:
+class Controller(GroupEvents):
     def __init__(self, config, options: ServeOptions, *, log=None):
         self.config = config
         self.options = options
@@ -88,7 +72,9 @@ class Controller:
         self.model_limits = model_limits(model)
         if options.world_size < 1:
             raise ValueError(f"the model group needs at least one rank, got {options.world_size}")
-        preflight(config, self.info, self.family)
+        preflight(config, self.info, self.family, options.adapters)
+        self.adapters = {a.name: a for a in options.adapters}
+        """Named LoRA adapters a request may choose, by name."""
         for width, height in options.warmup_sizes or ():
             try:  # what can be checked before any rank exists; the rest when the group is up
                 resolve_size(GenerateRequest(prompt="warm-up", height=height, width=width), self.info)
@@ -97,29 +83,21 @@ class Controller:
         self.metrics = Metrics()
         self.started = time.time()
         self.queue: AdmissionQueue | None = None
-        self.state = "starting"
-        """starting → (warming →) ready; restarting → (warming →) ready; stopping; failed."""
+        self.state = "serving"
+        """serving (its groups say how), stopping, failed."""
         self.failure: str | None = None
         """Why the server gave up (it then exits non-zero)."""
-        self.last_failure: str | None = None
-        """The cause of the group's last failure (shown by /health until the group is ready again)."""
-        self.target: Target | None = None
-        self.generation = -1
-        self.pids: list[int] = []
-        self.memory: dict[int, int] = {}
-        self.running: Job | None = None
         self.jobs: dict[str, Job] = {}
         """Every job queued or running, by id."""
-        self.ever_ready = False
         self.stopping: asyncio.Event | None = None
         """Set when the server should stop (a shutdown was asked for, or it gave up)."""
         self.done: asyncio.Event | None = None
         """Set when it has stopped: workers gone."""
-        self.supervisor = Supervisor(
-            config=config, world_size=options.world_size, threads=options.threads, emit=self._emit,
-            max_restarts=options.max_restarts, backoff_s=options.restart_backoff_s,
-            heartbeat_timeout_s=options.heartbeat_timeout_s,
-        )
+        devices = group_devices(options.replicas, options.world_size, config)
+        self.groups = [Group(i, config, options, self._emit, devices[i]) for i in range(options.replicas)]
+        for group in self.groups:
+            self.metrics.ready.labels(group.label).set(0)
+            self.metrics.running.labels(group.label).set(0)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -128,25 +106,32 @@ class Controller:
         self.queue = AdmissionQueue(self.options.max_queue)
         self.stopping = asyncio.Event()
         self.done = asyncio.Event()
-        self.supervisor.start()
+        for group in self.groups:
+            group.supervisor.start()
+
+    @property
+    def ready(self) -> bool:
+        """At least one group takes requests."""
+        return self.state == "serving" and any(g.state == "ready" for g in self.groups)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
-        """Until the group is warm (or the server failed: ServeError)."""
+        """Until every group is warm, or given up while another is (or the server failed: ServeError)."""
         end = None if timeout is None else time.monotonic() + timeout
-        while self.state != "ready":
+        while not (self.ready and all(g.state in ("ready", "failed") for g in self.groups)):
             if self.state in ("failed", "stopping"):
                 raise Unavailable(self.failure or "the server is stopping")
             if end is not None and time.monotonic() > end:
-                raise TimeoutError(f"the server did not become ready in {timeout:.0f} s (state: {self.state})")
+                raise TimeoutError(f"the server did not become ready in {timeout:.0f} s (state: {self.status()})")
             await asyncio.sleep(0.05)
 
     def begin_shutdown(self) -> None:
-        """Stop admitting; answer the queued requests 503; let the running one finish (see close)."""
+        """Stop admitting; answer the queued requests 503; let the running ones finish (see close)."""
         if self.state in ("stopping", "failed"):
             return
         self.state = "stopping"
         self.stopping.set()
-        self.metrics.ready.set(0)
+        for group in self.groups:
+            self.metrics.ready.labels(group.label).set(0)
         for job in self.queue.drain():
             self._fail(job, Unavailable("the server is shutting down"), "shutdown")
         self._gauges()
@@ -156,40 +141,57 @@ class Controller:
         if self.done.is_set():
             return
         await self.drain()
-        await asyncio.get_running_loop().run_in_executor(None, self.supervisor.stop)
-        if self.running is not None:
-            self._fail(self.running, Unavailable("the server is shutting down"), "shutdown")
-            self.running = None
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(None, g.supervisor.stop) for g in self.groups))
+        for group in self.groups:
+            if group.running is not None:
+                self._fail(group.running, Unavailable("the server is shutting down"), "shutdown")
+                group.running = None
         self.done.set()
 
+    def running_jobs(self) -> list[Job]:
+        """The users' jobs running now, one per busy group."""
+        return [g.running for g in self.groups if g.running is not None and not g.running.internal]
+
     async def drain(self) -> None:
-        """Stop admitting, answer the queued requests 503; the running request has drain_timeout_s to
-        finish, then it is stopped and answered 503 (its ranks get up to 10 s more to stop)."""
+        """Stop admitting, answer the queued requests 503; the running requests have drain_timeout_s to
+        finish, then they are stopped and answered 503 (their ranks get up to 10 s more to stop)."""
         self.begin_shutdown()
-        job = self.running
-        if job is not None and not job.internal:
-            end = time.monotonic() + self.options.drain_timeout_s
-            while self.running is job and time.monotonic() < end:
-                await asyncio.sleep(0.05)
-            if self.running is job:
-                self.cancel(job.id, Unavailable("the server is shutting down"))
-                end = time.monotonic() + min(self.options.stop_grace_s, 10.0)
-                while self.running is job and time.monotonic() < end:
-                    await asyncio.sleep(0.05)
+        jobs = self.running_jobs()
+        end = time.monotonic() + self.options.drain_timeout_s
+        while any(j.group.running is j for j in jobs) and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        left = [j for j in jobs if j.group.running is j]
+        for job in left:
+            self.cancel(job.id, Unavailable("the server is shutting down"))
+        end = time.monotonic() + min(self.options.stop_grace_s, 10.0)
+        while any(j.group.running is j for j in left) and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+
+    def status(self) -> str:
+        """The server's state as /health says it: ready while any group is."""
+        if self.state != "serving":
+            return self.state
+        states = {g.state for g in self.groups}
+        return next(s for s in ("ready", "warming", "restarting", "starting", "failed") if s in states)
 
     def health(self) -> dict:
-        target = self.target
+        groups = [g.health() for g in self.groups]
+        status = self.status()
+        failures = [g.last_failure for g in self.groups if g.last_failure and g.state != "ready"]
         return {
-            "status": self.state,
+            "status": status,
             "model": self.config.model,
-            "layout": target.parallel.describe() if target else None,
+            "layout": next((g["layout"] for g in groups if g["layout"]), None),
             "world_size": self.options.world_size,
-            "generation": self.generation,
-            "workers": list(self.pids),
+            "replicas": len(groups),
+            "generation": sum(max(g.generation, 0) for g in self.groups),
+            "workers": [pid for g in groups for pid in g["workers"]],
             "queue": len(self.queue) if self.queue is not None else 0,
-            "running": int(self.running is not None and not self.running.internal),
+            "running": len(self.running_jobs()),
+            "groups": groups,
             **({"error": clean(self.failure)} if self.failure else {}),
-            **({"last_failure": clean(self.last_failure)} if self.last_failure and self.state != "ready" else {}),
+            **({"last_failure": clean(failures[0])} if failures and status != "ready" else {}),
         }
 
     # ------------------------------------------------------------------ requests
@@ -199,17 +201,18 @@ class Controller:
         return f"img-{uuid.uuid4().hex}"
 
     def admit(self, requests: list, *, request_id: str | None = None, timeout: float | None = None,
-              output_type: str = "pil", encoding=None, previews=None, on_partial=None) -> Job:
+              output_type: str = "pil", encoding=None, previews=None, on_partial=None, lora=None) -> Job:
         """Check, complete and queue `requests` (one job); ServeError when refused (counted once under
         its outcome). `encoding`: the first rank sends encoded image files (engine/serve/encode.py);
-        `previews` + `on_partial(index, b64)`: partial images (engine/serve/preview.py). Loop thread only."""
+        `previews` + `on_partial(index, b64)`: partial images (engine/serve/preview.py); `lora`: the named
+        adapters to run with, {name: scale} (a scale None: the adapter's own). Loop thread only."""
         try:
-            return self._admit(requests, request_id, timeout, output_type, encoding, previews, on_partial)
+            return self._admit(requests, request_id, timeout, output_type, encoding, previews, on_partial, lora)
         except ServeError as e:
             self.metrics.requests.labels(e.outcome).inc()
             raise
 
-    def _admit(self, requests, request_id, timeout, output_type, encoding, previews, on_partial) -> Job:
+    def _admit(self, requests, request_id, timeout, output_type, encoding, previews, on_partial, lora) -> Job:
         if self.state in ("stopping", "failed"):
             raise Unavailable(clean(self.failure) if self.failure else "the server is shutting down")
         job_id = self.new_id() if request_id is None else check_request_id(request_id)
@@ -222,16 +225,22 @@ class Controller:
             raise Conflict(f"request id {job_id!r} is already queued or running; ids must be unique")
         if not requests:
             raise BadRequest("no request: give a prompt")
+        try:
+            lora = check_lora(lora, self.adapters)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
         limit = self.options.request_timeout_s
         if timeout is not None:
             if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0):
                 raise BadRequest(f"timeout must be a positive number of seconds, got {timeout!r}")
             limit = min(limit, float(timeout))
         layout = None
-        if self.target is not None:
-            requests, layout = self._complete(requests)
+        target = self._target()
+        if target is not None:
+            requests, layout = self._complete(requests, target)
         job = Job(job_id, requests, layout, self.loop.create_future(), output_type=output_type,
-                  deadline=time.monotonic() + limit, encoding=encoding, previews=previews, on_partial=on_partial)
+                  deadline=time.monotonic() + limit, encoding=encoding, previews=previews, on_partial=on_partial,
+                  lora=lora)
         try:
             self.queue.push(job)
         except QueueFull as e:
@@ -256,7 +265,7 @@ class Controller:
 
     def cancel(self, job_id: str, error: ServeError | None = None) -> str | None:
         """Cancel a queued or running job: "cancelled" (it was queued), "stopping" (it runs and stops
-        at the next step on every rank), None (no such job)."""
+        at the next step on every rank of its group), None (no such job)."""
         job = self.jobs.get(job_id)
         if job is None:
             return None
@@ -276,11 +285,16 @@ class Controller:
         error = future.exception()
         self.metrics.requests.labels("ok" if error is None else getattr(error, "outcome", "exception")).inc()
 
-    def _complete(self, requests: list):
+    def _target(self):
+        """What a request is checked against: the group that is up with the least memory left, or None."""
+        targets = [g.target for g in self.groups if g.target is not None and g.state != "failed"]
+        return min(targets, key=lambda t: t.memory_bytes) if targets else None
+
+    def _complete(self, requests: list, target):
         """(requests with their size filled in, layout); BadRequest with the CLI's message. The request's one
         check in this process (each rank checks it once more, against what it holds)."""
         try:
-            batch = check_requests(requests, self.target)
+            batch = check_requests(requests, target)
         except ValueError as e:
             raise BadRequest(str(e)) from None
         done = [dataclasses.replace(r, height=c.height, width=c.width) for r, c in zip(requests, batch.requests)]
@@ -289,27 +303,41 @@ class Controller:
     # ------------------------------------------------------------------ running
 
     def _kick(self) -> None:
-        """Start the next job if the group is free and ready for it."""
-        while self.running is None and self.state in ("ready", "warming") and len(self.queue):
-            job = self.queue.peek()
-            if self.state == "warming" and not job.internal:
+        """Start warm-ups on the groups warming, then queued jobs on the free groups (engine/serve/dispatch.py)."""
+        if self.state != "serving":
+            return
+        for group in self.groups:
+            if group.state == "warming" and group.running is None and group.warmups:
+                self._run(group, group.warmups.pop(0))
+        while True:
+            choice = pick(self.queue.jobs(), [g for g in self.groups if g.free], self.options.max_passes)
+            if choice is None:
                 return
-            self.queue.pop()
-            if job.layout is None:  # admitted before the group first came up: checked now
+            job, group = choice
+            self.queue.remove(job.id)
+            if job.layout is None:  # admitted before any group first came up: checked now
                 try:
-                    job.requests, job.layout = self._complete(job.requests)
+                    job.requests, job.layout = self._complete(job.requests, group.target)
                 except BadRequest as e:
                     self._fail(job, e, None)
                     continue
-            job.state, job.started, job.generation = "running", time.monotonic(), self.generation
-            if not job.internal:
-                self.metrics.queue_time.observe(job.started - job.created)
-            self.running = job
-            if not self.supervisor.send(Run(job.id, job.requests, job.output_type, job.encoding, job.previews),
-                                        self.generation):
-                # The group is going down; its GroupDown fails this job.
-                pass
-            self._gauges()
+            self._run(group, job)
+
+    def _run(self, group: Group, job: Job) -> None:
+        job.state, job.started, job.group, job.generation = "running", time.monotonic(), group, group.generation
+        loras = None
+        if not job.internal:
+            self.metrics.queue_time.observe(job.started - job.created)
+            loras = (*self.config.loras, *(dataclasses.replace(self.adapters[name], scale=scale)
+                                           for name, scale in job.lora_key))
+            if group.fused != job.lora_key:
+                self.metrics.lora_switches.labels(group.label).inc()
+            group.fused = job.lora_key
+        group.running = job
+        # False when the group is going down: its GroupDown fails this job.
+        group.supervisor.send(Run(job.id, job.requests, job.output_type, job.encoding, job.previews, loras),
+                              group.generation)
+        self._gauges()
 
     def _expire(self, job: Job) -> None:
         if job.future.done():
@@ -324,15 +352,15 @@ class Controller:
             self._stop_running(job, error, "deadline")
 
     def _stop_running(self, job: Job, error: ServeError, cause: str) -> None:
-        """Answer `job` now and have the ranks stop it; restart the group if they do not."""
+        """Answer `job` now and have its ranks stop it; restart its group if they do not."""
         if job.state == "running":
             job.state = "stopping"
-            self.supervisor.send(Cancel(job.id), job.generation)
-            generation = job.generation
+            group, generation = job.group, job.generation
+            group.supervisor.send(Cancel(job.id), generation)
 
             def unresponsive():
-                if self.running is job and self.generation == generation:
-                    self.supervisor.declare_broken(
+                if group.running is job and group.generation == generation:
+                    group.supervisor.declare_broken(
                         f"the ranks did not stop request {job.id} within {self.options.stop_grace_s:.0f} s")
 
             self.loop.call_later(self.options.stop_grace_s, unresponsive)
@@ -354,158 +382,33 @@ class Controller:
             job.timer.cancel()
         self.jobs.pop(job.id, None)
 
-    def _finished(self, msg: Finished) -> None:
-        if msg.memory_bytes is not None:
-            self.memory[msg.rank] = msg.memory_bytes
-            self._update_target()
-        job = self.running
-        if msg.rank != 0 or job is None or msg.job_id != job.id:
-            return
-        self.running = None
-        self._forget(job)
-        if msg.outcome == "done":
-            self.queue.record(msg.seconds)
-            self.supervisor.request_succeeded()
-            if not job.future.done():
-                now = time.monotonic()
-                job.future.set_result(JobResult(job.id, msg.results, job.started - job.created, msg.seconds,
-                                                now - job.created, msg.encode_seconds))
-                if not job.internal:
-                    self.metrics.latency.observe(now - job.created)
-                    self.metrics.generate_time.observe(msg.seconds)
-            if job.internal and not any(j.internal for j in self.jobs.values()):
-                self._set_ready()
-        elif msg.outcome == "stopped":
-            self._fail(job, Cancelled(f"request {job.id} was stopped"), "cancelled")
-        else:  # "rejected": a mistake the ranks found (the controller's checks should have)
-            if job.internal:
-                self._give_up(f"warm-up failed: {msg.message}")
-                return
-            self._fail(job, BadRequest(clean(msg.message)), "rejected")
-        self._gauges()
-        self._kick()
-
-    # ------------------------------------------------------------------ the group's events
-
-    def _emit(self, event) -> None:
-        """Called from the supervisor thread."""
-        self.loop.call_soon_threadsafe(self._on_event, event)
-
-    def _on_event(self, event) -> None:
-        if isinstance(event, GroupMessage):
-            if event.generation == self.generation and isinstance(event.message, Finished):
-                self._finished(event.message)
-            elif event.generation == self.generation and isinstance(event.message, Partial):
-                job = self.running
-                if job is not None and job.id == event.message.job_id and job.on_partial is not None \
-                        and not job.future.done():
-                    job.on_partial(event.message.index, event.message.b64)
-        elif isinstance(event, GroupUp):
-            self._group_up(event)
-        elif isinstance(event, GroupDown):
-            self._group_down(event)
-
-    def _group_up(self, event: GroupUp) -> None:
-        if self.state in ("stopping", "failed"):
-            return
-        layouts = {r.layout for r in event.ready}
-        if len(layouts) != 1:
-            self._give_up(f"the ranks resolved different layouts: {sorted(str(x) for x in layouts)}")
-            return
-        self.generation, self.pids = event.generation, event.pids
-        self.memory = {r.rank: r.memory_bytes for r in event.ready}
-        first = event.ready[0]
-        self.target = Target(self.info, self.family, self.config, first.layout, explicit_layout=False,
-                             tp_note=first.tp_note, memory_bytes=min(self.memory.values()),
-                             dtype=getattr(torch, first.dtype))
-        self.log(f"model group up: {self.config.model}, layout {first.layout.describe()}, {len(event.ready)} rank(s) "
-                 f"on {first.device} ({first.dtype}), pids {' '.join(map(str, event.pids))}"
-                 + (f"; {first.tp_note}" if first.tp_note else ""))
-        try:
-            warmups = self._warmup_jobs()
-        except BadRequest as e:
-            self._give_up(f"--warmup-sizes: {e}")
-            return
-        if warmups:
-            self.state = "warming"
-            for job in reversed(warmups):
-                self.jobs[job.id] = job
-                self.queue.push(job)
-        else:
-            self._set_ready()
-        self._kick()
-
-    def _warmup_jobs(self) -> list[Job]:
-        sizes = self.options.warmup_sizes
-        if sizes is None:
-            sizes = ((self.info.default_size, self.info.default_size),) if (
-                self.config.compile or self.config.cuda_graphs) else ()
-        jobs = []
-        for width, height in sizes:
-            requests = [GenerateRequest(prompt="warm-up", height=height, width=width, steps=WARMUP_STEPS)]
-            requests, layout = self._complete(requests)
-            jobs.append(Job(f"warmup-{self.generation}-{width}x{height}", requests, layout,
-                            self.loop.create_future(), internal=True))
-        return jobs
-
-    def _set_ready(self) -> None:
-        self.state = "ready"
-        self.last_failure = None
-        self.ever_ready = True
-        self.metrics.ready.set(1)
-        self.log("ready")
-
-    def _group_down(self, event: GroupDown) -> None:
-        if self.state in ("stopping", "failed"):
-            return
-        job = self.running
-        self.running = None
-        kind = event.kind
-        self.metrics.failures.labels(kind).inc()
-        self.last_failure = event.cause
-        if job is not None:
-            self._fail(job, WorkerFailure(f"the model group failed during request {job.id}: {clean(event.cause)}",
-                                          outcome=kind), None)
-        for j in [j for j in self.jobs.values() if j.internal]:
-            self.queue.remove(j.id)
-            self._forget(j)
-        if event.restart_in is None or not self.ever_ready:
-            self._give_up(event.cause)
-            return
-        self.state = "restarting"
-        self.metrics.ready.set(0)
-        self.metrics.restarts.inc()
-        self.log(f"model group failed: {event.cause}; restarting in {event.restart_in:.1f} s "
-                 f"({len(self.queue)} queued request(s) kept)")
-        self._gauges()
-
     def _give_up(self, cause: str) -> None:
         """The server cannot serve: answer everything 503, stop the workers, exit non-zero."""
         self.failure = cause
         self.state = "failed"
-        self.metrics.ready.set(0)
         self.log(f"error: {cause}")
-        for job in [*self.queue.drain(), *([self.running] if self.running else [])]:
+        running = [g.running for g in self.groups if g.running is not None]
+        for job in [*self.queue.drain(), *running]:
             self._fail(job, Unavailable(f"the server stopped: {cause}"), "shutdown")
-        self.running = None
+        for group in self.groups:
+            group.running = None
+            self.metrics.ready.labels(group.label).set(0)
         self.stopping.set()  # the runner then closes: workers stopped, exit status 1
-
-    def _update_target(self) -> None:
-        if self.target is not None and self.memory:
-            self.target = dataclasses.replace(self.target, memory_bytes=min(self.memory.values()))
 
     def _gauges(self) -> None:
         self.metrics.queue_depth.set(sum(1 for j in self.jobs.values() if j.state == "queued" and not j.internal))
-        self.metrics.running.set(int(self.running is not None and not self.running.internal))
+        for group in self.groups:
+            self.metrics.running.labels(group.label).set(
+                int(group.running is not None and not group.running.internal))
 
 
-def preflight(config, info, fam) -> None:
+def preflight(config, info, fam, adapters=()) -> None:
     """The server's configuration checked before any rank starts (ValueError, one line): what needs
-    no rank — the LoRA files against the model, the VAE split's plan."""
+    no rank — the LoRA files (plain and named) against the model, the VAE split's plan."""
     from engine import vae_parallel
     from engine.lora import check_loras
 
-    check_loras(config.loras, config.model, fam, info)
+    check_loras((*config.loras, *adapters), config.model, fam, info)
     vae_parallel.preflight(config)
 
 

@@ -43,13 +43,18 @@ def _boolean(name: str, text: str) -> bool:
 
 
 def convert(name: str, text: str):
-    """A text part as its field's JSON type; ValueError naming the field."""
+    """A text part as its field's JSON type (`lora`: JSON text); ValueError naming the field."""
     if name in INTEGERS:
         return _integer(name, text)
     if name in NUMBERS:
         return _number(name, text)
     if name in BOOLEANS:
         return _boolean(name, text)
+    if name == "lora":
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ValueError(f"lora must be JSON text such as {{\"style\": 0.8}}, got {text[:40]!r}") from None
     if name == "controlnet_scale":
         try:
             value = json.loads(text)

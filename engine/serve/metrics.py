@@ -1,4 +1,7 @@
-"""Prometheus metrics of one server (its own registry: several servers in one process stay apart)."""
+"""Prometheus metrics of one server (its own registry: several servers in one process stay apart).
+
+What belongs to one model group carries its `group` label (0, 1, … of --replicas): running, ready,
+generate seconds, restarts. The queue and the answers are the server's: one queue for every group."""
 
 from __future__ import annotations
 
@@ -16,17 +19,20 @@ class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
         self.queue_depth = Gauge("shardiff_queue_depth", "Requests waiting in the queue", registry=r)
-        self.running = Gauge("shardiff_running", "Requests running on the model group (0 or 1)", registry=r)
-        self.ready = Gauge("shardiff_ready", "1 when the model group is warm and serving", registry=r)
+        self.running = Gauge("shardiff_running", "Requests running on the model group (0 or 1)", ["group"],
+                             registry=r)
+        self.ready = Gauge("shardiff_ready", "1 when the model group is warm and serving", ["group"], registry=r)
         self.requests = Counter("shardiff_requests", "Finished requests by outcome", ["outcome"], registry=r)
         self.latency = Histogram("shardiff_request_seconds", "Admission to answer, successful requests",
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("shardiff_queue_seconds", "Admission to dispatch", buckets=QUEUE_BUCKETS,
                                     registry=r)
-        self.generate_time = Histogram("shardiff_generate_seconds", "generate_batch on the first rank",
+        self.generate_time = Histogram("shardiff_generate_seconds", "generate_batch on the first rank", ["group"],
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.lora_switches = Counter("shardiff_lora_switches", "Switches of the fused LoRA adapters", ["group"],
+                                     registry=r)
         self.failures = Counter("shardiff_failures", "Failed requests and groups by cause", ["cause"], registry=r)
-        self.restarts = Counter("shardiff_restarts", "Restarts of the model group", registry=r)
+        self.restarts = Counter("shardiff_restarts", "Restarts of the model group", ["group"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -51,7 +51,16 @@ def count(text: str) -> int:
 @dataclass(frozen=True)
 class ServeOptions:
     world_size: int
-    """Ranks of the model group (one per GPU)."""
+    """Ranks of one model group (one per GPU): the server's ranks divided by `replicas`."""
+    replicas: int = 1
+    """Model groups behind the one queue, each of --gpus / --procs ÷ REPLICAS ranks with its own GPUs,
+    rendezvous and supervisor; the layout flags apply to each group. A request runs on a free group."""
+    adapters: tuple = ()
+    """Named LoRA adapters that a request may choose (`"lora": {"NAME": SCALE}`), as LoraSpecs with their
+    names; from `--lora NAME=PATH[:SCALE]` (a plain `--lora PATH[:SCALE]` is fused for every request)."""
+    max_passes: int = 4
+    """How many times a queued request may be passed over for a younger one whose LoRA adapters a free
+    group already holds fused (0: strict arrival order, a switch whenever the next request needs one)."""
     threads: int = 1
     """torch threads per rank (CPU runs)."""
     max_queue: int = 16
@@ -91,6 +100,21 @@ class ServeOptions:
     """Seconds a rank may send nothing (not even its heartbeat, every 1 s) while serving before it is
     declared hung and the group restarted."""
 
+    def __post_init__(self):
+        from engine.lora import parse_adapter
+
+        adapters = []
+        for value in self.adapters:
+            adapter = parse_adapter(value)
+            if adapter is None:
+                raise ValueError(f"an adapter is NAME=PATH[:SCALE], got {value!r}")
+            adapters.append(adapter)
+        if len({a.name for a in adapters}) != len(adapters):
+            raise ValueError("an adapter name is given twice")
+        object.__setattr__(self, "adapters", tuple(adapters))
+        if self.replicas < 1:
+            raise ValueError(f"--replicas must be a positive integer, got {self.replicas}")
+
     @property
     def limits(self) -> Limits:
         """Bounds on one request's work (engine/limits.py)."""
@@ -111,6 +135,8 @@ SERVER_FLAGS = (
 )
 """Flags of engine.serve alone: where its ranks run and where it listens."""
 OPTION_FLAGS = (
+    Flag("replicas", SERVER, type=positive_int),
+    Flag("max_passes", QUEUE, type=count),
     Flag("max_queue", QUEUE, type=count),
     Flag("request_timeout_s", QUEUE, name="--request-timeout", type=positive_float),
     Flag("warmup_sizes", QUEUE, type=sizes, metavar="WxH[,WxH…]"),

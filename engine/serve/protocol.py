@@ -32,6 +32,9 @@ class WorkerSpec:
     """Seconds between two Heartbeats."""
     loopback: bool = True
     """Every rank runs on this host: the collective libraries' sockets bind the loopback interface."""
+    devices: tuple[str, ...] | None = None
+    """The group's GPUs (its ranks' CUDA_VISIBLE_DEVICES: several groups on one host each get their own);
+    None: the host's, as inherited."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,9 @@ class Run:
     None: as the pipeline returns them (GenerateResults, the in-process client's)."""
     previews: object = None
     """An engine.serve.preview.Previews: partial images to stream; None: none."""
+    loras: tuple | None = None
+    """Every LoRA to have fused for this run (LoraSpecs: the server's plain ones, then the request's named
+    adapters); a rank whose fused set differs switches first (Engine.set_loras). None: as they are."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,8 @@ class Finished:
     """Wall time of generate_batch on this rank."""
     encode_seconds: float = 0.0
     """Wall time of encoding the images (a Run with an encoding, first rank)."""
+    lora_seconds: float = 0.0
+    """Wall time of switching the fused LoRAs before generate_batch (0: no switch)."""
 
 
 @dataclass(frozen=True)

@@ -77,8 +77,10 @@ def run_foreground(controller: Controller, sock: socket.socket) -> int:
     def started(server):
         state["server"] = server
         address = sock.getsockname()
+        options = controller.options
+        groups = f"{options.replicas} groups of " if options.replicas > 1 else ""
         controller.log(f"listening on http://{address[0]}:{address[1]} (model {controller.config.model}, "
-                       f"{controller.options.world_size} rank(s)); /health turns 200 when ready")
+                       f"{groups}{options.world_size} rank(s)); /health turns 200 when ready")
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -96,8 +98,8 @@ def _shutdown(controller: Controller, state: dict, sig: int) -> None:
         controller.begin_shutdown()
         return
     controller.options = dataclasses.replace(controller.options, drain_timeout_s=0.0)
-    if controller.running is not None:
-        controller.cancel(controller.running.id)
+    for job in controller.running_jobs():
+        controller.cancel(job.id)
     if state["server"] is not None:
         state["server"].force_exit = True
 

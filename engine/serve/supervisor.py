@@ -86,9 +86,12 @@ class _Group:
 
 class Supervisor:
     def __init__(self, *, config, world_size: int, threads: int, emit, max_restarts: int = 3,
-                 backoff_s: float = 1.0, startup_timeout_s: float = 1800.0, heartbeat_timeout_s: float = 20.0):
-        """`emit(event)` is called from the supervisor thread with GroupUp / GroupMessage / GroupDown."""
+                 backoff_s: float = 1.0, startup_timeout_s: float = 1800.0, heartbeat_timeout_s: float = 20.0,
+                 devices: tuple[str, ...] | None = None, name: str = "shardiff-supervisor"):
+        """`emit(event)` is called from the supervisor thread with GroupUp / GroupMessage / GroupDown.
+        `devices`: the GPUs of this group (CUDA_VISIBLE_DEVICES of its ranks), None: every visible one."""
         self.config = config
+        self.devices = devices
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.world_size = world_size
         self.threads = threads
@@ -105,7 +108,7 @@ class Supervisor:
         self._stopping = threading.Event()
         self._broken: str | None = None
         self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._main, name="shardiff-supervisor", daemon=True)
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
 
     # ------------------------------------------------------------------ the controller's side
 
@@ -215,7 +218,7 @@ class Supervisor:
         spec = WorkerSpec(config=self.config, world_size=self.world_size, controller=listener.getsockname()[:2],
                           authkey=self.authkey, store=(host, store.port), generation=self.generation,
                           threads=self.threads, heartbeat_s=min(HEARTBEAT_S, self.heartbeat_timeout_s / 4),
-                          loopback=True)
+                          loopback=True, devices=self.devices)
         self._ready: dict[int, Ready] = {}
         self._broken = None
         # Spawned from this thread, which lives as long as the workers: their parent-death signal

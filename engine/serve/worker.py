@@ -53,6 +53,9 @@ def main(local_rank: int, spec: WorkerSpec) -> None:
         TORCHELASTIC_USE_AGENT_STORE="True",
         TORCHELASTIC_RESTART_COUNT=str(spec.generation),
     )
+    if spec.devices is not None:
+        # Before CUDA is initialised (torch reads it then): this group sees its own GPUs only.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(spec.devices)
     if spec.loopback:
         interface = _loopback_interface()
         if interface is not None:  # an operator's own choice (the variables set already) is kept
@@ -180,8 +183,17 @@ class Worker:
                         send=lambda index, b64: self.send(Partial(self.rank, job.job_id, index, b64)),
                         decodes=lambda: engine.mesh.is_first or (engine.vae_split is not None
                                                                  and engine.mesh.coord("dp") == 0))
+        outcome, results, message, encode_s, lora_s = "done", None, "", 0.0, 0.0
+        if job.loras is not None and tuple(engine.loras.active) != tuple(job.loras):
+            # Once per switch, never per request: the same Run on every rank, no collective.
+            start = time.perf_counter()
+            try:
+                engine.set_loras(job.loras)
+            except BaseException as e:  # noqa: BLE001 — checked at start-up; anything now breaks the group
+                traceback.print_exc()
+                self.fail(*_describe(e, self.rank, "while switching LoRAs"), job_id=job.job_id)
+            lora_s = time.perf_counter() - start
         start = time.perf_counter()
-        outcome, results, message, encode_s = "done", None, "", 0.0
         try:
             results = engine.generate_batch(job.requests, output_type=job.output_type, on_step=hook)
             seconds = time.perf_counter() - start
@@ -207,7 +219,8 @@ class Worker:
         if outcome != "done":
             seconds = time.perf_counter() - start
         self.send(Finished(self.rank, job.job_id, outcome, results=results, message=message,
-                           memory_bytes=self.memory(), seconds=seconds, encode_seconds=encode_s))
+                           memory_bytes=self.memory(), seconds=seconds, encode_seconds=encode_s,
+                           lora_seconds=lora_s))
 
 
 def _describe(e: BaseException, rank: int, when: str) -> tuple[str, str]:
