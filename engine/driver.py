@@ -337,6 +337,17 @@ class Engine:
             return GenerateResult(None, images, params, seconds)
         return GenerateResult(images[0], None, params, seconds, images=list(images))
 
+    def describe_fast_path(self) -> str:
+        """For the layout line: what the fast path trades (empty on the exact path)."""
+        parts = []
+        if self.config.quantize != "off":
+            fp8 = self.placement.plan.parts["quantize"].done
+            how = "the FP8 kernel" if self.describe_quantize() == "fp8" else "an exact CPU emulation of the FP8 kernel"
+            parts.append(f"{fp8.describe()}, {how}")
+        if self.placement.cache is not None:
+            parts.append(f"step cache {self.placement.cache.config.describe()}")
+        return "; fast path (not the exact image): " + ", ".join(parts) if parts else ""
+
     def describe_quantize(self) -> str:
         """"off", "fp8" (the FP8 kernel) or "fp8 (emulated)" (the CPU's exact emulation of it)."""
         if self.config.quantize == "off":

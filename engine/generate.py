@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         pipelines = sorted({c.spec.cls for c in batch.requests})
         print(f"shardiff: {config.model} on {layout.world_size} process(es), layout {layout.describe()} ({batch.why}), "
               f"{engine.text_encoders.plan.describe()}, {', '.join(pipelines)}, {len(requests)} image(s), {engine.dtype}, "
-              f"{engine.device.type}; {engine.describe_vae(batch)}", file=sys.stderr, flush=True)
+              f"{engine.device.type}; {engine.describe_vae(batch)}{engine.describe_fast_path()}", file=sys.stderr, flush=True)
         for note in [*engine.lora_notes, engine.processor_note]:
             if note:
                 print(f"shardiff: {note}", file=sys.stderr, flush=True)

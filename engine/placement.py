@@ -55,14 +55,15 @@ class Placement:
             plan.remove()
 
 
-def fast_plan(family, quantize: str = "off", cache=None):
+def fast_plan(family, quantize: str = "off", cache=None, *, keep_originals: bool = False):
     """The family's plan, with the fast path's parts where asked (the preflight checked the family has
-    what they need: an FP8 rule, block stacks)."""
+    what they need: an FP8 rule, block stacks). `keep_originals`: the FP8 part keeps the bf16 weights so
+    that removing the plan restores them (benchmarks running several layouts on one model)."""
     from shardiff_parallel.plan import Quantize, StepCache
 
     plan = family.pipeline_plan
     if quantize == "fp8":
-        plan = replace(plan, quantize=Quantize(family.fp8))
+        plan = replace(plan, quantize=Quantize(family.fp8, keep_originals=keep_originals))
     if cache is not None:
         if family.cache_setup is not None:
             family.cache_setup()

@@ -62,14 +62,16 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     layout = parse_layout(args.layout)
     if layout.system != "shardiff":
-        raise ValueError(f"--layout {args.layout!r}: end-to-end timing runs our layouts (':compile', ':graphs' allowed)")
+        raise ValueError(f"--layout {args.layout!r}: end-to-end timing runs our layouts (':compile', ':graphs', ':fp8', "
+                         "':fb', ':ts' allowed)")
     if args.repeats < 1:
         raise ValueError("--repeats must be at least 1")
     from engine import Engine
 
     start = time.perf_counter()
     engine = Engine(EngineConfig(model=args.model, compile=layout.compile, cuda_graphs=layout.graphs,
-                                 vae_parallel=args.vae_parallel, text_encoders=args.text_encoders), parallel=layout.config)
+                                 vae_parallel=args.vae_parallel, text_encoders=args.text_encoders,
+                                 quantize=layout.quantize, cache=layout.cache), parallel=layout.config)
     build_s = time.perf_counter() - start
     request = GenerateRequest(prompt=args.prompt, height=args.size, width=args.size, steps=args.steps, seed=0)
     timer = PhaseTimer(engine.pipe, engine.device)
@@ -96,6 +98,7 @@ def main(argv=None) -> None:
         warm_phase_s={p: round(statistics.median(ph["seconds"][p] for ph in warm), 3) for p in PHASES},
         first_phase_s=phases[0]["seconds"], per_rank=per_rank,
         vae_parallel=args.vae_parallel, vae_split=results[-1].params.get("vae_split"),
+        quantize=results[-1].params["quantize"], cache=results[-1].params["cache"],
     )
     if engine.is_first:
         print(json.dumps(record), flush=True)
@@ -104,6 +107,8 @@ def main(argv=None) -> None:
               f"first request {runs[0]:.2f} s, warm {record['warm_s']:.2f} s = text {ph['text']:.3f} + denoise "
               f"{ph['denoise']:.3f} + VAE {ph['vae']:.3f}")
         print(f"  {record['text_encoders_layout']}")
+        if record["cache"] is not None:
+            print(f"  cache {record['cache']}")
         for rank, r in enumerate(per_rank):
             print(f"  rank {rank}: text encoders {r['text_encoders_gib']} GiB, weights {r['weights_gib']} GiB, phase peaks {r['phase_peak_gib']}, peak {r['peak_gib']} GiB")
         if args.json:

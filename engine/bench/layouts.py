@@ -27,6 +27,16 @@ class Layout:
     """Replay each forward as a CUDA graph (with compile)."""
     head_chunks: int = 1
     """Ulysses exchanges pipelined over this many head chunks (`h2` in the name)."""
+    quantize: str = "off"
+    """`:fp8`: ours with `--quantize fp8`; plain diffusers with torchao's float8 (dynamic, row-wise) on the
+    same linears — what a user of diffusers tries first."""
+    cache: str = "off"
+    """`:fb[THRESHOLD]` / `:ts[INTERVAL]`: ours with `--cache first-block[:THRESHOLD]` / `taylorseer[:INTERVAL]`."""
+
+    @property
+    def approximate(self) -> bool:
+        """Skips or approximates work: its fidelity is a trade, not a parity."""
+        return self.system in APPROXIMATE or self.quantize != "off" or self.cache != "off"
 
 
 def _degrees(text: str, name: str) -> ParallelConfig:
@@ -39,22 +49,42 @@ def _degrees(text: str, name: str) -> ParallelConfig:
     return ParallelConfig(**{AXIS_LETTERS[a]: int(n) for a, n, _ in parts}, tp_comm=tp_comm)
 
 
+def _modifiers(name: str, modifiers: list[str]) -> dict:
+    """`compile`, `graphs` (compile + CUDA graphs), `fp8`, `fb[THRESHOLD]`, `ts[INTERVAL]`, in any order."""
+    out = dict(compile=False, graphs=False, quantize="off", cache="off")
+    for m in modifiers:
+        if m in ("compile", "graphs"):
+            out["compile"] = True
+            out["graphs"] = out["graphs"] or m == "graphs"
+        elif m == "fp8":
+            out["quantize"] = "fp8"
+        elif re.fullmatch(r"fb([0-9.]*)", m):
+            out["cache"] = "first-block" + (f":{m[2:]}" if m[2:] else "")
+        elif re.fullmatch(r"ts(\d*)", m):
+            out["cache"] = "taylorseer" + (f":{m[2:]}" if m[2:] else "")
+        else:
+            raise ValueError(f"layout {name!r}: modifiers are :compile, :graphs (compile + CUDA graphs), :fp8, "
+                             ":fb[THRESHOLD] (first-block cache), :ts[INTERVAL] (TaylorSeer)")
+    return out
+
+
 def parse_layout(name: str) -> Layout:
-    base, _, modifier = name.partition(":")
-    if modifier not in ("", "compile", "graphs"):
-        raise ValueError(f"layout {name!r}: modifiers are ':compile' and ':graphs' (compile + CUDA graphs)")
-    compile_, graphs = modifier in ("compile", "graphs"), modifier == "graphs"
+    base, *modifiers = name.split(":")
+    mods = _modifiers(name, modifiers)
     if base == "diffusers":
-        return Layout(name, "diffusers", ParallelConfig(), compile_, graphs)
+        if mods["cache"] != "off":
+            raise ValueError(f"layout {name!r}: the step caches are ours (cache-dit-db-… is cache-dit's)")
+        return Layout(name, "diffusers", ParallelConfig(), **mods)
     if base == "1":
-        return Layout(name, "shardiff", ParallelConfig(), compile_, graphs)
+        return Layout(name, "shardiff", ParallelConfig(), **mods)
     for system in BASELINES:
         if base.startswith(system + "-"):
-            if graphs:
-                raise ValueError(f"layout {name!r}: ':graphs' is for our layouts and plain diffusers")
+            if mods["graphs"] or mods["quantize"] != "off" or mods["cache"] != "off":
+                raise ValueError(f"layout {name!r}: ':graphs', ':fp8' and the caches are for our layouts and plain "
+                                 "diffusers")
             config = _degrees(base[len(system) + 1 :], name)
             if config.tp_comm != "allreduce":
                 raise ValueError(f"layout {name!r}: the sequence forms of TP (`s` / `o` after the tp degree) are ours only")
-            return Layout(name, system, config, compile_)
+            return Layout(name, system, config, mods["compile"])
     base, chunks = re.fullmatch(r"(.*?)(?:h(\d+))?", base).groups()
-    return Layout(name, "shardiff", _degrees(base, name), compile_, graphs, int(chunks or 1))
+    return Layout(name, "shardiff", _degrees(base, name), head_chunks=int(chunks or 1), **mods)

@@ -21,12 +21,17 @@ Layout names:
   with its DBCache on: approximate, marked so in the output);
 - `h<n>` after our degrees pipelines the Ulysses all-to-alls over n head chunks (`u4h2`);
 - a `:compile` suffix compiles the repeated blocks (regional torch.compile) for that layout;
-  `:graphs` also replays each denoiser call as one CUDA graph.
+  `:graphs` also replays each denoiser call as one CUDA graph;
+- the fast path (docs/FAST_PATH.md), suffixes combinable with the others: `:fp8` (ours: `--quantize
+  fp8`; on `diffusers`: torchao's float8 dynamic row-wise quantization of the same linears), `:fb` /
+  `:fb0.12` (`--cache first-block[:THRESHOLD]`), `:ts` / `:ts5` (`--cache taylorseer[:INTERVAL]`);
+  their rows say how many steps they reused and are marked approximate (their rel L2 is the trade).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -42,7 +47,11 @@ from shardiff_parallel.attention import ParallelAttention
 from shardiff_parallel.mesh import Mesh
 from shardiff_parallel.plan import apply_plan
 
-from .layouts import APPROXIMATE, BASELINES, Layout, parse_layout
+from shardiff_parallel.cache_config import parse_cache
+
+from engine.placement import fast_plan
+
+from .layouts import BASELINES, Layout, parse_layout
 from .sharded import cap_memory, install_sharded_denoiser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +99,10 @@ def _check_layouts(layouts: list[Layout], info, fam, world_size: int, speaks: bo
         if lay.system in BASELINES and lay.config.world_size != world_size:
             raise ValueError(f"baseline {lay.name} must use all {world_size} launched ranks")
         why = missing(lay.system)
+        if lay.system == "diffusers" and lay.quantize == "fp8":
+            import importlib.util
+
+            why = None if importlib.util.find_spec("torchao") else "torchao is not installed (pip install torchao)"
         if why:
             if speaks:
                 print(f"skipping {lay.name}: {why}", flush=True)
@@ -200,19 +213,24 @@ def main(argv=None) -> None:
 class _Runner:
     """One layout, ready to run at any size; `close` undoes what it did to the shared pipeline."""
 
-    def __init__(self, lay, pipe, args, device, kernel, group, undo):
+    def __init__(self, lay, pipe, args, device, kernel, group, undo, cache=None):
         self.lay, self.pipe, self.args, self.device, self.kernel, self.group, self.undo = (
             lay, pipe, args, device, kernel, group, undo
         )
+        self.cache = cache
+        """The step cache the layout installed (parallel/plan/cache.py), or None."""
 
     def run(self, height: int, width: int, inputs: dict) -> dict:
         args, device = self.args, self.device
 
         def once():
-            return self.pipe(
-                **inputs, height=height, width=width, num_inference_steps=args.steps,
-                generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
-            )
+            if self.cache is not None:
+                self.cache.reset()  # every request starts from an empty cache, as in the engine
+            with self.cache.context() if self.cache is not None else contextlib.nullcontext():
+                return self.pipe(
+                    **inputs, height=height, width=width, num_inference_steps=args.steps,
+                    generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
+                )
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -237,7 +255,9 @@ class _Runner:
         per_step = statistics.median(times) / args.steps
         return {
             "model": args.model, "height": height, "width": width, "layout": self.lay.name,
-            "system": self.lay.system, "approximate": self.lay.system in APPROXIMATE, "compile": self.lay.compile, "cuda_graphs": self.lay.graphs, "head_chunks": self.lay.head_chunks, "ranks": self.lay.config.world_size,
+            "system": self.lay.system, "approximate": self.lay.approximate, "compile": self.lay.compile, "cuda_graphs": self.lay.graphs, "head_chunks": self.lay.head_chunks, "ranks": self.lay.config.world_size,
+            "quantize": self.lay.quantize, "cache": self.lay.cache,
+            "reused_steps": None if self.cache is None else self.cache.log.reused,
             "tp_comm": self.lay.config.tp_comm if self.lay.config.tp > 1 else None,
             "steps": args.steps, "per_step_ms": round(per_step * 1e3, 2),
             "runs_ms": [round(t / args.steps * 1e3, 2) for t in times], "first_call_s": round(first_s, 2),
@@ -274,6 +294,15 @@ def _prepare(lay: Layout, shared, make_pipe, mesh, fam, args, dtype, device) -> 
     from engine.runtime.compile import compile_denoiser, uncompile
 
     undo = []
+    if lay.system == "diffusers" and lay.quantize == "fp8":
+        # What a diffusers user tries first: torchao's float8 on a fresh copy of the pipeline (it cannot be
+        # undone), on the linears our rule puts in FP8 (the same work in FP8 on both sides).
+        pipe = make_pipe()
+        torchao_fp8(getattr(pipe, fam.denoiser), fam.fp8)
+        if lay.compile:
+            compile_denoiser(getattr(pipe, fam.denoiser))
+        undo.append(lambda: torch.cuda.empty_cache() if device.type == "cuda" else None)
+        return _Runner(lay, pipe, args, device, "diffusers-default", None, undo)
     if lay.system in BASELINES:
         from .baselines import build_baseline
 
@@ -286,11 +315,16 @@ def _prepare(lay: Layout, shared, make_pipe, mesh, fam, args, dtype, device) -> 
             device=device, cap_gib=args.memory_cap_gib,
         ))
     denoiser = getattr(shared, fam.denoiser)
-    kernel, group = "diffusers-default", None
+    kernel, group, cache = "diffusers-default", None, None
     if lay.system == "shardiff":
         attention = ParallelAttention(mesh, args.attention_backend, head_chunks=lay.head_chunks)
-        # pipeline_plan: Flux's true CFG runs its two branches as sequential pairs (parallel/plan/cfg_pairs.py).
-        applied = apply_plan(denoiser, fam.pipeline_plan, mesh, attention)
+        # The family's pipeline plan (Flux's true CFG as sequential pairs, parallel/plan/cfg_pairs.py), with the
+        # fast path's parts asked for; the FP8 part keeps the bf16 weights so that the next layout gets them back.
+        if lay.cache != "off" and fam.cache_setup is not None:
+            fam.cache_setup()
+        applied = apply_plan(denoiser, fast_plan(fam, lay.quantize, parse_cache(lay.cache), keep_originals=True),
+                             mesh, attention)
+        cache = applied.parts.get("cache")
         undo.append(applied.remove)
         kernel = attention.kernel_for(device, dtype).name
         group = next((mesh.group(a) for a in ("sp", "cfg", "tp") if mesh.size(a) > 1), None)
@@ -301,7 +335,16 @@ def _prepare(lay: Layout, shared, make_pipe, mesh, fam, args, dtype, device) -> 
         from engine.runtime.cuda_graphs import GraphedForward
 
         undo.insert(0, GraphedForward(denoiser).install().remove)
-    return _Runner(lay, shared, args, device, kernel, group, undo)
+    return _Runner(lay, shared, args, device, kernel, group, undo, cache)
+
+
+def torchao_fp8(model: torch.nn.Module, rule) -> None:
+    """torchao's float8 dynamic quantization (row-wise activation and weight scales) of the linears `rule`
+    selects, in place."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and rule.selects(name))
 
 
 def _barrier(group, device) -> None:
@@ -312,11 +355,12 @@ def _barrier(group, device) -> None:
 
 
 def _print_table(results: list[dict]) -> None:
-    print(f"\n{'size':>10} {'layout':>18} {'ranks':>5} {'ms/step':>9} {'first s':>8} {'rel L2':>9} {'peak GiB':>9}  kernel")
+    print(f"\n{'size':>10} {'layout':>24} {'ranks':>5} {'ms/step':>9} {'first s':>8} {'rel L2':>9} {'peak GiB':>9}  kernel")
     for r in results:
         peak = max(r["peak_gib_per_rank"]) if r["peak_gib_per_rank"] else float("nan")
-        note = "  (approximate: skips work)" if r.get("approximate") else ""
-        print(f"{r['height']}x{r['width']:<5} {r['layout']:>18} {r['ranks']:>5} {r['per_step_ms']:>9.2f} "
+        reused = f", {r['reused_steps']} of {r['steps']} steps reused" if r.get("reused_steps") is not None else ""
+        note = f"  (approximate{reused})" if r.get("approximate") else ""
+        print(f"{r['height']}x{r['width']:<5} {r['layout']:>24} {r['ranks']:>5} {r['per_step_ms']:>9.2f} "
               f"{r['first_call_s']:>8.2f} {r['rel_l2_vs_first']:>9.2e} {peak:>9.2f}  {r['kernel']}{note}")
     sys.stdout.flush()
 
