@@ -28,6 +28,7 @@ import torch
 
 from engine.presets.components import FLUX_VAE, T5_XXL, kl_vae, t5_encoder
 from engine.presets.spec import Component, PresetSpec
+from shardiff_parallel.fp8 import Fp8Rule
 from shardiff_parallel.plan import JointSeqDim, ModelPlan, Processors, SeqDim, SequenceSplit, TensorPlan
 from shardiff_parallel.tensor import Rowwise
 
@@ -186,4 +187,9 @@ FAMILY = Family(
     call_kwargs=prompt_kwargs, bench_kwargs=chroma_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "tp", "cfg"}), check_tp=check_tp_widths, cfg_pairs=True,
     cfg_hint="--guidance > 1",
+    # --quantize fp8: every linear of the blocks; the modulation approximator, the embedders and the final
+    # layer, outside the blocks, stay in the model's dtype (as for Flux, engine/models/flux).
+    fp8=Fp8Rule(include=("transformer_blocks.*", "single_transformer_blocks.*")),
+    refusals={"cache": "ChromaPipeline runs its two guidance branches as two calls per step without naming them "
+                       "(diffusers' cache contexts), so a step cache would mix the branches' states"},
 )

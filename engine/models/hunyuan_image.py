@@ -41,6 +41,7 @@ import torch
 from engine.presets.components import QWEN25_VL_7B, T5_XXL, TINY_QWEN25_VL, qwen25_vl, t5_encoder
 from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.attention import ParallelAttention
+from shardiff_parallel.fp8 import Fp8Rule
 from shardiff_parallel.plan import ModelPlan, Processors, SeqContext, SeqDim, SequenceSplit, TensorPlan
 from shardiff_parallel.sharding import take_piece
 from shardiff_parallel.tensor import Rowwise
@@ -265,4 +266,8 @@ FAMILY = Family(
     presets=PRESETS, axes=frozenset({"ulysses", "ring", "tp", "cfg"}), check_tp=check_tp_widths,
     # The guider decides, not the request: every call of a model with one runs both branches.
     uses_cfg=lambda kwargs: True, cfg_pairs=True,
+    # --quantize fp8: every linear of the blocks; the embedders, the text refiner and the final layer stay in
+    # the model's dtype (as for Flux, engine/models/flux).
+    fp8=Fp8Rule(include=("transformer_blocks.*", "single_transformer_blocks.*")),
+    cache_stacks=("transformer_blocks", "single_transformer_blocks"),
 )
