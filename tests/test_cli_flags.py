@@ -20,6 +20,8 @@ ENGINE = {
     "--model", "--ulysses", "--ring", "--tp", "--tp-comm", "--cfg", "--dp", "--text-encoders", "--dtype", "--device",
     "--attention-backend", "--compile", "--cuda-graphs", "--vae-parallel", "--timeout", "--parallel", "--lora",
     "--controlnet",
+    # The fast path (docs/FAST_PATH.md).
+    "--quantize", "--cache",
 }
 SERVE = {
     "--gpus", "--procs", "--host", "--port", "--max-queue", "--request-timeout", "--warmup-sizes", "--max-restarts",
