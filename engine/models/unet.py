@@ -90,9 +90,11 @@ UNET_REFUSAL = (
     "--parallel auto (the default): one image with guidance → CFG split over 2 processes (--cfg 2); "
     "several images (--num-images N or several --prompt) → data parallel over all processes (--dp N)"
 )
-REFUSALS = {"ulysses": UNET_REFUSAL, "ring": UNET_REFUSAL, "tp": UNET_REFUSAL,
-            "quantize": "the SD1.5 / SDXL UNets' time goes to convolutions, which FP8 linears do not speed up",
-            "cache": "the SD1.5 / SDXL UNets have no stack of identical blocks for a first-block cache"}
+REFUSALS = {"ulysses": UNET_REFUSAL, "ring": UNET_REFUSAL, "tp": UNET_REFUSAL}
+FAST_PATH_REFUSALS = {
+    "quantize": "the SD1.5 / SDXL UNets' time goes to convolutions, which FP8 linears do not speed up",
+    "cache": "the SD1.5 / SDXL UNets have no stack of identical blocks for a first-block cache",
+}
 
 CLIP_TOKENS = 77  # SD/SDXL text length is fixed by CLIP's position embeddings
 
@@ -295,7 +297,7 @@ def _unet_family(name: str, prefix: str, presets) -> Family:
     return Family(
         name=name, pipelines=unet_pipelines(prefix), plan=UNET_PLAN, read_info=functools.partial(read_unet_info, family=name), call_kwargs=unet_call_kwargs,
         bench_kwargs=unet_bench_kwargs, presets=presets, axes=frozenset({"cfg", "dp"}), denoiser="unet",
-        refusals=REFUSALS, layout=unet_layout, gpu_dtype=torch.float16, controlnet=UNET_CONTROLNET,
+        refusals={**REFUSALS, **FAST_PATH_REFUSALS}, layout=unet_layout, gpu_dtype=torch.float16, controlnet=UNET_CONTROLNET,
     )
 
 
