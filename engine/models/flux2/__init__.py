@@ -1,6 +1,8 @@
-"""FLUX.2 (Flux2Pipeline for FLUX.2-dev, Flux2KleinPipeline for FLUX.2-klein; Flux2Transformer2DModel):
-plans, calls, config reader, presets. Two families of one transformer: the pipelines take different
-arguments (dev: embedded guidance; klein: CFG with the empty prompt as its negative).
+"""FLUX.2 (Flux2Pipeline for FLUX.2-dev, Flux2KleinPipeline and Flux2KleinInpaintPipeline for FLUX.2-klein,
+Flux2KleinKVPipeline for FLUX.2-klein-KV; Flux2Transformer2DModel): plans, calls, config reader, presets. Three
+families of one transformer: the pipelines take different arguments (dev: embedded guidance; klein: CFG with
+the empty prompt as its negative; klein-KV: neither) and klein-KV's plan keeps its references' K/V
+(engine/models/flux2/kv.py). Reference images, inpainting and their size rules: engine/models/flux2/edit.py.
 
 Sequence split: as FLUX.1, the joint [text, image] stream with both groups split on their own and
 position ids split with their tokens (the model computes the rotary tables from `img_ids` /
