@@ -113,6 +113,8 @@ def pipeline_specs(*specs: PipelineSpec) -> tuple[PipelineSpec, ...]:
     """A family's pipelines, checked: every variant link names one of them."""
     names = {s.cls for s in specs}
     for s in specs:
+        assert s.references_arg is None or (s.max_images > 1 and "image" in s.inputs), (
+            f"{s.cls}: references_arg without several input images")
         for what, target in s.variants.items():
             assert what in ("controlnet", "image", "mask_image", "pag") and target in names, (
                 f"{s.cls}: bad variant {what} → {target}")
