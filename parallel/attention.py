@@ -32,10 +32,10 @@ import torch
 from shardiff_kernels.registry import choose_kernel
 
 from .block_causal import BlockCausal, PrefixKV, attend_block
-from .references import attend_references, reference_rows
 from .blocks import attend, valid_counts
 from .heads import head_split
 from .mesh import Mesh
+from .references import attend_references, reference_rows
 from .ring import ring_attention
 from .ulysses import (
     head_to_seq, head_to_seq_finish, head_to_seq_start, heads_to_seq, seq_to_head, seq_to_head_finish, seq_to_head_start,

@@ -53,7 +53,8 @@ def _requests(model: str) -> list:
 
 def _kept(engine) -> int:
     """K/V entries the KV processors still hold."""
-    return sum(len(m.processor.kv.kept) for m in engine.denoiser.modules() if hasattr(getattr(m, "processor", None), "kv"))
+    processors = (getattr(m, "processor", None) for m in engine.denoiser.modules())
+    return sum(len(p.kv.kept) for p in processors if hasattr(p, "kv"))
 
 
 def _generate(world: int, dirs: dict[str, str]) -> dict:
@@ -174,8 +175,9 @@ def test_cached_step_before_its_first_is_an_error():
     mesh = Mesh.single(torch.device("cpu"))
     applied = apply_plan(model, family("flux2-klein-kv").plan, mesh, ParallelAttention(mesh))
     g = torch.Generator().manual_seed(0)
-    kw = dict(hidden_states=torch.randn(1, 6, 16, generator=g), encoder_hidden_states=torch.randn(1, 3, 96, generator=g),
-              timestep=torch.tensor([0.5]), img_ids=torch.zeros(1, 6, 4), txt_ids=torch.zeros(1, 3, 4), return_dict=False)
+    kw = dict(hidden_states=torch.randn(1, 6, 16, generator=g), timestep=torch.tensor([0.5]),
+              encoder_hidden_states=torch.randn(1, 3, 96, generator=g), img_ids=torch.zeros(1, 6, 4),
+              txt_ids=torch.zeros(1, 3, 4), return_dict=False)
     with pytest.raises(ValueError, match="a cached FLUX.2-klein-KV step before its first step kept the references"):
         model(**kw, kv_cache=Flux2KVCache(2, 2), kv_cache_mode="cached")
     applied.remove()

@@ -152,7 +152,8 @@ def _requests() -> list:
 
 
 def _kept(engine) -> int:
-    return sum(len(m.processor.kept) for m in engine.denoiser.modules() if hasattr(getattr(m, "processor", None), "kept"))
+    processors = (getattr(m, "processor", None) for m in engine.denoiser.modules())
+    return sum(len(p.kept) for p in processors if hasattr(p, "kept"))
 
 
 def _pipeline_runs(world: int, directory: str) -> dict:
