@@ -186,7 +186,7 @@ class GenerateRequest:
     """Input image (a path or a PIL image): img2img, or the image to inpaint / fill / edit (Kontext). On a
     text-to-image model it selects the family's img2img pipeline (engine/pipelines.py). Several reference
     images, in order (a list; on the command line, repeat the flag): for the pipelines that take them
-    (Qwen-Image-Edit-Plus)."""
+    (Qwen-Image-Edit-Plus, FLUX.2, Qwen-Image 2.1)."""
     mask_image: object = None
     """Inpainting mask (a path or a PIL image; white = repaint); with an input image it selects the
     inpainting pipeline."""

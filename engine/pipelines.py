@@ -145,6 +145,10 @@ def prepare_call(request, info, family, resolve_size, *, controlnets: int = 0) -
                          f"size rule), not {width}x{height}; leave --height and --width out")
     kwargs = fit_call(spec.cls, family.call_kwargs(request))
     for name, image in images.items():
+        if name == "image" and spec.references_arg is not None and isinstance(image, list):
+            image, references = image[0], image[1:]
+            if references:
+                kwargs[spec.references_arg] = references
         if isinstance(image, list) and spec.max_images == 1:
             image = image[0]  # a list of one, for a pipeline that takes one image
         kwargs[spec.arg(name)] = image if spec.sized else each(image, lambda im: fit(im, height, width))

@@ -19,6 +19,10 @@ Block-causal attention (Qwen-Image 2.1, `causal`): positions are whole-sequence 
 Ulysses' exchange a rank's queries and keys are one contiguous range, and every ring block another;
 each block is attended by the rule (parallel/block_causal.py). The prefill can keep this rank's share of
 the prefix's K/V (`keep`), which later steps attend before their own keys (`prefix`).
+
+Reference tokens that attend each other only (FLUX.2-klein-KV, `references`: where each rank's piece holds
+them): after Ulysses' exchange they are a few runs of each block (parallel/references.py); `keep` keeps this
+rank's share of their K/V — its heads, of its ring rank's block — which later steps attend as a `prefix`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .block_causal import BlockCausal, PrefixKV, attend_block
 from .blocks import attend, valid_counts
 from .heads import head_split
 from .mesh import Mesh
+from .references import attend_references, reference_rows
 from .ring import ring_attention
 from .ulysses import (
     head_to_seq, head_to_seq_finish, head_to_seq_start, heads_to_seq, seq_to_head, seq_to_head_finish, seq_to_head_start,
@@ -69,16 +74,19 @@ class ParallelAttention:
         causal: BlockCausal | None = None,
         keep: PrefixKV | None = None,
         prefix: PrefixKV | None = None,
+        references: tuple[tuple[int, int], ...] | None = None,
     ) -> torch.Tensor:
         """Attention of this rank's queries over the whole sequence's keys, for this rank's tokens.
         K and V may have fewer heads than Q (they must divide its heads).
 
         `causal`: the block-causal rule over the whole sequence (the concatenation of every rank's piece
         in sp order); `keep`: where this rank keeps its share of the prefix's K/V for later steps;
-        `prefix`: attend over that kept prefix before these keys (parallel/block_causal.py)."""
+        `prefix`: attend over that kept prefix before these keys (parallel/block_causal.py).
+        `references`: (start, length) of the reference tokens in each sp rank's piece, which attend each
+        other only; `keep` then keeps their K/V (parallel/references.py)."""
         mesh = self.mesh
         U, R = mesh.size("ulysses"), mesh.size("ring")
-        kernel = self.kernel_for(q_BSHD.device, q_BSHD.dtype, need_lse=causal is not None)
+        kernel = self.kernel_for(q_BSHD.device, q_BSHD.dtype, need_lse=causal is not None or references is not None)
         if seq_sizes is None:
             seq_sizes = [q_BSHD.shape[1]] * (U * R)
         assert len(seq_sizes) == U * R and seq_sizes[mesh.coord("sp")] == q_BSHD.shape[1]
@@ -88,7 +96,7 @@ class ParallelAttention:
         group_sizes = seq_sizes[ring_r * U : (ring_r + 1) * U]
         C = self.head_chunks
         plain = Hkv == Hq and Hq % U == 0
-        masked = causal is not None or prefix is not None
+        masked = causal is not None or prefix is not None or references is not None
         assert not masked or (plain and key_lengths is None), "block-causal attention takes whole K/V heads, no padding"
         if U > 1 and R == 1 and C > 1 and plain and key_lengths is None and not masked and Hq % (C * U) == 0:
             return self._chunked_ulysses(q_BSHD, k_BSHD, v_BSHD, group_sizes, kernel, scale)
@@ -106,7 +114,9 @@ class ParallelAttention:
             )
             heads = split.q
         q_BHSD, k_BHSD, v_BHSD = (t.transpose(1, 2) for t in (q_BSHD, k_BSHD, v_BSHD))
-        if masked:
+        if references is not None:
+            out_BHSD = self._references(q_BHSD, k_BHSD, v_BHSD, seq_sizes, kernel, scale, references, keep)
+        elif masked:
             out_BHSD = self._block_causal(q_BHSD, k_BHSD, v_BHSD, seq_sizes, kernel, scale, causal, keep, prefix)
         elif R > 1:
             blocks = [sum(seq_sizes[j * U : (j + 1) * U]) for j in range(R)]
@@ -151,6 +161,24 @@ class ParallelAttention:
             got = block(q_BHSD, k_BHSD, v_BHSD, 0)
             assert got is not None, "every query sees at least itself"
             return got[0].to(q_BHSD.dtype)
+        return ring_attention(q_BHSD, k_BHSD, v_BHSD, group=self.mesh.group("ring"), block_sizes=blocks, kernel=kernel,
+                              scale=scale, block_attend=block)
+
+    def _references(self, q_BHSD, k_BHSD, v_BHSD, seq_sizes, kernel, scale, references, keep) -> torch.Tensor:
+        """After Ulysses' exchange: this rank's heads of its ring rank's block; the reference queries see the
+        reference keys only (parallel/references.py)."""
+        U, R, r = self.mesh.size("ulysses"), self.mesh.size("ring"), self.mesh.coord("ring")
+        assert len(references) == U * R, (references, U, R)
+        rows = [reference_rows(references, seq_sizes, j, U, q_BHSD.device) for j in range(R)]
+        if keep is not None:
+            keep.keep_rows(k_BHSD, v_BHSD, rows[r], [len(x) for x in rows])
+
+        def block(q, k, v, j):
+            return attend_references(kernel, q, k, v, q_rows=rows[r], k_rows=rows[j], scale=scale)
+
+        if R == 1:
+            return block(q_BHSD, k_BHSD, v_BHSD, 0)[0].to(q_BHSD.dtype)
+        blocks = [sum(seq_sizes[j * U : (j + 1) * U]) for j in range(R)]
         return ring_attention(q_BHSD, k_BHSD, v_BHSD, group=self.mesh.group("ring"), block_sizes=blocks, kernel=kernel,
                               scale=scale, block_attend=block)
 

@@ -20,7 +20,8 @@ skipped (lse -inf).
 Prefix caching: the prefix's activations do not depend on the step (Qwen-Image 2.1's causal_condition),
 so its keys and values are computed once. Each rank keeps what it attends over (`PrefixKV`): after
 Ulysses' exchange, its K/V heads of its ring chunk of the prefix; cached steps attend the target's
-queries over [every ring chunk of the prefix, the target's keys], with no mask.
+queries over [every ring chunk of the prefix, the target's keys], with no mask. FLUX.2-klein-KV's
+reference tokens are kept the same way (`keep_rows`: they sit in runs, not as a prefix; parallel/references.py).
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ class PrefixKV:
         so the prefill's whole K/V is freed."""
         n = ring_sizes[ring_rank]
         self.k_BHSD, self.v_BHSD = k_BHSD[:, :, :n].clone(), v_BHSD[:, :, :n].clone()
+        self.ring_sizes = list(ring_sizes)
+
+    def keep_rows(self, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, rows: torch.Tensor, ring_sizes: list[int]) -> None:
+        """Keep the keys at `rows` of this rank's block (a copy), ring_sizes[j] of them on ring rank j: reference
+        tokens, wherever they sit (parallel/references.py)."""
+        self.k_BHSD, self.v_BHSD = k_BHSD.index_select(2, rows), v_BHSD.index_select(2, rows)
         self.ring_sizes = list(ring_sizes)
 
     def extend(self, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

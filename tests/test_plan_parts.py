@@ -1,7 +1,8 @@
 """The parts of a plan (parallel/plan/), each alone on a toy module; and parallel/ imports in no circle.
 
 The batch part and the cfg pairs on 2 gloo ranks against one process (whole branches per rank, 3 over
-2 included; dict, list and per-sample list inputs and outputs); the residual part's rule for residuals
+2 included; dict, list and per-sample list inputs and outputs; pairs whose outputs are longer than what is
+read); the counted part's split of a group from a forward argument; the residual part's rule for residuals
 whose token group is split only inside forward; the grid part's whole-row split, row argument and
 stand-in; the sequence part's input split (joint tensors, lengths that disagree). The parts that only
 run on a sequence split need no process group for that: a mesh whose sp coordinate is 1 of 2 does.
@@ -153,7 +154,22 @@ def _batch_and_pairs() -> dict:
     out["pairs"] = (torch.equal(first, x * 2 + 1), torch.equal(second, x * 2 - 1), pair.calls)
     applied.remove()
     out["pairs removed"] = torch.equal(pair(x, shift=3.0)[0], x * 2 + 3)
+
+    # A model returning more tokens than the pipeline reads (a prefix of its own length per call): the pair
+    # exchanges the last `tail` tokens, and the placeholder's last ones hold the other rank's.
+    long = _LongPair()
+    applied = apply_plan(long, ModelPlan(cfg_pairs=CfgPairs(tail=lambda a: a["hidden_states"].shape[1])), mesh, None)
+    first = long(x, prefix=4, shift=1.0)[0]
+    second = long(x, prefix=2, shift=-1.0)[0]
+    out["tail"] = (torch.equal(first[:, -3:], x * 2 + 1), torch.equal(second[:, -3:], x * 2 - 1), long.calls)
+    applied.remove()
     return out
+
+
+class _LongPair(_Pair):
+    def forward(self, hidden_states, prefix=0, shift=0.0, return_dict=False):
+        self.calls += 1
+        return (torch.cat([torch.full((1, prefix, 2), 7.0), hidden_states * 2 + shift], 1),)
 
 
 def test_batch_and_pairs_split_whole_branches_over_cfg():
@@ -170,6 +186,7 @@ def test_batch_and_pairs_split_whole_branches_over_cfg():
         # Each rank ran the model on its own call only.
         assert out["pairs"] == (True, True, 1), (rank, out["pairs"])
         assert out["pairs removed"]
+        assert out["tail"] == (True, True, 1), (rank, out["tail"])
 
 
 # ------------------------------------------------------------------ residuals, grids, sequence: in process
@@ -215,6 +232,35 @@ def test_residuals_wait_for_their_group_and_are_cut_or_kept():
     state.before({})
     ctx.set_sizes("image", [5, 4])
     assert stale["samples"][0] is whole and not state.waiting
+
+
+def test_counted_part_splits_its_group_from_an_argument():
+    """A group counted by a forward argument gets its split before the sequence part splits the tensors that
+    hold it beside another group; the argument becomes this rank's share; calls that carry none get none."""
+    from shardiff_parallel.plan import CountedTokens, JointSeqDim, SeqContext, SeqDim, SequenceSplit
+
+    ctx = SeqContext(_fake_mesh(ring=2))  # this rank: piece 1 of 2
+    counted = CountedTokens(tokens="reference", count="n_refs", when={"mode": "extract"}, each_rank=True)
+    state = counted.install(torch.nn.Identity(), ctx, None, {})
+    split = SequenceSplit(inputs={"stream": JointSeqDim(("reference", "image"), 1)}, output=SeqDim("image", 1))
+    seq = split.install(torch.nn.Identity(), ctx, None, {})
+    stream = torch.arange(12.0).reshape(1, 12, 1)  # 5 references, then 7 image tokens
+    ctx.begin()
+    args = {"stream": stream, "n_refs": 5, "mode": "extract"}
+    state.before(args)
+    seq.before(args)
+    assert ctx.sizes == {"reference": [3, 2], "image": [4, 3]} and args["n_refs"] == 2
+    assert args["stream"].flatten().tolist() == [3.0, 4.0, 9.0, 10.0, 11.0]  # its references, then its image
+    # A call whose count is not read (another mode): no reference tokens, the argument left alone.
+    ctx.begin()
+    args = {"stream": stream[:, 5:], "n_refs": 5, "mode": "cached"}
+    state.before(args)
+    seq.before(args)
+    assert ctx.sizes == {"reference": [0, 0], "image": [4, 3]} and args["n_refs"] == 5
+    ctx.begin()
+    with pytest.raises(ValueError, match="1 reference tokens cannot give each of the 2 sequence-parallel ranks one"):
+        state.before({"n_refs": 1, "mode": "extract"})
+    assert counted.install(torch.nn.Identity(), SeqContext(_fake_mesh(tp=2)), None, {}) is None  # no sp: nothing
 
 
 class _Block(torch.nn.Module):

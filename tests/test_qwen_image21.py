@@ -130,3 +130,112 @@ def test_layouts_equal_diffusers(world):
         for layout, errs in res.items():
             for i, err in enumerate(errs):
                 assert err <= 1e-5, f"rank {rank} {layout} call {i} (extract, cached, uncached): rel L2 {err:.2e}"
+
+
+# ------------------------------------------------------------------ QwenImage21Pipeline end to end
+
+PIPELINE_LAYOUTS = [dict(ulysses=2), dict(ring=2), dict(tp=2), dict(cfg=2)]
+
+
+def _requests() -> list:
+    """Text to image, and a condition image (encoded at ~1024² pixels: 41×25 tokens beside the 4×6 target), both
+    under true CFG: two transformer calls per step, each with its own prefix cache, of different lengths."""
+    import numpy as np
+    from PIL import Image
+
+    from engine import GenerateRequest
+
+    condition = Image.fromarray(np.random.default_rng(7).integers(0, 256, (48, 80, 3), dtype=np.uint8))
+    common = dict(prompt="a small red circle", negative_prompt="blue", true_cfg_scale=4.0, height=64, width=96,
+                  steps=2, seed=5)
+    return [GenerateRequest(**common), GenerateRequest(image=condition, **{**common, "prompt": "make it red"})]
+
+
+def _kept(engine) -> int:
+    processors = (getattr(m, "processor", None) for m in engine.denoiser.modules())
+    return sum(len(p.kept) for p in processors if hasattr(p, "kept"))
+
+
+def _pipeline_runs(world: int, directory: str) -> dict:
+    from engine import Engine, EngineConfig
+
+    out = {}
+    for degrees in [{}] if world == 1 else PIPELINE_LAYOUTS:
+        engine = Engine(EngineConfig(model=directory, **degrees))
+        for i, req in enumerate(_requests()):
+            result = engine.generate(req, output_type="latent")
+            assert result.params["pipeline"] == "QwenImage21Pipeline"
+            assert _kept(engine) == 0, "a request's prefix K/V outlived it"
+            out[(str(degrees), i)] = result.latents.clone()
+        engine.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def directory(tmp_path_factory):
+    from engine.models import get_preset
+
+    return str(get_preset("qwen-image-2.1-tiny").save(tmp_path_factory.mktemp("qwen-image-2.1") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def single(directory):
+    return _pipeline_runs(1, directory)
+
+
+def test_pipeline_single_process_equals_diffusers(directory, single):
+    import diffusers
+
+    from engine.loading import processors
+
+    extra = {}
+    if processors.needs_stand_in("Qwen3VLProcessor"):
+        extra["processor"] = processors.load("Qwen3VLProcessor", f"{directory}/processor")
+    pipe = diffusers.QwenImage21Pipeline.from_pretrained(directory, dtype=torch.float32, local_files_only=True, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    for i, req in enumerate(_requests()):
+        kw = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, true_cfg_scale=req.true_cfg_scale,
+                  height=req.height, width=req.width, num_inference_steps=req.steps, output_type="latent",
+                  generator=torch.Generator("cpu").manual_seed(req.seed))
+        if req.image is not None:
+            kw["image"] = req.image
+        ref, got = pipe(**kw).images, single[("{}", i)]
+        assert torch.isfinite(ref).all() and got.shape == ref.shape == (1, 4 * 6, 8)
+        assert rel_l2(got, ref) <= 1e-5, f"request {i}: differs from diffusers by {rel_l2(got, ref):.2e}"
+
+
+def test_pipeline_layouts_equal_single_process(directory, single):
+    for rank, res in enumerate(run_distributed(_pipeline_runs, 2, 2, directory, timeout=600)):
+        assert {k[1] for k in res} == {0, 1} and len(res) == 2 * len(PIPELINE_LAYOUTS)
+        for (layout, i), lat in res.items():
+            err = rel_l2(lat, single[("{}", i)])
+            assert err <= 1e-5, f"rank {rank} {layout} request {i}: latents rel L2 {err:.2e}"
+
+
+def test_pipeline_requests_and_family():
+    from PIL import Image
+    from shardiff_parallel.config import ParallelConfig
+
+    from engine import GenerateRequest
+    from engine.loading import inspect_model
+    from engine.models import family
+    from engine.request_check import check_request
+
+    fam, info = family("qwen-image-2.1"), inspect_model("qwen-image-2.1")
+    assert (info.num_heads, info.joint_attention_dim, info.spatial_multiple, info.mlp_width) == (32, 4096, 32, 12288)
+    tiny = inspect_model("qwen-image-2.1-tiny")
+    wide = Image.new("RGB", (160, 96))
+    # Without a size: ~1024² pixels at the last condition image's aspect.
+    checked = check_request(GenerateRequest(prompt="a", image=[Image.new("RGB", (64, 64)), wide]), tiny, fam,
+                            ParallelConfig())
+    assert (checked.width, checked.height) == (1312, 800)
+    for kw, layout, msg in [
+        (dict(image=[wide] * 11), {}, "QwenImage21Pipeline takes at most 10 input images, got 11"),
+        (dict(max_sequence_length=64), {}, "--max-sequence-length: QwenImage21Pipeline takes none"),
+        (dict(height=80), {}, "--height 80 is not a multiple of 32"),
+        ({}, dict(cfg=2), r"guidance off \(needs true CFG"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            check_request(GenerateRequest(prompt="a", **kw), tiny, fam, ParallelConfig(**layout))
+    with pytest.raises(ValueError, match="--tp 5 does not divide the model's 32 attention heads"):
+        fam.check_tp(info, 5)

@@ -22,6 +22,19 @@ branches, two transformer calls per step):
   ~1024² pixels: 4096 reference tokens beside the output's 4096 at 1024²);
 - `edit-inpaint`: QwenImageEditInpaintPipeline (it draws at its reference's ~1024² whatever `--size`);
 - `edit-plus`: QwenImageEditPlusPipeline with `--references` random reference images (each ~1024²).
+FLUX.2's cases (`flux2-dev`, `flux2-klein-4b` / `-9b`, `flux2-klein-9b-kv`; one transformer call per step — the
+released klein models are step-distilled, so guidance 1):
+- `edit`: the preset's own pipeline with `--references` random reference images of the output size (at 1024²:
+  4096 tokens each beside the output's 4096);
+- `inpaint` (klein): Flux2KleinInpaintPipeline, a random image and mask of the size;
+- `edit` on klein-KV: Flux2KleinKVPipeline, whose steps after the first attend the references' cached K/V
+  (every timed interval is such a cached step), against `edit-uncached`: Flux2KleinPipeline on the same
+  transformer, which recomputes the references at every step.
+Qwen-Image 2.1's cases (`qwen-image-2.1`; no guidance, as the model is meant to run): `t2i` with the prompt's
+K/V cached after the first step (the pipeline's default) against `t2i-uncached` (`use_kv_cache=False`), and
+`edit` / `edit-uncached` with `--references` random condition images (each ~1024², its tokens part of the cached
+prefix). The condition images are read by the text encoder too, so these two cases build the preset's random
+Qwen3-VL and give a prompt instead of embeddings (text encoding stays out of the per-step figure).
 Systems: `diffusers` (the pipeline as is, its default attention) and our layouts (engine.bench names:
 `1`, `u2`, `u4:compile`, …; a layout of n ranks uses ranks 0..n-1).
 
@@ -34,6 +47,8 @@ Relative L2 of the latents is against the case's first system.
         --systems diffusers,1,1:compile --json pipelines.json
     python -m engine.bench.pipelines --model qwen-image-edit-plus --size 1024 --steps 8 --cases edit-plus \\
         --systems diffusers,1 --json qwen-edit-plus.json
+    python -m engine.bench.pipelines --model flux2-klein-9b-kv --size 1024 --steps 8 --references 2 \\
+        --cases t2i,edit,edit-uncached --systems diffusers,1 --json klein-kv.json
 """
 
 from __future__ import annotations
@@ -65,15 +80,32 @@ PIPELINE_OF_CASE = {
     "qwen-image": {"t2i": "QwenImagePipeline", "img2img": "QwenImageImg2ImgPipeline", "inpaint": "QwenImageInpaintPipeline",
                    "edit": "QwenImageEditPipeline", "edit-inpaint": "QwenImageEditInpaintPipeline",
                    "edit-plus": "QwenImageEditPlusPipeline"},
+    "flux2": {"t2i": None, "edit": None},
+    "flux2-klein": {"t2i": None, "edit": None, "inpaint": "Flux2KleinInpaintPipeline"},
+    "flux2-klein-kv": {"t2i": None, "edit": None, "edit-uncached": "Flux2KleinPipeline"},
+    "qwen-image-2.1": {"t2i": None, "t2i-uncached": None, "edit": None, "edit-uncached": None},
 }
 """Family → case → the pipeline class it runs (None: the preset's own), made from the preset's with from_pipe."""
+CASE_EXTRA = {
+    # One transformer call per step, as klein-KV's own pipeline (a step-distilled model).
+    ("flux2-klein-kv", "edit-uncached"): dict(guidance_scale=1.0),
+    ("qwen-image-2.1", "t2i-uncached"): dict(use_kv_cache=False),
+    ("qwen-image-2.1", "edit-uncached"): dict(use_kv_cache=False),
+}
+"""(family, case) → further call arguments."""
+TEXT_CASES = {("qwen-image-2.1", "edit"), ("qwen-image-2.1", "edit-uncached")}
+"""Cases whose text encoder reads the input images: run from a prompt, with the preset's (random) text encoder."""
+SEVERAL_REFERENCES = ("flux2", "flux2-klein", "flux2-klein-kv", "qwen-image-2.1")
+"""Families whose `edit` cases take `--references` images."""
+BENCH_PROMPT = "a photograph of the first picture in the style of the second, bright evening light"
 CASES = tuple(dict.fromkeys(c for cases in PIPELINE_OF_CASE.values() for c in cases))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="engine.bench.pipelines", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="flux-dev", help="a Flux or Qwen-Image preset (random weights, real config)")
+    p.add_argument("--model", default="flux-dev",
+                   help="a Flux, FLUX.2, Qwen-Image or Qwen-Image 2.1 preset (random weights, real config)")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
@@ -83,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=1.0,
                    help="img2img strength (1.0: every step runs, so the per-step figure is comparable)")
     p.add_argument("--lora-rank", type=int, default=64)
-    p.add_argument("--references", type=int, default=2, help="edit-plus: reference images")
+    p.add_argument("--references", type=int, default=2,
+                   help="edit-plus, and FLUX.2's and Qwen-Image 2.1's edit cases: reference images")
     p.add_argument("--keep-image-size", action="store_true",
                    help="kontext: keep the input image's size (default: diffusers' resize to a trained resolution)")
     p.add_argument("--repeats", type=int, default=2)
@@ -114,9 +147,11 @@ def _image(size: int, seed: int = 0, mode: str = "RGB"):
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
-def case_kwargs(case: str, args) -> dict:
+def case_kwargs(case: str, args, family: str = "flux") -> dict:
     """The inputs a case adds to the prompt embeddings and the size."""
     size = args.size
+    if case == "edit-plus" or case in ("edit", "edit-uncached") and family in SEVERAL_REFERENCES:
+        return dict(image=[_image(size, i) for i in range(args.references)])
     if case == "img2img":
         return dict(image=_image(size), strength=args.strength)
     if case == "kontext":
@@ -127,8 +162,6 @@ def case_kwargs(case: str, args) -> dict:
         return dict(image=_image(size), mask_image=_image(size, 1, "L"), strength=args.strength)
     if case == "edit":
         return dict(image=_image(size))
-    if case == "edit-plus":
-        return dict(image=[_image(size, i) for i in range(args.references)])
     return {}
 
 
@@ -175,7 +208,8 @@ def main(argv=None) -> None:
         spec = get_preset(args.model)
         fam = family(spec.family)
         if fam.name not in PIPELINE_OF_CASE:
-            raise ValueError(f"--model {args.model}: this benchmark runs the Flux and Qwen-Image pipelines")
+            raise ValueError(f"--model {args.model}: this benchmark runs the Flux, FLUX.2, Qwen-Image and Qwen-Image "
+                             f"2.1 pipelines")
         cases, known = args.cases.split(","), PIPELINE_OF_CASE[fam.name]
         bad = [c for c in cases if c not in known]
         if bad:
@@ -192,7 +226,8 @@ def main(argv=None) -> None:
     except ValueError as e:
         raise UserError(str(e)) from None
     dtype = EngineConfig(dtype=args.dtype).torch_dtype(device, fam.gpu_dtype)
-    base = spec.build_pipeline(dtype=dtype, device=device, with_text_encoders=False)
+    with_text = any((fam.name, c) in TEXT_CASES for c in cases)
+    base = spec.build_pipeline(dtype=dtype, device=device, with_text_encoders=with_text)
     base.set_progress_bar_config(disable=True)
     embeds = fam.bench_kwargs(spec_info(args.model), text_tokens=args.text_tokens, device=device, dtype=dtype)
     meshes = {n: Mesh.build(l.config, device, ranks=list(range(l.config.world_size))) for n, l in layouts.items()}
@@ -217,7 +252,9 @@ def main(argv=None) -> None:
             extra = {"controlnet": controlnet} if controlnet is not None else {}
             pipe = from_pipe(PIPELINE_OF_CASE[fam.name][case], base, dtype, **extra)
             pipe.set_progress_bar_config(disable=True)
-        kwargs = dict(embeds, height=args.size, width=args.size, **case_kwargs(case, args))
+        prompt = dict(prompt=BENCH_PROMPT) if (fam.name, case) in TEXT_CASES else embeds
+        kwargs = dict(prompt, height=args.size, width=args.size, **case_kwargs(case, args, fam.name),
+                      **CASE_EXTRA.get((fam.name, case), {}))
         for system in systems:
             lay = layouts.get(system)
             member = lay is None and env.rank == 0 or lay is not None and env.rank < lay.config.world_size

@@ -85,7 +85,7 @@ def read_model_index(path: Path) -> dict[str, Any]:
     for name, entry in index.items():
         if name.startswith("_"):
             continue
-        if isinstance(entry, (bool, int, float)):  # a pipeline setting (requires_safety_checker, ...)
+        if _is_setting(entry):  # a pipeline setting (requires_safety_checker, ...)
             continue
         if not (isinstance(entry, list) and len(entry) == 2):
             raise ValueError(f"{path}/model_index.json: component {name!r} must be [library, class], got {entry!r}")
@@ -102,6 +102,14 @@ def read_model_index(path: Path) -> dict[str, Any]:
         if not isinstance(component_cls, str) or not isinstance(_class_in(library, component_cls), type):
             raise ValueError(f"{path}/model_index.json: component {name!r}: {component_cls!r} is not a {library} class")
     return index
+
+
+def _is_setting(entry) -> bool:
+    """A pipeline's own setting in model_index.json, not a component: a number or flag (requires_safety_checker,
+    is_distilled), unset (null), or a list of numbers (Qwen-Image 2.1's sample_sigmas)."""
+    if entry is None or isinstance(entry, (bool, int, float)):
+        return True
+    return isinstance(entry, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry)
 
 
 def check_weight_files(path: Path, index: dict) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from engine.presets.spec import PresetSpec
 
-from . import chroma, flux, flux2, hunyuan_image, lumina2, pixart, qwen_image, sana, sd3, unet, zimage
+from . import chroma, flux, flux2, hunyuan_image, lumina2, pixart, qwen_image, qwen_image21, sana, sd3, unet, zimage
 from .family import Family, ModelInfo, PipelineSpec
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -19,6 +19,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     chroma.FAMILY,
     *flux2.FAMILIES,
     qwen_image.FAMILY,
+    qwen_image21.FAMILY,
     hunyuan_image.FAMILY,
     sd3.FAMILY,
     pixart.FAMILY,

@@ -100,6 +100,10 @@ class PipelineSpec:
     arg_names: Mapping[str, str] = field(default_factory=dict)
     """Input field → this class's call argument, where they differ (SD / SDXL ControlNet pipelines take
     the control image as `image`)."""
+    references_arg: str | None = None
+    """The call argument that takes the input images after the first, where the class's `image` takes the
+    first alone (Flux2KleinInpaintPipeline: the image it repaints, then `image_reference`, the references the
+    repainted region follows); None: `image` takes them all."""
 
     def arg(self, name: str) -> str:
         return self.arg_names.get(name, name)
@@ -109,6 +113,8 @@ def pipeline_specs(*specs: PipelineSpec) -> tuple[PipelineSpec, ...]:
     """A family's pipelines, checked: every variant link names one of them."""
     names = {s.cls for s in specs}
     for s in specs:
+        assert s.references_arg is None or (s.max_images > 1 and "image" in s.inputs), (
+            f"{s.cls}: references_arg without several input images")
         for what, target in s.variants.items():
             assert what in ("controlnet", "image", "mask_image", "pag") and target in names, (
                 f"{s.cls}: bad variant {what} → {target}")
@@ -191,7 +197,8 @@ class Family:
     off; a PAG pipeline adds its perturbed branch, engine/pipelines.py counts them)."""
     cfg_pairs: bool = False
     """The pipeline runs the guidance branches as two sequential denoiser calls (Flux true CFG), not as
-    one batch: the engine applies the plan with a `CfgPairs` part (see parallel/plan/cfg_pairs.py)."""
+    one batch: the engine applies the plan with a `CfgPairs` part (see parallel/plan/cfg_pairs.py) — the
+    plan's own where it sets one (its `tail`), else a plain one."""
     cfg_hint: str = ""
     """What turns guidance on, for the message refusing --cfg 2 without it; empty: "--guidance > 1"
     (or Flux's true CFG with `cfg_pairs`)."""
@@ -255,7 +262,9 @@ class Family:
     def pipeline_plan(self) -> ModelPlan:
         """The plan as the engine applies it under this family's pipeline: with `cfg_pairs`, the cfg
         axis splits the pipeline's pairs of calls, not a batch."""
-        return replace(self.plan, batch=None, cfg_pairs=CfgPairs()) if self.cfg_pairs else self.plan
+        if not self.cfg_pairs:
+            return self.plan
+        return replace(self.plan, batch=None, cfg_pairs=self.plan.cfg_pairs or CfgPairs())
 
     def check_cfg(self, degrees: dict[str, int], kwargs: dict, info: ModelInfo | None = None,
                   branches: int | None = None) -> None:

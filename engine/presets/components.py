@@ -90,6 +90,25 @@ QWEN3_4B = dict(
 )
 QWEN3_8B = {**QWEN3_4B, "hidden_size": 4096, "intermediate_size": 12288, "tie_word_embeddings": False}
 
+# Qwen/Qwen3-VL-8B-Instruct (Qwen-Image 2.1's text encoder, Qwen3VLForConditionalGeneration: 36 layers × 4096,
+# GQA 32/8 heads of 128, interleaved M-RoPE sections 24/20/20; its 27-block 1152-wide vision tower of 16-pixel
+# patches, DeepStack features from blocks 8, 16, 24), with our tokenizer's vision token ids (Qwen2.5-VL's markers).
+QWEN3_VL_8B = dict(
+    text_config=dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, hidden_act="silu", max_position_embeddings=262144, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                         "mrope_interleaved": True},
+        attention_bias=False,
+    ),
+    vision_config=dict(
+        depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, in_channels=3, patch_size=16,
+        spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096, num_position_embeddings=2304,
+        deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh",
+    ),
+    tie_word_embeddings=False, **QWEN25_VL_VISION_IDS,
+)
+
 TINY_CLIP_L = {**CLIP_L, "vocab_size": TINY_VOCAB, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32,
                "num_hidden_layers": 2, "num_attention_heads": 2}
 TINY_CLIP_G = {**CLIP_G, "vocab_size": TINY_VOCAB, "hidden_size": 48, "intermediate_size": 96, "projection_dim": 48,
@@ -115,6 +134,13 @@ TINY_QWEN25_VL = dict(
                  "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
     vision_config={**QWEN25_VL_7B["vision_config"], "depth": 1, "hidden_size": 16, "intermediate_size": 32,
                    "num_heads": 2, "out_hidden_size": 32, "fullatt_block_indexes": [0]},
+    tie_word_embeddings=False, **QWEN25_VL_VISION_IDS,
+)
+TINY_QWEN3_VL = dict(
+    text_config={**QWEN3_VL_8B["text_config"], **_TINY_LM, "num_hidden_layers": 2,
+                 "rope_parameters": {**QWEN3_VL_8B["text_config"]["rope_parameters"], "mrope_section": [2, 3, 3]}},
+    vision_config={**QWEN3_VL_8B["vision_config"], "depth": 1, "hidden_size": 16, "intermediate_size": 32,
+                   "num_heads": 2, "out_hidden_size": 32, "deepstack_visual_indexes": [0]},
     tie_word_embeddings=False, **QWEN25_VL_VISION_IDS,
 )
 TINY_MISTRAL3 = {
@@ -178,6 +204,15 @@ QWEN_IMAGE_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_bloc
 TINY_QWEN_IMAGE_VAE = {**QWEN_IMAGE_VAE, "base_dim": 8, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1,
                        "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075],
                        "latents_std": [2.8184, 1.4541, 2.3275, 2.6558]}
+# Qwen/Qwen-Image-2.1 vae (AutoencoderKLQwenImage21, the class defaults: 16× spatial over five levels, 64 latent
+# channels, RGBA in and out, a wider decoder).
+QWEN_IMAGE21_VAE = dict(base_dim=96, decoder_base_dim=144, z_dim=64, dim_mult=[1, 2, 4, 8, 8], num_res_blocks=2,
+                        attn_scales=[], temperal_downsample=[False, True, True, True], dropout=0.0)
+# Same levels (16×), narrow, 8 latent channels (the statistics of the first eight).
+TINY_QWEN_IMAGE21_VAE = {**QWEN_IMAGE21_VAE, "base_dim": 4, "decoder_base_dim": 4, "z_dim": 8,
+                         "dim_mult": [1, 1, 1, 1, 1], "num_res_blocks": 1,
+                         "latents_mean": [0.5126, 0.7721, -0.0631, 1.3506, -0.7855, -2.1025, -0.3458, 1.3722],
+                         "latents_std": [3.2001, 3.2936, 3.4321, 3.0091, 3.1061, 4.0379, 4.0705, 3.7910]}
 # black-forest-labs/FLUX.2-dev vae: AutoencoderKLFlux2 as diffusers' scripts/convert_flux2_to_diffusers.py
 # builds it (the class defaults): 32 latent channels, 2×2-patchified and batch-normalised (128 per token).
 FLUX2_VAE = dict(
@@ -218,6 +253,14 @@ def dc_ae(config: dict) -> Component:
 
 def qwen25_vl(config: dict) -> Component:
     return Component("transformers", "Qwen2_5_VLForConditionalGeneration", config, "Qwen2_5_VLConfig")
+
+
+def qwen3_vl(config: dict) -> Component:
+    return Component("transformers", "Qwen3VLForConditionalGeneration", config, "Qwen3VLConfig")
+
+
+def qwen_image21_vae(config: dict) -> Component:
+    return Component("diffusers", "AutoencoderKLQwenImage21", config)
 
 
 def mistral3(config: dict) -> Component:

@@ -43,12 +43,15 @@ class Processor:
     """Its tokenizer's kind (engine.presets.tokenizer)."""
     image_processor: dict[str, Any] = field(default_factory=dict)
     """Its image processor's settings (the model's preprocessor_config.json)."""
+    chat_template: bool = False
+    """The processor carries its tokenizer's chat template (QwenImage21Pipeline applies the processor's)."""
 
     def build(self):
         from engine.loading import processors
 
-        return processors.build(self.cls, processors.image_processor(self.cls, **self.image_processor),
-                                tok.make_tokenizer(self.tokenizer))
+        tokenizer = tok.make_tokenizer(self.tokenizer)
+        return processors.build(self.cls, processors.image_processor(self.cls, **self.image_processor), tokenizer,
+                                chat_template=tokenizer.chat_template if self.chat_template else None)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -108,7 +111,9 @@ class PresetSpec:
         return materialize_(self.empty_model(name), prefix=name, seed=seed, device=device, dtype=dtype)
 
     def other_components(self, *, with_text_encoders: bool) -> dict[str, Any]:
-        """The scheduler, the guiders, and the tokenizers and processors (None without text encoders)."""
+        """The scheduler, the guiders, the processors, and the tokenizers (None without text encoders). A
+        vision-language processor costs nothing and some pipelines need one to be built (QwenImage21Pipeline
+        counts its template's tokens with it), so it is there either way."""
         import diffusers
 
         cls_name, config = self.scheduler
@@ -117,7 +122,7 @@ class PresetSpec:
         for name, kind in self.tokenizers.items():
             parts[name] = tok.make_tokenizer(kind) if with_text_encoders else None
         for name, processor in self.processors.items():
-            parts[name] = processor.build() if with_text_encoders else None
+            parts[name] = processor.build()
         return parts
 
     def build_pipeline(self, *, dtype: torch.dtype, device, seed: int = 0, with_text_encoders: bool = True,

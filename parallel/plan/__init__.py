@@ -13,6 +13,7 @@ model is writing its plan.
         tensor=TensorPlan(styles, sequence),  # tensor.py:     TP shards, and TP's sequence forms
         runs=(LayerRun(...), ...),            # runs.py:       stacks of blocks split where they start
         grids=RowGrids(...),                  # grids.py:      token groups split in whole rows of a grid
+        counted=CountedTokens(...),           # counted.py:    a token group counted by a forward argument
         residuals=Residuals(...),             # residuals.py:  inputs another model of the mesh left split
         perturbed=PerturbedPlan(...),         # perturbed.py:  the PAG layers' perturbed branch
         quantize=Quantize(rule),              # quantize.py:   linears in FP8 (the engine's --quantize)
@@ -45,6 +46,7 @@ from .batch import BatchSplit, BatchState
 from .cache import AppliedCache, CacheConfig, CacheLog, StepCache, parse_cache
 from .cfg_pairs import CfgPairs
 from .context import Installed, JointSeqDim, SeqContext, SeqDim
+from .counted import CountedTokens
 from .grids import GridState, RowGrids, RowsArg, grid_conv
 from .perturbed import PerturbedPlan
 from .processors import Processors
@@ -56,7 +58,7 @@ from .tensor import TensorPlan
 
 __all__ = [
     "INSTALL", "STEPS", "AppliedCache", "AppliedPlan", "BatchSplit", "BatchState", "CacheConfig", "CacheLog",
-    "CfgPairs", "Quantize", "Quantized", "StepCache", "parse_cache", "GridState", "Installed",
+    "CfgPairs", "CountedTokens", "Quantize", "Quantized", "StepCache", "parse_cache", "GridState", "Installed",
     "JointSeqDim", "LayerRun", "ModelPlan", "PerturbedPlan", "Processors", "Residuals", "RowGrids", "RowsArg",
     "RunState", "SeqContext", "SeqDim", "SequenceSplit", "TensorPlan", "apply_plan", "grid_conv", "prefix_lengths",
 ]

@@ -5,7 +5,8 @@ Two orders matter, and they are written down here and nowhere else:
 - INSTALL: what each part does to the model when the plan is applied. The batch part first (the
   perturbed pair and the residuals read its branches); attention processors before the perturbed
   pair (whose normal rows may run them); TP shards before the sequence form's module hooks
-  (inside the TP part) and before any stand-in (which wraps a shard); module splits after the runs';
+  (inside the TP part) and before any stand-in (which wraps a shard); a counted group's split before the
+  sequence split that reads it; module splits after the runs';
   FP8 right after the TP shards (a row-split layer must be a RowParallelLinear by then, and the
   sequence form's stand-ins keep their products in bf16); the step cache last (its hooks wrap the
   blocks as every other part left them). `remove()` undoes the parts in the reverse order (stand-ins
@@ -13,9 +14,10 @@ Two orders matter, and they are written down here and nowhere else:
 - STEPS: the work of the parts that act around each forward call of the whole model, from one
   pre-hook (each part's `before`, in this order) and one hook (each part's `after`, in the reverse
   order). The cfg pair decides first whether this rank computes the call at all; the batch split
-  comes before the sequence split (grids first: they fix their groups' lengths by whole rows); the
-  residuals need both; the TP split refines this rank's sp piece, so on the way out the TP gather
-  runs before the sp gather, which runs before the cfg gather, which runs before the pair exchange.
+  comes before the sequence split (grids and counted groups first: they fix their groups' lengths, by
+  whole rows or from a forward argument); the residuals need both; the TP split refines this rank's sp
+  piece, so on the way out the TP gather runs before the sp gather, which runs before the cfg gather,
+  which runs before the pair exchange.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .batch import BatchSplit
 from .cache import StepCache
 from .cfg_pairs import CfgPairs
 from .context import Installed, SeqContext
+from .counted import CountedTokens
 from .grids import RowGrids
 from .perturbed import PerturbedPlan
 from .processors import Processors
@@ -40,9 +43,9 @@ from .runs import LayerRun
 from .sequence import SequenceSplit
 from .tensor import TensorPlan, sequence_refusal
 
-INSTALL = ("batch", "attention", "perturbed", "tensor", "quantize", "cfg_pairs", "runs", "sequence", "grids",
-           "residuals", "cache")
-STEPS = ("cfg_pairs", "batch", "grids", "sequence", "residuals", "tensor")
+INSTALL = ("batch", "attention", "perturbed", "tensor", "quantize", "cfg_pairs", "runs", "counted", "sequence",
+           "grids", "residuals", "cache")
+STEPS = ("cfg_pairs", "batch", "grids", "counted", "sequence", "residuals", "tensor")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -64,6 +67,8 @@ class ModelPlan:
     """Stacks of blocks split where they start and gathered where they end (parallel/plan/runs.py)."""
     grids: RowGrids | None = None
     """Token groups split in whole rows of their 2-D grid (parallel/plan/grids.py)."""
+    counted: CountedTokens | None = None
+    """A token group whose length is a forward argument (parallel/plan/counted.py)."""
     residuals: Residuals | None = None
     """Inputs computed split by another model of the mesh (parallel/plan/residuals.py)."""
     perturbed: PerturbedPlan | None = None

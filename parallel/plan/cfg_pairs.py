@@ -19,10 +19,17 @@ part splits or gathers anything.
 
 These pipelines batch no branches, so a plan with a `BatchSplit` takes this part in its place under such
 a pipeline (`Family.pipeline_plan`).
+
+A model that returns more tokens than its pipeline reads (Qwen-Image 2.1 returns its whole joint sequence —
+the prompt, the condition images, the target — of a length that differs between the prompt's call and the
+negative prompt's; the pipeline keeps the target, its last tokens) exchanges only what is read: `tail`
+gives, from the call's arguments, how many of the output's last tokens (dim 1) that is. The placeholder
+then has the latent input's shape, and only its last `tail` tokens are filled.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +44,16 @@ _HOOK_NAME = "shardiff_cfg_pairs"
 
 @dataclass(frozen=True)
 class CfgPairs:
-    """The cfg axis splits pairs of sequential calls (see the module doc); no settings."""
+    """The cfg axis splits pairs of sequential calls (see the module doc)."""
+
+    tail: Callable[[dict], int] | None = None
+    """The call's bound arguments → how many of the output's last tokens the pipeline reads, where it reads
+    fewer than the model returns; None: the whole output."""
 
     def install(self, model: torch.nn.Module, ctx: SeqContext, attention, parts) -> "PairState | None":
         if ctx.mesh.size("cfg") == 1:
             return None
-        return PairState(model, ctx)
+        return PairState(model, ctx, self.tail)
 
 
 class _SkipHook(ModelHook):
@@ -64,10 +75,13 @@ class PairState(Installed):
 
     calls = True
 
-    def __init__(self, model: torch.nn.Module, ctx: SeqContext):
+    def __init__(self, model: torch.nn.Module, ctx: SeqContext, tail: Callable[[dict], int] | None = None):
         super().__init__()
         self.model = model
         self.mesh = ctx.mesh
+        self.tail = tail
+        self.read: int | None = None
+        """Tokens of this call's output that the pipeline reads (its last ones); None: all."""
         self.call = 0  # index of the next call within its pair
         self.skip = False
         """The call in progress is computed by the other cfg rank: nothing is split or gathered."""
@@ -83,6 +97,7 @@ class PairState(Installed):
 
     def before(self, arguments: dict) -> bool:
         self.skip = self.call != self.mesh.coord("cfg")
+        self.read = None if self.tail is None else self.tail(arguments)
         if self.skip:
             # The output of these models has the shape of their latent input.
             self.like = arguments["hidden_states"]
@@ -97,10 +112,14 @@ class PairState(Installed):
             self.first = x
             return output
         mine = self.first if self.mesh.coord("cfg") == 0 else x
-        assert self.first is not None and mine.shape == x.shape, "cfg pair calls of different shapes"
+        assert self.first is not None, "the second call of a cfg pair without its first"
+        if self.read is not None:
+            mine, x = (t[:, t.shape[1] - self.read :] for t in (mine, x))
+        assert mine.shape == x.shape, "cfg pair calls of different shapes"
         both = gather_pieces(mine.unsqueeze(0).contiguous(), 0, [1, 1], self.mesh.group("cfg"))
         if self.mesh.coord("cfg") == 1:
-            self.first.copy_(both[0])  # the pipeline holds this tensor as call 1's result
+            # The pipeline holds this tensor as call 1's result (the tokens it reads of it).
+            self.first[:, self.first.shape[1] - both.shape[2] :].copy_(both[0])
         self.first = None
         result = both[1]
         if isinstance(output, tuple):

@@ -25,6 +25,12 @@ class FluxParallelAttnProcessor:
         self.attention = attention
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        q_BSHD, k_BSHD, v_BSHD = self.project(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        out_BSHD = self.attend(q_BSHD, k_BSHD, v_BSHD, attention_mask)
+        return self.output(attn, out_BSHD.to(q_BSHD.dtype), hidden_states, encoder_hidden_states)
+
+    def project(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+        """Q, K, V of this rank's joint [text, image] piece, normed and rotated."""
         q_BSHD, k_BSHD, v_BSHD, eq_BSHD, ek_BSHD, ev_BSHD = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         # A fixed head_dim with -1 for heads keeps this independent of how many heads a rank holds.
         q_BSHD = attn.norm_q(q_BSHD.unflatten(-1, (-1, attn.head_dim)))
@@ -41,9 +47,11 @@ class FluxParallelAttnProcessor:
         if image_rotary_emb is not None:
             q_BSHD = apply_rotary_emb(q_BSHD, image_rotary_emb, sequence_dim=1)
             k_BSHD = apply_rotary_emb(k_BSHD, image_rotary_emb, sequence_dim=1)
+        return q_BSHD, k_BSHD, v_BSHD
 
-        out = self.attend(q_BSHD, k_BSHD, v_BSHD, attention_mask).flatten(2, 3).to(q_BSHD.dtype)
-
+    def output(self, attn, out_BSHD, hidden_states, encoder_hidden_states):
+        """The attention's output projections: image and text apart in a double-stream block."""
+        out = out_BSHD.flatten(2, 3)
         if encoder_hidden_states is None:
             return out
         txt, img = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)

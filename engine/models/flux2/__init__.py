@@ -1,6 +1,8 @@
-"""FLUX.2 (Flux2Pipeline for FLUX.2-dev, Flux2KleinPipeline for FLUX.2-klein; Flux2Transformer2DModel):
-plans, calls, config reader, presets. Two families of one transformer: the pipelines take different
-arguments (dev: embedded guidance; klein: CFG with the empty prompt as its negative).
+"""FLUX.2 (Flux2Pipeline for FLUX.2-dev, Flux2KleinPipeline and Flux2KleinInpaintPipeline for FLUX.2-klein,
+Flux2KleinKVPipeline for FLUX.2-klein-KV; Flux2Transformer2DModel): plans, calls, config reader, presets. Three
+families of one transformer: the pipelines take different arguments (dev: embedded guidance; klein: CFG with
+the empty prompt as its negative; klein-KV: neither) and klein-KV's plan keeps its references' K/V
+(engine/models/flux2/kv.py). Reference images, inpainting and their size rules: engine/models/flux2/edit.py.
 
 Sequence split: as FLUX.1, the joint [text, image] stream with both groups split on their own and
 position ids split with their tokens (the model computes the rotary tables from `img_ids` /
@@ -38,11 +40,13 @@ from shardiff_parallel.fp8 import Fp8Rule
 from shardiff_parallel.plan import ModelPlan, Processors, SequenceSplit, TensorPlan
 from shardiff_parallel.tensor import PACKED, Colwise, Rowwise
 
-from ..family import Family, PipelineSpec, ModelInfo, vae_scale
+from ..family import Family, ModelInfo, vae_scale
 from ..flux import FLUX_DEV_SCHEDULER, FLUX_PLAN
 from ..flux.attention import FluxParallelAttnProcessor
 from ..mmdit import COL, GATHER, ROW, check_tp_widths
 from .attention import Flux2SingleStreamParallelAttnProcessor
+from .edit import DEV_PIPELINES, KLEIN_PIPELINES, KV_PIPELINES
+from .kv import kv_plan
 
 FLUX2_TP_PLAN = {
     "time_guidance_embed.*.linear_1": COL,
@@ -103,6 +107,16 @@ def klein_call_kwargs(request) -> dict:
     return _prompt(request)
 
 
+def kv_call_kwargs(request) -> dict:
+    """Flux2KleinKVPipeline: the prompt alone (its step-distilled model takes no guidance scale)."""
+    if request.negative_prompt is not None or request.true_cfg_scale > 1:
+        raise ValueError("Flux2KleinKVPipeline has no negative branch (a step-distilled model); drop "
+                         "--negative-prompt / --true-cfg-scale")
+    kwargs = _prompt(request)
+    del kwargs["guidance_scale"]
+    return kwargs
+
+
 def klein_uses_cfg(kwargs: dict) -> bool:
     # Flux2KleinPipeline.do_classifier_free_guidance (less `is_distilled`, which ModelInfo carries).
     return kwargs.get("guidance_scale", 4.0) > 1
@@ -126,6 +140,12 @@ def klein_bench_kwargs(info, *, text_tokens: int, device, dtype) -> dict:
     if not info.guidance_distilled:
         kwargs.update(negative_prompt_embeds=_embeds(info, text_tokens, device, dtype, gen), guidance_scale=4.0)
     return kwargs
+
+
+def kv_bench_kwargs(info, *, text_tokens: int, device, dtype) -> dict:
+    """Random prompt embeddings of the real shape; one call per step."""
+    gen = torch.Generator("cpu").manual_seed(1234)
+    return dict(prompt_embeds=_embeds(info, text_tokens, device, dtype, gen))
 
 
 def read_flux2_info(configs, *, family: str, source: str, pipeline_class: str, default_size: int | None) -> ModelInfo:
@@ -166,10 +186,13 @@ FLUX2_TINY_TRANSFORMER = {**FLUX2_DEV_TRANSFORMER, "in_channels": 16, "num_layer
 
 
 def flux2_preset(name: str, description: str, default_size: int, transformer: dict, vae: dict,
-                 text_encoder: Component, *, klein: bool = False, distilled: bool = False) -> PresetSpec:
+                 text_encoder: Component, *, klein: bool = False, distilled: bool = False,
+                 kv: bool = False) -> PresetSpec:
+    klein = klein or kv
     return PresetSpec(
-        name=name, family="flux2-klein" if klein else "flux2",
-        pipeline_class="Flux2KleinPipeline" if klein else "Flux2Pipeline", description=description,
+        name=name, family="flux2-klein-kv" if kv else "flux2-klein" if klein else "flux2",
+        pipeline_class="Flux2KleinKVPipeline" if kv else "Flux2KleinPipeline" if klein else "Flux2Pipeline",
+        description=description,
         default_size=default_size,
         components={
             "transformer": Component("diffusers", "Flux2Transformer2DModel", transformer),
@@ -180,7 +203,8 @@ def flux2_preset(name: str, description: str, default_size: int, transformer: di
         # FLUX.1-dev's scheduler config, which the conversion script gives FLUX.2 (dynamic shifting: the
         # pipelines pass their own empirical mu).
         scheduler=("FlowMatchEulerDiscreteScheduler", dict(FLUX_DEV_SCHEDULER)),
-        extra=dict(is_distilled=distilled) if klein else {},
+        # klein-KV's pipeline is for its step-distilled model alone (no guidance argument, nothing to record).
+        extra=dict(is_distilled=distilled) if klein and not kv else {},
     )
 
 
@@ -200,6 +224,13 @@ KLEIN_PRESETS = (
                  "tiny Qwen3", 128, {**FLUX2_TINY_TRANSFORMER, "guidance_embeds": False}, TINY_FLUX2_VAE,
                  qwen3_lm(TINY_QWEN3), klein=True),
 )
+# black-forest-labs/FLUX.2-klein-9b-kv: klein-9B's transformer (its KV path is diffusers' code, not weights).
+KV_PRESETS = (
+    flux2_preset("flux2-klein-9b-kv", "FLUX.2-klein-9B-KV shapes (step-distilled, reference K/V cached; Qwen3-8B), "
+                 "random weights", 1024, FLUX2_KLEIN_9B_TRANSFORMER, FLUX2_VAE, qwen3_lm(QWEN3_8B), kv=True),
+    flux2_preset("flux2-klein-kv-tiny", "tiny FLUX.2-klein-KV for CPU tests: flux2-klein-tiny's parts", 128,
+                 {**FLUX2_TINY_TRANSFORMER, "guidance_embeds": False}, TINY_FLUX2_VAE, qwen3_lm(TINY_QWEN3), kv=True),
+)
 
 # --quantize fp8: the blocks' token-wise linears (FLUX.2 modulates from shared linears outside the blocks,
 # which stay in the model's dtype with the embedders and the final layer). --cache: over the single-stream
@@ -209,7 +240,7 @@ _COMMON = dict(plan=FLUX2_PLAN, check_tp=check_tp_widths,
                fp8=Fp8Rule(include=("transformer_blocks.*", "single_transformer_blocks.*")),
                cache_stacks=("single_transformer_blocks",))
 FAMILY = Family(
-    name="flux2", pipelines=(PipelineSpec(cls="Flux2Pipeline"),), read_info=functools.partial(read_flux2_info, family="flux2"),
+    name="flux2", pipelines=DEV_PIPELINES, read_info=functools.partial(read_flux2_info, family="flux2"),
     call_kwargs=flux2_call_kwargs, bench_kwargs=flux2_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "tp"}),
     refusals={"cfg": "Flux2Pipeline runs one transformer call per step (FLUX.2-dev's guidance is an input of the "
@@ -217,10 +248,20 @@ FAMILY = Family(
     **_COMMON,
 )
 KLEIN = Family(
-    name="flux2-klein", pipelines=(PipelineSpec(cls="Flux2KleinPipeline"),),
+    name="flux2-klein", pipelines=KLEIN_PIPELINES,
     read_info=functools.partial(read_flux2_info, family="flux2-klein"), call_kwargs=klein_call_kwargs,
     bench_kwargs=klein_bench_kwargs, presets=KLEIN_PRESETS, axes=frozenset({"ulysses", "ring", "tp", "cfg"}),
     uses_cfg=klein_uses_cfg, cfg_pairs=True, cfg_hint="--guidance > 1 (its negative branch is the empty prompt)",
     **_COMMON,
 )
-FAMILIES = (FAMILY, KLEIN)
+KV = Family(
+    name="flux2-klein-kv", pipelines=KV_PIPELINES,
+    read_info=functools.partial(read_flux2_info, family="flux2-klein-kv"), call_kwargs=kv_call_kwargs,
+    bench_kwargs=kv_bench_kwargs, presets=KV_PRESETS, axes=frozenset({"ulysses", "ring", "tp"}),
+    refusals={"cfg": "Flux2KleinKVPipeline runs one transformer call per step (a step-distilled model: no guidance "
+                     "branches); give those ranks to --ulysses/--ring",
+              "cache": "Flux2KleinKVPipeline already reuses work across steps (its references' K/V), and its first "
+                       "step returns that cache beside its output"},
+    **{**_COMMON, "plan": kv_plan(FLUX2_PLAN.tensor), "cache_stacks": ()},
+)
+FAMILIES = (FAMILY, KLEIN, KV)

@@ -29,6 +29,12 @@ class Flux2SingleStreamParallelAttnProcessor:
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None:
             raise ValueError("shardiff's FLUX.2 attention does not take an attention mask")
+        q_BSHD, k_BSHD, v_BSHD, mlp = self.project(attn, hidden_states, image_rotary_emb)
+        out_BSHD = self.attention(q_BSHD, k_BSHD, v_BSHD, self.ctx.joint_sizes("text", "image"))
+        return self.output(attn, out_BSHD.to(q_BSHD.dtype), mlp)
+
+    def project(self, attn, hidden_states, image_rotary_emb):
+        """Q, K, V of this rank's joint piece (normed, rotated) and the MLP's input half."""
         proj = attn.to_qkv_mlp_proj(hidden_states)
         qkv_dim = 3 * attn.inner_dim
         mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
@@ -39,6 +45,9 @@ class Flux2SingleStreamParallelAttnProcessor:
         if image_rotary_emb is not None:
             q_BSHD = apply_rotary_emb(q_BSHD, image_rotary_emb, sequence_dim=1)
             k_BSHD = apply_rotary_emb(k_BSHD, image_rotary_emb, sequence_dim=1)
-        out_BSHD = self.attention(q_BSHD, k_BSHD, v_BSHD, self.ctx.joint_sizes("text", "image"))
-        out = out_BSHD.flatten(2, 3).to(q_BSHD.dtype)
-        return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
+        return q_BSHD, k_BSHD, v_BSHD, mlp
+
+    @staticmethod
+    def output(attn, out_BSHD, mlp):
+        """The fused output projection of [attention, MLP]."""
+        return attn.to_out(torch.cat([out_BSHD.flatten(2, 3), attn.mlp_act_fn(mlp)], dim=-1))
