@@ -158,3 +158,18 @@ def test_fp8_weights_count_one_byte_in_the_layout_rules():
     # Flux.1-dev's 11.9 B transformer: ~22.2 GiB in bf16; its blocks' linears (~11.2 B) at 1 byte.
     assert 0.45 < fp8 / bf16 < 0.6, (bf16 / 2**30, fp8 / 2**30)
     assert model.weight_bytes(2, torch.bfloat16, text_bytes=0, quantize="fp8") < fp8
+
+
+def test_the_server_answer_names_the_fast_path():
+    from engine.serve.admission import JobResult
+    from engine.serve.api import encode_response
+    from engine.serve.protocol import Encoded
+
+    params = dict(prompt="p", seed=3, width=64, height=64, quantize="fp8 (emulated)",
+                  cache={"method": "first-block:0.08", "image": {"computed": [0, 2], "reused": [1]}})
+    answer = encode_response(JobResult("img-1", [Encoded("AAAA", params, 0.1)], 0.0, 0.1, 0.1))
+    assert answer["parameters"]["quantize"] == "fp8 (emulated)"
+    assert answer["data"][0]["cache"]["image"]["reused"] == [1]
+    exact = encode_response(JobResult("img-2", [Encoded("AAAA", {**params, "quantize": "off", "cache": None}, 0.1)],
+                                      0.0, 0.1, 0.1))
+    assert "cache" not in exact["data"][0] and exact["parameters"]["quantize"] == "off"

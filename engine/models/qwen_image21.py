@@ -52,6 +52,7 @@ from engine.presets.components import (
 from engine.presets.spec import Component, PresetSpec, Processor
 from shardiff_parallel.attention import ParallelAttention
 from shardiff_parallel.block_causal import BlockCausal, PrefixKV
+from shardiff_parallel.fp8 import Fp8Rule
 from shardiff_parallel.plan import CfgPairs, ModelPlan, Processors, SeqContext, SeqDim, SequenceSplit, TensorPlan
 from shardiff_parallel.sharding import take_piece
 
@@ -250,4 +251,7 @@ FAMILY = Family(
     cfg_pairs=True, cfg_hint="true CFG: --negative-prompt and --true-cfg-scale > 1",
     refusals={"cache": "QwenImage21Pipeline already caches the prompt's and condition images' K/V across steps "
                        "(its prefix), and its cached steps run a shorter sequence than its first"},
+    # --quantize fp8: every linear of the blocks; the shared modulation, the embedders and the final layer,
+    # outside the blocks, stay in the model's dtype (as for Flux, engine/models/flux).
+    fp8=Fp8Rule(include=("transformer_blocks.*",)),
 )

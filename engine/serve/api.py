@@ -267,7 +267,7 @@ def check_lora(value, adapters: dict) -> dict:
 
 
 PARAMETERS = ("prompt", "negative_prompt", "steps", "guidance", "true_cfg_scale", "max_sequence_length", "model",
-              "layout", "parallel", "dtype", "attention_backend")
+              "layout", "parallel", "dtype", "attention_backend", "quantize")
 
 
 def usage(results: list, requests: list, spatial_multiple: int) -> dict:
@@ -292,7 +292,9 @@ def encode_response(result, output: Output = Output(), usage_: dict | None = Non
     answer = {
         "id": result.id,
         "created": int(time.time()),
-        "data": [{"b64_json": r.b64, "seed": r.params["seed"]} for r in result.results],
+        # With --cache, which steps each image computed and which it reused (docs/FAST_PATH.md).
+        "data": [{"b64_json": r.b64, "seed": r.params["seed"],
+                  **({"cache": r.params["cache"]} if r.params.get("cache") else {})} for r in result.results],
         "background": "opaque",
         "output_format": output.encoding.format,
         **({"quality": output.quality} if output.quality else {}),
