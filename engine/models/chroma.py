@@ -30,12 +30,11 @@ from engine.presets.components import FLUX_VAE, T5_XXL, kl_vae, t5_encoder
 from engine.presets.spec import Component, PresetSpec
 from shardiff_parallel.fp8 import Fp8Rule
 from shardiff_parallel.plan import JointSeqDim, ModelPlan, Processors, SeqDim, SequenceSplit, TensorPlan
-from shardiff_parallel.tensor import Rowwise
 
 from .family import Family, ModelInfo, PipelineSpec, pipeline_specs, prompt_kwargs, vae_scale
 from .flux import FLUX_DEV_SCHEDULER, FLUX_TINY_T5, FLUX_TINY_VAE
 from .flux.attention import FluxParallelAttnProcessor
-from .mmdit import COL, GATHER, MLP_RATIO, ROW, check_tp_widths
+from .mmdit import COL, GATHER, JOINT_BLOCK_TP_PLAN, ROW, SINGLE_BLOCK_TP_PLAN, check_tp_widths
 
 BIAS_FEATURES = 8
 """Features added per head for the score bias: one carries it, the rest pad the head dim to a multiple
@@ -75,19 +74,9 @@ CHROMA_TP_PLAN = {
     "distilled_guidance_layer.layers.*.linear_1": COL,
     "distilled_guidance_layer.layers.*.linear_2": ROW,
     "context_embedder": GATHER,
-    # Double-stream blocks (no AdaLN linears: their modulation is the approximator's).
-    "transformer_blocks.*.attn.to_[qkv]": COL,
-    "transformer_blocks.*.attn.add_[qkv]_proj": COL,
-    "transformer_blocks.*.attn.to_out.0": ROW,
-    "transformer_blocks.*.attn.to_add_out": ROW,
-    "transformer_blocks.*.ff.net.0.proj": COL,
-    "transformer_blocks.*.ff.net.2": ROW,
-    "transformer_blocks.*.ff_context.net.0.proj": COL,
-    "transformer_blocks.*.ff_context.net.2": ROW,
-    # Single-stream blocks: proj_out reads cat([attention out, MLP hidden]), both column-split.
-    "single_transformer_blocks.*.attn.to_[qkv]": COL,
-    "single_transformer_blocks.*.proj_mlp": COL,
-    "single_transformer_blocks.*.proj_out": Rowwise(blocks=(1, MLP_RATIO)),
+    # Double- and single-stream blocks (no AdaLN linears: their modulation is the approximator's).
+    **JOINT_BLOCK_TP_PLAN,
+    **SINGLE_BLOCK_TP_PLAN,
 }
 
 CHROMA_PLAN = ModelPlan(

@@ -44,11 +44,10 @@ from shardiff_parallel.attention import ParallelAttention
 from shardiff_parallel.fp8 import Fp8Rule
 from shardiff_parallel.plan import ModelPlan, Processors, SeqContext, SeqDim, SequenceSplit, TensorPlan
 from shardiff_parallel.sharding import take_piece
-from shardiff_parallel.tensor import Rowwise
 
 from .chroma import score_bias
 from .family import Family, ModelInfo, PipelineSpec
-from .mmdit import COL, GATHER, MLP_RATIO, ROW, check_tp_widths
+from .mmdit import COL, GATHER, JOINT_BLOCK_TP_PLAN, ROW, SINGLE_BLOCK_TP_PLAN, check_tp_widths
 
 MASKED = -1000.0
 """Score bias of a padded key: exp(-1000) is 0 in float32, whatever the other scores."""
@@ -120,19 +119,9 @@ HUNYUAN_IMAGE_TP_PLAN = {
     "time_guidance_embed.*.linear_2": ROW,
     "transformer_blocks.*.norm1.linear": GATHER,
     "transformer_blocks.*.norm1_context.linear": GATHER,
-    "transformer_blocks.*.attn.to_[qkv]": COL,
-    "transformer_blocks.*.attn.add_[qkv]_proj": COL,
-    "transformer_blocks.*.attn.to_out.0": ROW,
-    "transformer_blocks.*.attn.to_add_out": ROW,
-    "transformer_blocks.*.ff.net.0.proj": COL,
-    "transformer_blocks.*.ff.net.2": ROW,
-    "transformer_blocks.*.ff_context.net.0.proj": COL,
-    "transformer_blocks.*.ff_context.net.2": ROW,
+    **JOINT_BLOCK_TP_PLAN,
     "single_transformer_blocks.*.norm.linear": GATHER,
-    "single_transformer_blocks.*.attn.to_[qkv]": COL,
-    "single_transformer_blocks.*.proj_mlp": COL,
-    # proj_out reads cat([attention out, MLP hidden]), both column-split.
-    "single_transformer_blocks.*.proj_out": Rowwise(blocks=(1, MLP_RATIO)),
+    **SINGLE_BLOCK_TP_PLAN,
     "norm_out.linear": GATHER,
 }
 

@@ -18,15 +18,8 @@ MLP_RATIO = 4
 
 COL, GATHER, ROW = Colwise(), Colwise(gather=True), Rowwise()
 
-# Embedders and the double-stream (joint) blocks.
-MMDIT_TP_PLAN = {
-    # Embedders: timestep / guidance / pooled-text MLPs (col → row), T5 context projection (gathered).
-    "time_text_embed.*.linear_1": COL,
-    "time_text_embed.*.linear_2": ROW,
-    "context_embedder": GATHER,
-    # Double-stream blocks: AdaLN, image and text attention, image and text MLPs.
-    "transformer_blocks.*.norm1.linear": GATHER,
-    "transformer_blocks.*.norm1_context.linear": GATHER,
+# A double-stream (joint) block's image and text attention and MLPs (Flux, SD3, Chroma, HunyuanImage).
+JOINT_BLOCK_TP_PLAN = {
     "transformer_blocks.*.attn.to_[qkv]": COL,
     "transformer_blocks.*.attn.add_[qkv]_proj": COL,
     "transformer_blocks.*.attn.to_out.0": ROW,
@@ -35,6 +28,24 @@ MMDIT_TP_PLAN = {
     "transformer_blocks.*.ff.net.2": ROW,
     "transformer_blocks.*.ff_context.net.0.proj": COL,
     "transformer_blocks.*.ff_context.net.2": ROW,
+}
+# A single-stream block (Flux's form): proj_out reads cat([attention out, MLP hidden]), both column-split.
+SINGLE_BLOCK_TP_PLAN = {
+    "single_transformer_blocks.*.attn.to_[qkv]": COL,
+    "single_transformer_blocks.*.proj_mlp": COL,
+    "single_transformer_blocks.*.proj_out": Rowwise(blocks=(1, MLP_RATIO)),
+}
+
+# Embedders and the double-stream (joint) blocks.
+MMDIT_TP_PLAN = {
+    # Embedders: timestep / guidance / pooled-text MLPs (col → row), T5 context projection (gathered).
+    "time_text_embed.*.linear_1": COL,
+    "time_text_embed.*.linear_2": ROW,
+    "context_embedder": GATHER,
+    # Double-stream blocks: AdaLN, then image and text attention and MLPs.
+    "transformer_blocks.*.norm1.linear": GATHER,
+    "transformer_blocks.*.norm1_context.linear": GATHER,
+    **JOINT_BLOCK_TP_PLAN,
     # Output AdaLN (the final proj_out is replicated).
     "norm_out.linear": GATHER,
 }

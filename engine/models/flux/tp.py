@@ -9,18 +9,15 @@ shards and changes only where the tokens live between the TP regions: FLUX_TP_SE
 
 from __future__ import annotations
 
-from shardiff_parallel.tensor import Rowwise
 from shardiff_parallel.tensor_seq import Fused, SequenceTPPlan, SplitInput, Tokens
 
-from ..mmdit import COL, GATHER, MLP_RATIO, MMDIT_TP_PLAN
+from ..mmdit import GATHER, MMDIT_TP_PLAN, SINGLE_BLOCK_TP_PLAN
 
 FLUX_TP_PLAN = {
     **MMDIT_TP_PLAN,
-    # Single-stream blocks: proj_out reads cat([attention out, MLP hidden]), both column-split.
+    # Single-stream blocks: their AdaLN, then attention and MLP (engine/models/mmdit.py).
     "single_transformer_blocks.*.norm.linear": GATHER,
-    "single_transformer_blocks.*.attn.to_[qkv]": COL,
-    "single_transformer_blocks.*.proj_mlp": COL,
-    "single_transformer_blocks.*.proj_out": Rowwise(blocks=(1, MLP_RATIO)),
+    **SINGLE_BLOCK_TP_PLAN,
 }
 
 _IMAGE, _TEXT = Tokens(("image",)), Tokens(("text",))
