@@ -33,6 +33,8 @@ VAE_PARALLEL = ("auto", "on", "off")
 PARALLEL = ("auto", "cfg", "dp")
 # --quantize: the denoiser's linears in FP8 (docs/FAST_PATH.md), or not.
 QUANTIZE = ("off", "fp8")
+# --quantize-qkv: attention's Q, K and V rounded to FP8 (the Ulysses exchange then sends half the bytes), or not.
+QUANTIZE_QKV = ("off", "fp8")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 
@@ -92,6 +94,11 @@ class EngineConfig(Degrees):
     × per-channel scales; the family's rule keeps embedders, modulation and final layers in the model's
     dtype) on GPUs with FP8 (compute capability 8.9+); on the CPU an exact emulation. Not the exact image:
     its distance from it is measured in BENCHMARKS.md; the image on N ranks equals the FP8 image on one."""
+    quantize_qkv: str = "off"
+    """The fast path (docs/FAST_PATH.md): "fp8" rounds attention's Q, K and V to FP8 e4m3 (one scale per token
+    and head) on every layout, and Ulysses' all-to-all and Ring's K/V blocks carry them so: 0.52× the bytes
+    of bf16 for a head dim of 128. Any GPU or the CPU. Not the exact image; the image on N ranks equals the
+    one-rank image."""
     cache: str = "off"
     """The fast path's step cache (docs/FAST_PATH.md): "first-block[:THRESHOLD]" reuses the later blocks'
     residual while the first block's output changes less than THRESHOLD (relative L1; default 0.08);
@@ -118,6 +125,8 @@ class EngineConfig(Degrees):
             raise ValueError(f"timeout must be positive, got {self.timeout_s}")
         if self.quantize not in QUANTIZE:
             raise ValueError(f"--quantize must be {' or '.join(QUANTIZE)}, got {self.quantize!r}")
+        if self.quantize_qkv not in QUANTIZE_QKV:
+            raise ValueError(f"--quantize-qkv must be {' or '.join(QUANTIZE_QKV)}, got {self.quantize_qkv!r}")
         parse_cache(self.cache)  # a one-line ValueError for an unknown method or a parameter out of range
 
     @property
@@ -152,6 +161,7 @@ ENGINE_FLAGS = (
     Flag("cuda_graphs", RUNTIME, action="store_true"),
     Flag("timeout_s", RUNTIME, name="--timeout", type=float),
     Flag("quantize", RUNTIME, choices=QUANTIZE),
+    Flag("quantize_qkv", RUNTIME, choices=QUANTIZE_QKV),
     Flag("cache", RUNTIME, metavar="METHOD[:PARAM]"),
 )
 """EngineConfig's command-line flags (engine.generate and engine.serve): one line each."""

@@ -141,7 +141,8 @@ class Engine:
         """The denoiser and ControlNets split by their plans on `parallel`'s mesh."""
         return Placement.apply(parallel, self._mesh(parallel), family=self.family, denoiser=self.denoiser,
                                controlnet=self.controlnet, attention_backend=self.config.attention_backend,
-                               quantize=self.config.quantize, cache=self.config.cache_config)
+                               quantize=self.config.quantize, quantize_qkv=self.config.quantize_qkv,
+                               cache=self.config.cache_config)
 
     def _compile(self) -> None:
         if self.config.compile:
@@ -326,6 +327,7 @@ class Engine:
             "attention_backend": self.attention.kernel_for(self.device, self.dtype).name,
             "vae_parallel": self.config.vae_parallel,
             "quantize": self.describe_quantize(),
+            "quantize_qkv": self.config.quantize_qkv,
             "cache": None if cache is None else {"method": cache.config.describe(), **cache.log.summary()},
             "seconds": round(seconds, 3),
         }
@@ -344,6 +346,10 @@ class Engine:
             fp8 = self.placement.plan.parts["quantize"].done
             how = "the FP8 kernel" if self.describe_quantize() == "fp8" else "an exact CPU emulation of the FP8 kernel"
             parts.append(f"{fp8.describe()}, {how}")
+        if self.config.quantize_qkv == "fp8":
+            sent = " and ".join(a for a in ("Ulysses", "Ring") if getattr(self.parallel, a.lower()) > 1)
+            parts.append("attention's Q, K, V rounded to fp8 e4m3 per token and head" + (f" (sent so through {sent})"
+                                                                                           if sent else ""))
         if self.placement.cache is not None:
             parts.append(f"step cache {self.placement.cache.config.describe()}")
         return "; fast path (not the exact image): " + ", ".join(parts) if parts else ""

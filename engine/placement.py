@@ -34,11 +34,12 @@ class Placement:
 
     @classmethod
     def apply(cls, parallel: ParallelConfig, mesh: Mesh, *, family, denoiser, controlnet,
-              attention_backend: str, quantize: str = "off", cache=None) -> "Placement":
+              attention_backend: str, quantize: str = "off", quantize_qkv: str = "off",
+              cache=None) -> "Placement":
         """Split `denoiser` (and `controlnet`, if any) by `family`'s plans on `mesh`, with the fast path's
-        parts where asked (`quantize` "fp8": the family's FP8 rule; `cache`: a CacheConfig on the family's
-        block stacks); no collective."""
-        attention = ParallelAttention(mesh, attention_backend)
+        parts where asked (`quantize` "fp8": the family's FP8 rule; `quantize_qkv` "fp8": attention's inputs
+        rounded to FP8; `cache`: a CacheConfig on the family's block stacks); no collective."""
+        attention = ParallelAttention(mesh, attention_backend, qkv=quantize_qkv)
         plan = apply_plan(denoiser, fast_plan(family, quantize, cache), mesh, attention)
         controlnet_plans = ([] if controlnet is None or family.controlnet is None
                             else apply_controlnet_plans(controlnet, family, mesh, attention))

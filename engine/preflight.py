@@ -149,7 +149,8 @@ def check_kernel(p: Preflight) -> None:
 
 
 def check_fast_path(p: Preflight) -> None:
-    """--quantize fp8 needs the family's FP8 rule and a GPU with FP8 (the CPU emulates it); --cache needs the
+    """--quantize fp8 needs the family's FP8 rule and a GPU with FP8 (the CPU emulates it); --quantize-qkv fp8
+    needs a family whose attention goes through the mesh's (any device: it is a rounding); --cache needs the
     family's block stacks and no CUDA graphs (a graph replays one branch of the cache's decision)."""
     if p.config.quantize == "fp8":
         if p.family.fp8 is None:
@@ -164,6 +165,8 @@ def check_fast_path(p: Preflight) -> None:
         if p.config.tp_comm == "overlap" and (p.config.tp or 1) > 1:
             raise ValueError("--quantize fp8 with --tp-comm overlap: the fused matmul + reduce-scatter kernels multiply "
                              "in bf16; use --tp-comm allreduce or sequence")
+    if p.config.quantize_qkv == "fp8" and "quantize_qkv" in p.family.refusals:
+        raise ValueError(f"--quantize-qkv fp8: {p.family.refusals['quantize_qkv']}")
     cache = p.config.cache_config
     if cache is not None:
         if not p.family.cache_stacks:

@@ -20,6 +20,10 @@ Ulysses' exchange a rank's queries and keys are one contiguous range, and every 
 each block is attended by the rule (parallel/block_causal.py). The prefill can keep this rank's share of
 the prefix's K/V (`keep`), which later steps attend before their own keys (`prefix`).
 
+`qkv="fp8"` (the fast path's `--quantize-qkv fp8`): Q, K and V rounded to e4m3 per token and head before
+attention on every layout; the Ulysses exchange sends them so, packed with their scales, and so do Ring's
+K/V blocks (parallel/qkv_fp8.py); the output's exchange stays in the model's dtype.
+
 Reference tokens that attend each other only (FLUX.2-klein-KV, `references`: where each rank's piece holds
 them): after Ulysses' exchange they are a few runs of each block (parallel/references.py); `keep` keeps this
 rank's share of their K/V — its heads, of its ring rank's block — which later steps attend as a `prefix`.
@@ -35,6 +39,7 @@ from .block_causal import BlockCausal, PrefixKV, attend_block
 from .blocks import attend, valid_counts
 from .heads import head_split
 from .mesh import Mesh
+from .qkv_fp8 import pack, round_trip, unpack
 from .references import attend_references, reference_rows
 from .ring import ring_attention
 from .ulysses import (
@@ -44,15 +49,19 @@ from .ulysses import (
 
 
 class ParallelAttention:
-    def __init__(self, mesh: Mesh, kernel: str = "auto", *, head_chunks: int = 1):
+    def __init__(self, mesh: Mesh, kernel: str = "auto", *, head_chunks: int = 1, qkv: str = "off"):
         """`head_chunks` > 1 (Ulysses without Ring): the heads go through the all-to-alls and the
         kernel in that many chunks, so the exchange of one chunk overlaps the attention of another
-        (chunks that would not give every Ulysses rank whole heads fall back to one chunk)."""
+        (chunks that would not give every Ulysses rank whole heads fall back to one chunk).
+        `qkv`: "fp8" rounds Q, K and V to e4m3 (and sends them so through Ulysses and Ring), "off" leaves them."""
         if not isinstance(head_chunks, int) or head_chunks < 1:
             raise ValueError(f"head chunks must be a positive integer, got {head_chunks!r}")
+        if qkv not in ("off", "fp8"):
+            raise ValueError(f"--quantize-qkv must be off or fp8, got {qkv!r}")
         self.mesh = mesh
         self.kernel_name = kernel
         self.head_chunks = head_chunks
+        self.fp8 = qkv == "fp8"
         self._kernels: dict[tuple, object] = {}
 
     def kernel_for(self, device: torch.device, dtype: torch.dtype, need_lse: bool = False):
@@ -100,19 +109,25 @@ class ParallelAttention:
         assert not masked or (plain and key_lengths is None), "block-causal attention takes whole K/V heads, no padding"
         if U > 1 and R == 1 and C > 1 and plain and key_lengths is None and not masked and Hq % (C * U) == 0:
             return self._chunked_ulysses(q_BSHD, k_BSHD, v_BSHD, group_sizes, kernel, scale)
-        heads = None
+        heads, dtype = None, q_BSHD.dtype
+        # FP8: each exchange sends packed e4m3 rows, unpacked on arrival; without one, the same rounding.
+        send = pack if self.fp8 else (lambda t: t)
+        arrive = (lambda t: unpack(t, dtype)) if self.fp8 else (lambda t: t)
         if U > 1 and plain:
             # One exchange for Q, K and V together.
-            qkv = seq_to_head(torch.stack([q_BSHD, k_BSHD, v_BSHD]), mesh.group("ulysses"), group_sizes)
-            q_BSHD, k_BSHD, v_BSHD = qkv.unbind(0)
+            qkv = seq_to_head(send(torch.stack([q_BSHD, k_BSHD, v_BSHD])), mesh.group("ulysses"), group_sizes)
+            q_BSHD, k_BSHD, v_BSHD = arrive(qkv).unbind(0)
         elif U > 1:
             split = head_split(Hq, Hkv, U)
             if split.kv_repeat > 1:
                 k_BSHD, v_BSHD = (t.repeat_interleave(split.kv_repeat, dim=2) for t in (k_BSHD, v_BSHD))
-            q_BSHD, k_BSHD, v_BSHD = seq_to_heads(
-                [q_BSHD, k_BSHD, v_BSHD], [split.q, split.kv, split.kv], mesh.group("ulysses"), group_sizes
-            )
+            q_BSHD, k_BSHD, v_BSHD = (arrive(t) for t in seq_to_heads(
+                [send(q_BSHD), send(k_BSHD), send(v_BSHD)], [split.q, split.kv, split.kv], mesh.group("ulysses"),
+                group_sizes,
+            ))
             heads = split.q
+        elif self.fp8:
+            q_BSHD, k_BSHD, v_BSHD = (round_trip(t) for t in (q_BSHD, k_BSHD, v_BSHD))
         q_BHSD, k_BHSD, v_BHSD = (t.transpose(1, 2) for t in (q_BSHD, k_BSHD, v_BSHD))
         if references is not None:
             out_BHSD = self._references(q_BHSD, k_BHSD, v_BHSD, seq_sizes, kernel, scale, references, keep)
@@ -122,7 +137,7 @@ class ParallelAttention:
             blocks = [sum(seq_sizes[j * U : (j + 1) * U]) for j in range(R)]
             out_BHSD = ring_attention(
                 q_BHSD, k_BHSD, v_BHSD, group=mesh.group("ring"), block_sizes=blocks, kernel=kernel, scale=scale,
-                key_lengths=key_lengths,
+                key_lengths=key_lengths, fp8=self.fp8,
             )
         else:
             got = attend(kernel, q_BHSD, k_BHSD, v_BHSD, scale=scale,
@@ -148,7 +163,7 @@ class ParallelAttention:
                 return kernel(q_BHSD, k_BHSD, v_BHSD, scale=scale, return_lse=False)[0]
             blocks = [p + b for p, b in zip(prefix.ring_sizes, blocks)]
             return ring_attention(q_BHSD, k_BHSD, v_BHSD, group=self.mesh.group("ring"), block_sizes=blocks,
-                                  kernel=kernel, scale=scale)
+                                  kernel=kernel, scale=scale, fp8=self.fp8)
         length = sum(blocks)
         if keep is not None:
             keep.keep(k_BHSD, v_BHSD, [min(max(causal.prefix - s, 0), b) for s, b in zip(starts, blocks)], r)
@@ -162,7 +177,7 @@ class ParallelAttention:
             assert got is not None, "every query sees at least itself"
             return got[0].to(q_BHSD.dtype)
         return ring_attention(q_BHSD, k_BHSD, v_BHSD, group=self.mesh.group("ring"), block_sizes=blocks, kernel=kernel,
-                              scale=scale, block_attend=block)
+                              scale=scale, block_attend=block, fp8=self.fp8)
 
     def _references(self, q_BHSD, k_BHSD, v_BHSD, seq_sizes, kernel, scale, references, keep) -> torch.Tensor:
         """After Ulysses' exchange: this rank's heads of its ring rank's block; the reference queries see the
@@ -180,19 +195,22 @@ class ParallelAttention:
             return block(q_BHSD, k_BHSD, v_BHSD, 0)[0].to(q_BHSD.dtype)
         blocks = [sum(seq_sizes[j * U : (j + 1) * U]) for j in range(R)]
         return ring_attention(q_BHSD, k_BHSD, v_BHSD, group=self.mesh.group("ring"), block_sizes=blocks, kernel=kernel,
-                              scale=scale, block_attend=block)
+                              scale=scale, block_attend=block, fp8=self.fp8)
 
     def _chunked_ulysses(self, q_BSHD, k_BSHD, v_BSHD, group_sizes, kernel, scale) -> torch.Tensor:
         """Ulysses in C head chunks: all input exchanges are launched at once; chunk c's attention
         starts when its own exchange lands (the next ones still in flight), and its output exchange
         is launched before chunk c+1's attention. Each head's result is exactly the unchunked one."""
-        group, C = self.mesh.group("ulysses"), self.head_chunks
+        group, C, dtype = self.mesh.group("ulysses"), self.head_chunks, q_BSHD.dtype
         qkv_3BSHD = torch.stack([q_BSHD, k_BSHD, v_BSHD])
         Hc = qkv_3BSHD.shape[3] // C
+        if self.fp8:  # rows are per head, so packing before the head chunks packs each chunk's rows alike
+            qkv_3BSHD = pack(qkv_3BSHD)
         sent = [seq_to_head_start(qkv_3BSHD[:, :, :, c * Hc : (c + 1) * Hc], group, group_sizes) for c in range(C)]
         back = []
         for pending in sent:
-            q, k, v = (t.transpose(1, 2) for t in seq_to_head_finish(pending).unbind(0))
+            got = seq_to_head_finish(pending)
+            q, k, v = (t.transpose(1, 2) for t in (unpack(got, dtype) if self.fp8 else got).unbind(0))
             out_BHSD, _ = kernel(q, k, v, scale=scale, return_lse=False)
             back.append(head_to_seq_start(out_BHSD.transpose(1, 2), group, group_sizes))
         # Chunk c holds heads [c·Hc, (c+1)·Hc) in order, so concatenating restores the head order.

@@ -1,7 +1,7 @@
-"""The fast path (--quantize fp8, --cache): opt-in, refused with one line where it cannot run, and the
-split image is the one-process image made with the same options — every rank takes the same cache
-decisions, row-split FP8 layers quantize with whole-row scales — on CPU with gloo processes (the FP8
-product emulated exactly). The trained `shapes` model still draws what it is asked under each option at
+"""The fast path (--quantize fp8, --quantize-qkv fp8, --cache): opt-in, refused with one line where it cannot
+run, and the split image is the one-process image made with the same options — every rank takes the same
+cache decisions, row-split FP8 layers quantize with whole-row scales, Q/K/V rows are rounded where they are
+computed — on CPU with gloo processes (the FP8 product emulated exactly). The trained `shapes` model still draws what it is asked under each option at
 its default, and the cache reuses steps there.
 """
 
@@ -14,13 +14,16 @@ from tests.harness import rel_l2, run_distributed
 
 FAST = dict(quantize="fp8", cache="first-block:0.5")
 """FP8 and a first-block threshold that reuses steps even on random tiny weights."""
+EVERY = dict(FAST, quantize_qkv="fp8")
+"""…and attention's Q, K, V in FP8 (sent so through the Ulysses exchange)."""
 CASES = {
     # (model, options, degrees) per world size; the one-process reference runs each (model, options) once.
     # "flux-tiny-cfg": Flux with true CFG (two transformer calls per step, one per cfg rank).
     2: [("flux-tiny", FAST, dict(ulysses=2)), ("flux-tiny", FAST, dict(ring=2)), ("flux-tiny", FAST, dict(tp=2)),
         ("flux-tiny-cfg", FAST, dict(cfg=2)), ("flux-tiny-cfg", dict(cache="taylorseer"), dict(ulysses=2)),
-        ("pixart-tiny", FAST, dict(cfg=2))],
+        ("pixart-tiny", FAST, dict(cfg=2)), ("flux-tiny", EVERY, dict(ulysses=2))],
     4: [("flux-tiny", FAST, dict(tp=2, ulysses=2)), ("pixart-tiny", FAST, dict(cfg=2, ulysses=2)),
+        ("flux-tiny", EVERY, dict(ulysses=2, ring=2)), ("pixart-tiny", EVERY, dict(cfg=2, ulysses=2)),
         ("flux-tiny-cfg", dict(cache="taylorseer"), dict(cfg=2, ring=2))],
 }
 # Why TP runs Flux without true CFG here: an FP8 input is a step function of the layer before it, and TP
@@ -84,8 +87,9 @@ def test_fast_path_on_every_axis_equals_one_process(one_process, world):
 
 
 @pytest.mark.parametrize("options", [dict(quantize="fp8"), dict(cache="first-block"), dict(cache="taylorseer"),
-                                     dict(quantize="fp8", cache="first-block")],
-                         ids=["fp8", "first-block", "taylorseer", "fp8+first-block"])
+                                     dict(quantize="fp8", cache="first-block"),
+                                     dict(quantize="fp8", quantize_qkv="fp8", cache="first-block")],
+                         ids=["fp8", "first-block", "taylorseer", "fp8+first-block", "fp8+qkv+first-block"])
 def test_shapes_model_draws_the_prompt_on_the_fast_path(options):
     from engine import Engine, EngineConfig, GenerateRequest
     from engine.toy import data, train
@@ -103,6 +107,7 @@ def test_shapes_model_draws_the_prompt_on_the_fast_path(options):
             else:
                 assert cache is None
             assert result.params["quantize"] == ("fp8 (emulated)" if "quantize" in options else "off")
+            assert result.params["quantize_qkv"] == options.get("quantize_qkv", "off")
     finally:
         engine.close()
 

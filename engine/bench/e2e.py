@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     layout = parse_layout(args.layout)
     if layout.system != "shardiff":
         raise ValueError(f"--layout {args.layout!r}: end-to-end timing runs our layouts (':compile', ':graphs', ':fp8', "
-                         "':fb', ':ts' allowed)")
+                         "':qkv8', ':fb', ':ts' allowed)")
     if args.repeats < 1:
         raise ValueError("--repeats must be at least 1")
     from engine import Engine
@@ -71,7 +71,8 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     engine = Engine(EngineConfig(model=args.model, compile=layout.compile, cuda_graphs=layout.graphs,
                                  vae_parallel=args.vae_parallel, text_encoders=args.text_encoders,
-                                 quantize=layout.quantize, cache=layout.cache), parallel=layout.config)
+                                 quantize=layout.quantize, quantize_qkv=layout.quantize_qkv, cache=layout.cache),
+                    parallel=layout.config)
     build_s = time.perf_counter() - start
     request = GenerateRequest(prompt=args.prompt, height=args.size, width=args.size, steps=args.steps, seed=0)
     timer = PhaseTimer(engine.pipe, engine.device)
@@ -98,7 +99,8 @@ def main(argv=None) -> None:
         warm_phase_s={p: round(statistics.median(ph["seconds"][p] for ph in warm), 3) for p in PHASES},
         first_phase_s=phases[0]["seconds"], per_rank=per_rank,
         vae_parallel=args.vae_parallel, vae_split=results[-1].params.get("vae_split"),
-        quantize=results[-1].params["quantize"], cache=results[-1].params["cache"],
+        quantize=results[-1].params["quantize"], quantize_qkv=results[-1].params["quantize_qkv"],
+        cache=results[-1].params["cache"],
     )
     if engine.is_first:
         print(json.dumps(record), flush=True)

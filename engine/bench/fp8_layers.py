@@ -6,7 +6,9 @@ alone is put in FP8 (shardiff_parallel.fp8: e4m3, per-token × per-channel scale
 call on real inputs — the ones the pipeline makes at a middle denoising step (random prompt
 embeddings of the real shapes where the model has no text encoders: the family's bench inputs) —
 and its relative L2 against the call in the model's dtype is printed; then the family's rule and
-"every linear". On the CPU the FP8 product is the exact emulation, on a GPU with FP8 the kernel.
+"every linear". On the CPU the FP8 product is the exact emulation, on a GPU with FP8 the kernel. Last,
+attention's Q, K and V rounded to FP8 (`--quantize-qkv fp8`), against the same call with the family's
+plan applied on one rank without the rounding.
 
     python -m engine.bench.fp8_layers --model shapes                      # the trained toy model, CPU
     python -m engine.bench.fp8_layers --model flux-dev --size 1024 --device cuda
@@ -15,7 +17,6 @@ and its relative L2 against the call in the model's dtype is printed; then the f
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import re
 
@@ -64,6 +65,25 @@ def _swap_back(model: torch.nn.Module, swapped: dict) -> None:
 
     for name, weight in swapped.items():
         from_fp8(model.get_submodule(name), weight)
+
+
+def qkv_error(denoiser: torch.nn.Module, fam, device: torch.device, run) -> float:
+    """Relative L2 of one call with attention's Q, K, V rounded to FP8 against the same call without (the
+    family's plan on one rank, so that attention goes through the mesh's, as in the engine)."""
+    from shardiff_parallel.attention import ParallelAttention
+    from shardiff_parallel.config import ParallelConfig
+    from shardiff_parallel.mesh import Mesh
+    from shardiff_parallel.plan import apply_plan
+
+    mesh = Mesh.build(ParallelConfig(), device)
+    outs = []
+    for qkv in ("off", "fp8"):
+        applied = apply_plan(denoiser, fam.pipeline_plan, mesh, ParallelAttention(mesh, qkv=qkv))
+        try:
+            outs.append(run())
+        finally:
+            applied.remove()
+    return ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
 
 
 def captured_call(pipe, fam, info, args, device, dtype) -> dict:
@@ -138,6 +158,10 @@ def main(argv=None) -> None:
     if rule is not None:
         measure("the family's rule", [n for n in every if rule.selects(n)])
     measure("every linear", every)
+    if "quantize_qkv" not in fam.refusals:
+        err = qkv_error(denoiser, fam, device, run)
+        rows.append(dict(group="attention's Q, K, V (--quantize-qkv fp8)", linears=0, params=0, rel_l2=err))
+        print(f"{rows[-1]['group']:60s} {'':37s}rel L2 {err:.5f}", flush=True)
     print(f"# {args.model} ({fam.name}), {args.size or info.default_size}², {str(dtype).removeprefix('torch.')} on "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'} "
           f"({'FP8 kernel' if device.type == 'cuda' else 'exact FP8 emulation'}), call {args.steps // 2} of {args.steps}")

@@ -30,13 +30,15 @@ class Layout:
     quantize: str = "off"
     """`:fp8`: ours with `--quantize fp8`; plain diffusers with torchao's float8 (dynamic, row-wise) on the
     same linears — what a user of diffusers tries first."""
+    quantize_qkv: str = "off"
+    """`:qkv8`: ours with `--quantize-qkv fp8` (attention's inputs rounded to FP8, sent so through Ulysses)."""
     cache: str = "off"
     """`:fb[THRESHOLD]` / `:ts[INTERVAL]`: ours with `--cache first-block[:THRESHOLD]` / `taylorseer[:INTERVAL]`."""
 
     @property
     def approximate(self) -> bool:
         """Skips or approximates work: its fidelity is a trade, not a parity."""
-        return self.system in APPROXIMATE or self.quantize != "off" or self.cache != "off"
+        return self.system in APPROXIMATE or self.quantize != "off" or self.quantize_qkv != "off" or self.cache != "off"
 
 
 def _degrees(text: str, name: str) -> ParallelConfig:
@@ -50,21 +52,23 @@ def _degrees(text: str, name: str) -> ParallelConfig:
 
 
 def _modifiers(name: str, modifiers: list[str]) -> dict:
-    """`compile`, `graphs` (compile + CUDA graphs), `fp8`, `fb[THRESHOLD]`, `ts[INTERVAL]`, in any order."""
-    out = dict(compile=False, graphs=False, quantize="off", cache="off")
+    """`compile`, `graphs` (compile + CUDA graphs), `fp8`, `qkv8`, `fb[THRESHOLD]`, `ts[INTERVAL]`, in any order."""
+    out = dict(compile=False, graphs=False, quantize="off", quantize_qkv="off", cache="off")
     for m in modifiers:
         if m in ("compile", "graphs"):
             out["compile"] = True
             out["graphs"] = out["graphs"] or m == "graphs"
         elif m == "fp8":
             out["quantize"] = "fp8"
+        elif m == "qkv8":
+            out["quantize_qkv"] = "fp8"
         elif re.fullmatch(r"fb([0-9.]*)", m):
             out["cache"] = "first-block" + (f":{m[2:]}" if m[2:] else "")
         elif re.fullmatch(r"ts(\d*)", m):
             out["cache"] = "taylorseer" + (f":{m[2:]}" if m[2:] else "")
         else:
-            raise ValueError(f"layout {name!r}: modifiers are :compile, :graphs (compile + CUDA graphs), :fp8, "
-                             ":fb[THRESHOLD] (first-block cache), :ts[INTERVAL] (TaylorSeer)")
+            raise ValueError(f"layout {name!r}: modifiers are :compile, :graphs (compile + CUDA graphs), :fp8, :qkv8 "
+                             "(FP8 Q/K/V), :fb[THRESHOLD] (first-block cache), :ts[INTERVAL] (TaylorSeer)")
     return out
 
 
@@ -72,16 +76,16 @@ def parse_layout(name: str) -> Layout:
     base, *modifiers = name.split(":")
     mods = _modifiers(name, modifiers)
     if base == "diffusers":
-        if mods["cache"] != "off":
-            raise ValueError(f"layout {name!r}: the step caches are ours (cache-dit-db-… is cache-dit's)")
+        if mods["cache"] != "off" or mods["quantize_qkv"] != "off":
+            raise ValueError(f"layout {name!r}: the step caches and :qkv8 are ours (cache-dit-db-… is cache-dit's)")
         return Layout(name, "diffusers", ParallelConfig(), **mods)
     if base == "1":
         return Layout(name, "shardiff", ParallelConfig(), **mods)
     for system in BASELINES:
         if base.startswith(system + "-"):
-            if mods["graphs"] or mods["quantize"] != "off" or mods["cache"] != "off":
-                raise ValueError(f"layout {name!r}: ':graphs', ':fp8' and the caches are for our layouts and plain "
-                                 "diffusers")
+            if mods["graphs"] or mods["quantize"] != "off" or mods["quantize_qkv"] != "off" or mods["cache"] != "off":
+                raise ValueError(f"layout {name!r}: ':graphs', ':fp8', ':qkv8' and the caches are for our layouts and "
+                                 "plain diffusers")
             config = _degrees(base[len(system) + 1 :], name)
             if config.tp_comm != "allreduce":
                 raise ValueError(f"layout {name!r}: the sequence forms of TP (`s` / `o` after the tp degree) are ours only")

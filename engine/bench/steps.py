@@ -23,7 +23,8 @@ Layout names:
 - a `:compile` suffix compiles the repeated blocks (regional torch.compile) for that layout;
   `:graphs` also replays each denoiser call as one CUDA graph;
 - the fast path (docs/FAST_PATH.md), suffixes combinable with the others: `:fp8` (ours: `--quantize
-  fp8`; on `diffusers`: torchao's float8 dynamic row-wise quantization of the same linears), `:fb` /
+  fp8`; on `diffusers`: torchao's float8 dynamic row-wise quantization of the same linears), `:qkv8`
+  (ours: `--quantize-qkv fp8`, Q/K/V in FP8 through the Ulysses exchange), `:fb` /
   `:fb0.12` (`--cache first-block[:THRESHOLD]`), `:ts` / `:ts5` (`--cache taylorseer[:INTERVAL]`);
   their rows say how many steps they reused and are marked approximate (their rel L2 is the trade).
 """
@@ -256,7 +257,7 @@ class _Runner:
         return {
             "model": args.model, "height": height, "width": width, "layout": self.lay.name,
             "system": self.lay.system, "approximate": self.lay.approximate, "compile": self.lay.compile, "cuda_graphs": self.lay.graphs, "head_chunks": self.lay.head_chunks, "ranks": self.lay.config.world_size,
-            "quantize": self.lay.quantize, "cache": self.lay.cache,
+            "quantize": self.lay.quantize, "quantize_qkv": self.lay.quantize_qkv, "cache": self.lay.cache,
             "reused_steps": None if self.cache is None else self.cache.log.reused,
             "tp_comm": self.lay.config.tp_comm if self.lay.config.tp > 1 else None,
             "steps": args.steps, "per_step_ms": round(per_step * 1e3, 2),
@@ -317,7 +318,7 @@ def _prepare(lay: Layout, shared, make_pipe, mesh, fam, args, dtype, device) -> 
     denoiser = getattr(shared, fam.denoiser)
     kernel, group, cache = "diffusers-default", None, None
     if lay.system == "shardiff":
-        attention = ParallelAttention(mesh, args.attention_backend, head_chunks=lay.head_chunks)
+        attention = ParallelAttention(mesh, args.attention_backend, head_chunks=lay.head_chunks, qkv=lay.quantize_qkv)
         # The family's pipeline plan (Flux's true CFG as sequential pairs, parallel/plan/cfg_pairs.py), with the
         # fast path's parts asked for; the FP8 part keeps the bf16 weights so that the next layout gets them back.
         if lay.cache != "off" and fam.cache_setup is not None:

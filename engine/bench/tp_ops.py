@@ -16,7 +16,6 @@ Legend: M tokens over all TP ranks, K / N in / out features of this rank's matmu
 from __future__ import annotations
 
 import argparse
-import statistics
 from datetime import timedelta
 
 import torch
@@ -35,22 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _time(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    dist.barrier()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -66,6 +49,7 @@ def main(argv=None) -> None:
         worth_fusing,
     )
 
+    from engine.bench.timing import median_ms
     from engine.runtime.distributed import UserError, init_distributed, pick_device
 
     device = pick_device(None)
@@ -81,6 +65,10 @@ def main(argv=None) -> None:
         raise UserError("symmetric memory is not usable here (needs NCCL on CUDA)")
     M, bf16 = args.tokens, torch.bfloat16
     rows = []
+
+    def ms(fn) -> float:
+        return median_ms(fn, args.iters, device)
+
     for what, K, N in ROW_SHAPES:
         x_MK = torch.randn(M, K, device=device, dtype=bf16)
         w_NK = torch.randn(N, K, device=device, dtype=bf16) / K**0.5
@@ -88,9 +76,9 @@ def main(argv=None) -> None:
         plain = reduce_scatter_dim0(x_MK @ w_NK.t(), T, group)
         fused = matmul_reduce_scatter(x_MK, w_NK, T, group, fused=True)
         rows.append((f"{what} (row, reduce-scatter)",
-                     _time(lambda: x_MK @ w_NK.t(), args.iters), _time(lambda: reduce_scatter_dim0(y_MN, T, group), args.iters),
-                     _time(lambda: reduce_scatter_dim0(x_MK @ w_NK.t(), T, group), args.iters),
-                     _time(lambda: matmul_reduce_scatter(x_MK, w_NK, T, group, fused=True), args.iters), _rel(fused, plain)))
+                     ms(lambda: x_MK @ w_NK.t()), ms(lambda: reduce_scatter_dim0(y_MN, T, group)),
+                     ms(lambda: reduce_scatter_dim0(x_MK @ w_NK.t(), T, group)),
+                     ms(lambda: matmul_reduce_scatter(x_MK, w_NK, T, group, fused=True)), _rel(fused, plain)))
     for what, K, N in COL_SHAPES:
         x0_LK = torch.randn(M // T, K, device=device, dtype=bf16)
         w_NK = torch.randn(N, K, device=device, dtype=bf16) / K**0.5
@@ -98,9 +86,9 @@ def main(argv=None) -> None:
         plain = full_MK @ w_NK.t()
         _, fused = all_gather_matmul(x0_LK, w_NK, T, group, fused=True)
         rows.append((f"{what} (column, all-gather)",
-                     _time(lambda: full_MK @ w_NK.t(), args.iters), _time(lambda: gather_dim0(x0_LK, T, group), args.iters),
-                     _time(lambda: gather_dim0(x0_LK, T, group) @ w_NK.t(), args.iters),
-                     _time(lambda: all_gather_matmul(x0_LK, w_NK, T, group, fused=True), args.iters), _rel(fused, plain)))
+                     ms(lambda: full_MK @ w_NK.t()), ms(lambda: gather_dim0(x0_LK, T, group)),
+                     ms(lambda: gather_dim0(x0_LK, T, group) @ w_NK.t()),
+                     ms(lambda: all_gather_matmul(x0_LK, w_NK, T, group, fused=True)), _rel(fused, plain)))
     if dist.get_rank() == 0:
         print(f"{M} tokens over {T} ranks, {torch.cuda.get_device_name(device)}; ms (median of {args.iters})")
         print(f"{'op':>36} {'matmul':>8} {'collective':>10} {'plain':>8} {'overlap':>8} {'rel L2':>9}")

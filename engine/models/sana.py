@@ -318,6 +318,8 @@ FAMILY = Family(
     call_kwargs=pixart_call_kwargs, bench_kwargs=pixart_bench_kwargs, presets=PRESETS,
     axes=frozenset({"ulysses", "ring", "cfg", "tp"}), check_tp=check_sana_tp, heads_split=False,
     check_size=check_sana_size, controlnet=SANA_CONTROLNET,
+    refusals={"quantize_qkv": "Sana's self-attention is linear: its ranks all-reduce a key-value state and exchange "
+                              "no Q, K or V"},
     # --quantize fp8: the blocks' attention linears (the Mix-FFN is convolutions, left as they are); the
     # timestep and caption embedders and the final layer stay in the model's dtype.
     fp8=Fp8Rule(include=("transformer_blocks.*",)), cache_stacks=("transformer_blocks",),

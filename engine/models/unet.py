@@ -94,6 +94,8 @@ REFUSALS = {"ulysses": UNET_REFUSAL, "ring": UNET_REFUSAL, "tp": UNET_REFUSAL}
 FAST_PATH_REFUSALS = {
     "quantize": "the SD1.5 / SDXL UNets' time goes to convolutions, which FP8 linears do not speed up",
     "cache": "the SD1.5 / SDXL UNets have no stack of identical blocks for a first-block cache",
+    "quantize_qkv": "the SD1.5 / SDXL UNets' attention is not split (CFG split and data parallel exchange no Q, K "
+                    "or V)",
 }
 
 CLIP_TOKENS = 77  # SD/SDXL text length is fixed by CLIP's position embeddings

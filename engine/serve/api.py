@@ -267,7 +267,7 @@ def check_lora(value, adapters: dict) -> dict:
 
 
 PARAMETERS = ("prompt", "negative_prompt", "steps", "guidance", "true_cfg_scale", "max_sequence_length", "model",
-              "layout", "parallel", "dtype", "attention_backend", "quantize")
+              "layout", "parallel", "dtype", "attention_backend", "quantize", "quantize_qkv")
 
 
 def usage(results: list, requests: list, spatial_multiple: int) -> dict:
