@@ -40,6 +40,7 @@ from ..cache_config import TAYLORSEER_WARMUP, CacheConfig, parse_cache  # noqa: 
 from ..mesh import Mesh
 from .context import Installed, SeqContext
 
+
 @dataclass
 class CacheLog:
     """Per cache context ("cond", "uncond", or the engine's one), whether each call computed (True)
