@@ -21,7 +21,7 @@ ENGINE = {
     "--attention-backend", "--compile", "--cuda-graphs", "--vae-parallel", "--timeout", "--parallel", "--lora",
     "--controlnet",
     # The fast path (docs/FAST_PATH.md).
-    "--quantize", "--cache",
+    "--quantize", "--quantize-qkv", "--cache",
 }
 SERVE = {
     "--gpus", "--procs", "--host", "--port", "--max-queue", "--request-timeout", "--warmup-sizes", "--max-restarts",
