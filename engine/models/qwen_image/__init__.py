@@ -38,10 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.presets.components import (
-    QWEN25_VL_7B, QWEN_IMAGE_VAE, TINY_QWEN25_VL, TINY_QWEN_IMAGE_VAE, qwen25_vl, qwen_image_vae,
-)
-from engine.presets.spec import Component, PresetSpec
+from engine.presets.components import QWEN25_VL_7B, QWEN_IMAGE_VAE, TINY_QWEN25_VL, TINY_QWEN_IMAGE_VAE
 from shardiff_parallel.fp8 import Fp8Rule
 from shardiff_parallel.plan import ModelPlan, Processors, SeqDim, SequenceSplit, TensorPlan
 
@@ -49,7 +46,7 @@ from ..family import Family, ModelInfo
 from ..flux import flux_uses_cfg
 from ..mmdit import COL, GATHER, ROW, check_tp_widths
 from .attention import QwenImageParallelAttnProcessor
-from .edit import QWEN_IMAGE_PIPELINES, edit_presets
+from .edit import QWEN_IMAGE_PIPELINES, edit_presets, qwen_image_preset
 
 QWEN_IMAGE_TP_PLAN = {
     "time_text_embed.timestep_embedder.linear_1": COL,
@@ -148,26 +145,13 @@ QWEN_IMAGE_TINY_TRANSFORMER = {
 }
 
 
-def qwen_image_preset(name: str, description: str, default_size: int, transformer: dict, vae: dict,
-                      text_encoder: dict) -> PresetSpec:
-    return PresetSpec(
-        name=name, family="qwen-image", pipeline_class="QwenImagePipeline", description=description,
-        default_size=default_size,
-        components={
-            "transformer": Component("diffusers", "QwenImageTransformer2DModel", transformer),
-            "vae": qwen_image_vae(vae),
-            "text_encoder": qwen25_vl(text_encoder),
-        },
-        tokenizers={"tokenizer": "qwen2.5-vl"},
-        scheduler=("FlowMatchEulerDiscreteScheduler", dict(QWEN_IMAGE_SCHEDULER)),
-    )
-
-
 PRESETS = (
     qwen_image_preset("qwen-image", "Qwen-Image shapes (20.4B MMDiT, 24 heads; Qwen2.5-VL-7B, its 3D VAE), random "
-                      "weights", 1024, QWEN_IMAGE_TRANSFORMER, QWEN_IMAGE_VAE, QWEN25_VL_7B),
+                      "weights", "QwenImagePipeline", 1024, QWEN_IMAGE_TRANSFORMER, QWEN_IMAGE_VAE, QWEN25_VL_7B,
+                      QWEN_IMAGE_SCHEDULER, processor=None),
     qwen_image_preset("qwen-image-tiny", "tiny Qwen-Image for CPU tests: 2 blocks, 4 heads x 16, tiny Qwen2.5-VL, "
-                      "4-level VAE (scale 8)", 128, QWEN_IMAGE_TINY_TRANSFORMER, TINY_QWEN_IMAGE_VAE, TINY_QWEN25_VL),
+                      "4-level VAE (scale 8)", "QwenImagePipeline", 128, QWEN_IMAGE_TINY_TRANSFORMER, TINY_QWEN_IMAGE_VAE,
+                      TINY_QWEN25_VL, QWEN_IMAGE_SCHEDULER, processor=None),
     *edit_presets(QWEN_IMAGE_TRANSFORMER, QWEN_IMAGE_TINY_TRANSFORMER, TINY_QWEN_IMAGE_VAE, QWEN_IMAGE_SCHEDULER),
 )
 

@@ -82,8 +82,10 @@ TINY_QWEN25_VL_PROCESSOR = Processor("Qwen2VLProcessor", "qwen2.5-vl",
                                      {**QWEN25_VL_IMAGE_PROCESSOR, "max_pixels": 64 * 28 * 28})
 
 
-def edit_preset(name: str, description: str, pipeline_class: str, default_size: int, transformer: dict, vae: dict,
-                text_encoder: dict, scheduler: dict, processor: Processor = QWEN25_VL_PROCESSOR) -> PresetSpec:
+def qwen_image_preset(name: str, description: str, pipeline_class: str, default_size: int, transformer: dict,
+                      vae: dict, text_encoder: dict, scheduler: dict,
+                      processor: Processor | None = QWEN25_VL_PROCESSOR) -> PresetSpec:
+    """A Qwen-Image preset: text-to-image (`processor` None) or an edit form (its vision-language processor)."""
     return PresetSpec(
         name=name, family="qwen-image", pipeline_class=pipeline_class, description=description,
         default_size=default_size,
@@ -93,7 +95,7 @@ def edit_preset(name: str, description: str, pipeline_class: str, default_size: 
             "text_encoder": qwen25_vl(text_encoder),
         },
         tokenizers={"tokenizer": "qwen2.5-vl"},
-        processors={"processor": processor},
+        processors={} if processor is None else {"processor": processor},
         scheduler=("FlowMatchEulerDiscreteScheduler", dict(scheduler)),
     )
 
@@ -110,14 +112,14 @@ def edit_presets(transformer: dict, tiny_transformer: dict, tiny_vae: dict, sche
     tiny = dict(default_size=128, vae=tiny_vae, text_encoder=TINY_QWEN25_VL, scheduler=scheduler,
                 processor=TINY_QWEN25_VL_PROCESSOR)
     return (
-        edit_preset("qwen-image-edit", "Qwen-Image-Edit shapes (QwenImageEditPipeline: Qwen-Image's 20.4B MMDiT, "
+        qwen_image_preset("qwen-image-edit", "Qwen-Image-Edit shapes (QwenImageEditPipeline: Qwen-Image's 20.4B MMDiT, "
                     "Qwen2.5-VL-7B seeing the image), random weights", "QwenImageEditPipeline", transformer=transformer,
                     **real),
-        edit_preset("qwen-image-edit-plus", "Qwen-Image-Edit-2511 shapes (QwenImageEditPlusPipeline: 1-3 reference "
+        qwen_image_preset("qwen-image-edit-plus", "Qwen-Image-Edit-2511 shapes (QwenImageEditPlusPipeline: 1-3 reference "
                     "images, zero_cond_t), random weights", "QwenImageEditPlusPipeline", transformer=plus, **real),
-        edit_preset("qwen-image-edit-tiny", "tiny Qwen-Image-Edit for CPU tests: qwen-image-tiny's transformer and "
+        qwen_image_preset("qwen-image-edit-tiny", "tiny Qwen-Image-Edit for CPU tests: qwen-image-tiny's transformer and "
                     "text encoder, 5-level VAE (scale 16)",
                     "QwenImageEditPipeline", transformer=tiny_transformer, **tiny),
-        edit_preset("qwen-image-edit-plus-tiny", "tiny Qwen-Image-Edit-2511 for CPU tests: qwen-image-edit-tiny's "
+        qwen_image_preset("qwen-image-edit-plus-tiny", "tiny Qwen-Image-Edit-2511 for CPU tests: qwen-image-edit-tiny's "
                     "parts, zero_cond_t", "QwenImageEditPlusPipeline", transformer=tiny_plus, **tiny),
     )
